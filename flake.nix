@@ -1,0 +1,96 @@
+{
+  description = "pageviews: axum app + RabbitMQ worker + PostgreSQL behind hardened nginx";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
+    # crane has no inputs of its own: nothing to `follows`.
+    crane.url = "github:ipetkov/crane/v0.24.0";
+  };
+
+  outputs = {
+    self,
+    nixpkgs,
+    crane,
+  }: let
+    inherit (nixpkgs) lib;
+    systems = ["x86_64-linux" "aarch64-linux"];
+    forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+
+    perSystem = forAllSystems (system: pkgs: let
+      craneLib = crane.mkLib pkgs;
+      build = import ./nix/package.nix {
+        inherit lib craneLib;
+        root = ./.;
+      };
+      images = import ./nix/images.nix {
+        inherit pkgs;
+        inherit (build) package;
+      };
+      checks = import ./nix/checks.nix {
+        inherit pkgs craneLib build;
+        root = ./.;
+      };
+    in {
+      inherit build images checks craneLib;
+      example = mkExample system;
+    });
+
+    # The example host on a given platform (its VM variant backs `nix run .#vm`).
+    mkExample = system:
+      lib.nixosSystem {
+        modules = [
+          self.nixosModules.default
+          ./nix/hosts/example.nix
+          {nixpkgs.hostPlatform = system;}
+        ];
+      };
+  in {
+    packages = lib.mapAttrs (_: s:
+      {
+        default = s.build.package;
+        pageviews = s.build.package;
+      }
+      // s.images)
+    perSystem;
+
+    checks = lib.mapAttrs (_: s: s.checks) perSystem;
+
+    formatter = forAllSystems (_: pkgs: pkgs.alejandra);
+
+    devShells = forAllSystems (system: pkgs: {
+      default = perSystem.${system}.craneLib.devShell {
+        checks = {inherit (perSystem.${system}.checks) clippy tests;};
+        packages = [
+          pkgs.alejandra
+          pkgs.deadnix
+          pkgs.postgresql
+          pkgs.rabbitmq-server
+          pkgs.nginx
+          pkgs.openssl
+          pkgs.curl
+        ];
+        shellHook = ''
+          export PATH="${pkgs.rabbitmq-server}/sbin:$PATH"
+        '';
+      };
+    });
+
+    apps =
+      lib.mapAttrs (_: s: {
+        vm = {
+          type = "app";
+          program = "${s.example.config.system.build.vm}/bin/run-${s.example.config.system.name}-vm";
+          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443";
+        };
+      })
+      perSystem;
+
+    # services.pageviews, with `package` defaulting to this flake's build for the host.
+    nixosModules.default = {pkgs, ...}: {
+      imports = [./nix/modules/default.nix];
+      services.pageviews.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+    };
+
+    nixosConfigurations.example = perSystem.x86_64-linux.example;
+  };
+}

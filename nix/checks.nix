@@ -1,0 +1,60 @@
+# `nix flake check` for one system: clippy (warnings denied), rustfmt, the cargo tests
+# with real PostgreSQL/RabbitMQ/nginx binaries inside the sandbox, alejandra and deadnix
+# over the Nix files. The NixOS VM tests live in nix/tests/ and are added by flake.nix.
+{
+  pkgs,
+  craneLib,
+  build,
+  root,
+}: let
+  inherit (pkgs) lib;
+  inherit (build) commonArgs cargoArtifacts;
+
+  nixFiles = lib.fileset.toSource {
+    inherit root;
+    fileset = lib.fileset.fileFilter (file: file.hasExt "nix") root;
+  };
+in {
+  package = build.package;
+
+  clippy = craneLib.cargoClippy (commonArgs
+    // {
+      inherit cargoArtifacts;
+      cargoClippyExtraArgs = "--all-targets -- --deny warnings";
+    });
+
+  fmt = craneLib.cargoFmt {inherit (commonArgs) src pname version;};
+
+  # The integration tests start their own throwaway PostgreSQL, RabbitMQ and nginx from
+  # the binaries on PATH (loopback only, data under $TMPDIR), so the sandbox needs no
+  # network. cargo test (not nextest) keeps one process per test binary, so a harness
+  # shared by all tests of that binary is started once.
+  tests = craneLib.cargoTest (commonArgs
+    // {
+      inherit cargoArtifacts;
+      nativeCheckInputs = [
+        pkgs.postgresql
+        pkgs.rabbitmq-server
+        pkgs.nginx
+        pkgs.openssl
+        pkgs.curl
+      ];
+      preCheck = ''
+        # rabbitmq-server installs its launchers under sbin/, which stdenv does not put on PATH.
+        export PATH="${pkgs.rabbitmq-server}/sbin:$PATH"
+        export HOME="$(mktemp -d)"
+        export TMPDIR="''${TMPDIR:-/tmp}"
+        export LANG=C.UTF-8
+      '';
+    });
+
+  alejandra = pkgs.runCommand "pageviews-alejandra-check" {nativeBuildInputs = [pkgs.alejandra];} ''
+    alejandra --check ${nixFiles}
+    touch "$out"
+  '';
+
+  deadnix = pkgs.runCommand "pageviews-deadnix-check" {nativeBuildInputs = [pkgs.deadnix];} ''
+    deadnix --fail ${nixFiles}
+    touch "$out"
+  '';
+}

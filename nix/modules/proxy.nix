@@ -1,0 +1,136 @@
+# The proxy host: nginx through services.nginx, configured by the shared snippets in
+# nix/nginx/ (the same files the local launcher and the integration tests use).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}: let
+  cfg = config.services.pageviews;
+  ncfg = cfg.nginx;
+  common = import ./common.nix {inherit lib cfg;};
+  inherit (common) splitApp;
+
+  appHost =
+    if common.isIPv6 cfg.network.appAddress
+    then "[${cfg.network.appAddress}]"
+    else cfg.network.appAddress;
+  upstream =
+    if splitApp
+    then "${appHost}:${toString cfg.network.appPort}"
+    else "unix:${common.appSocket}";
+
+  tlsDir = "/var/lib/pageviews-tls";
+  tlsFile = "tls-${cfg.tls.profile}.conf";
+
+  # Snippets with their @placeholders@ filled in. replaceVars fails the build if a
+  # placeholder is left over or a replacement matches nothing.
+  snippets = ../nginx;
+  tlsConf = pkgs.replaceVars (snippets + "/${tlsFile}") {ecdh_curve = cfg.tls.ecdhCurve;};
+  # server.conf includes headers.conf (and nothing else) from @conf_dir@.
+  confDir = pkgs.runCommand "pageviews-nginx-conf" {} ''
+    mkdir -p "$out"
+    cp ${snippets + "/headers.conf"} "$out/headers.conf"
+    cp ${tlsConf} "$out/${tlsFile}"
+  '';
+  httpConf = pkgs.replaceVars (snippets + "/http.conf") {
+    inherit upstream;
+    rate = ncfg.rateLimit;
+    access_log = "/var/log/nginx/pageviews.access.log";
+  };
+  serverConf = pkgs.replaceVars (snippets + "/server.conf") {
+    conf_dir = "${confDir}";
+    burst = toString ncfg.burst;
+    conn_limit = toString ncfg.connectionLimit;
+    static_root = "${cfg.package}/share/pageviews/static";
+  };
+in {
+  options.services.pageviews = {
+    tls.ecdhCurve = lib.mkOption {
+      type = lib.types.str;
+      default = "X25519:prime256v1:secp384r1";
+      description = "ssl_ecdh_curve for the TLS snippets (key exchange groups, preference order).";
+    };
+    nginx = {
+      rateLimit = lib.mkOption {
+        type = lib.types.str;
+        default = "10r/s";
+        description = "Requests per second per client address (limit_req_zone rate).";
+      };
+      burst = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 20;
+        description = "limit_req burst (requests above the rate answered at once, then 429).";
+      };
+      connectionLimit = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 20;
+        description = "Concurrent connections per client address (limit_conn).";
+      };
+    };
+  };
+
+  config = lib.mkIf (cfg.enable && common.localProxy) {
+    services.nginx = {
+      enable = true;
+      # The TLS, proxy and header settings come from the snippets (server level), so the
+      # module's recommended* variants stay off to avoid duplicate or competing lines.
+      recommendedOptimisation = true;
+      recommendedTlsSettings = false;
+      recommendedProxySettings = false;
+      serverTokens = false;
+      clientMaxBodySize = "16k";
+      commonHttpConfig = ''
+        include ${httpConf};
+      '';
+      virtualHosts.${cfg.domain} = {
+        forceSSL = true;
+        enableACME = cfg.tls.acme;
+        sslCertificate =
+          if cfg.tls.selfSigned
+          then "${tlsDir}/cert.pem"
+          else lib.mkIf (cfg.tls.certificateFile != null) cfg.tls.certificateFile;
+        sslCertificateKey =
+          if cfg.tls.selfSigned
+          then "${tlsDir}/key.pem"
+          else lib.mkIf (cfg.tls.keyFile != null) cfg.tls.keyFile;
+        # No `locations`: server.conf defines them all.
+        extraConfig = ''
+          include ${tlsConf};
+          include ${serverConf};
+        '';
+      };
+    };
+
+    # nginx reaches the app's Unix socket through the app's group (socket 0660, dir 0750).
+    users.users.nginx.extraGroups = lib.mkIf (!splitApp) [common.users.app];
+
+    # Self-signed certificate made on the host at first boot (never in the store).
+    systemd.services.pageviews-selfsigned-cert = lib.mkIf cfg.tls.selfSigned {
+      description = "pageviews: self-signed TLS certificate for ${cfg.domain}";
+      requiredBy = ["nginx.service"];
+      before = ["nginx.service"];
+      path = [pkgs.openssl pkgs.coreutils];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        UMask = "0027";
+      };
+      script = ''
+        set -eu
+        install -d -m 0750 -o root -g ${config.services.nginx.group} ${tlsDir}
+        if [ ! -s ${tlsDir}/cert.pem ] || [ ! -s ${tlsDir}/key.pem ]; then
+          openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -days 825 -subj "/CN=${cfg.domain}" \
+            -addext "subjectAltName=DNS:${cfg.domain},DNS:localhost,IP:127.0.0.1" \
+            -keyout ${tlsDir}/key.pem.tmp -out ${tlsDir}/cert.pem.tmp
+          chgrp ${config.services.nginx.group} ${tlsDir}/key.pem.tmp ${tlsDir}/cert.pem.tmp
+          chmod 0640 ${tlsDir}/key.pem.tmp
+          chmod 0644 ${tlsDir}/cert.pem.tmp
+          mv ${tlsDir}/key.pem.tmp ${tlsDir}/key.pem
+          mv ${tlsDir}/cert.pem.tmp ${tlsDir}/cert.pem
+        fi
+      '';
+    };
+  };
+}

@@ -79,7 +79,7 @@
       lib.mapAttrs (_: s: {
         vm = {
           type = "app";
-          program = "${s.example.config.system.build.vm}/bin/run-${s.example.config.system.name}-vm";
+          program = lib.getExe s.example.config.system.build.vm;
           meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443";
         };
       })

@@ -19,7 +19,6 @@
     fsType = "ext4";
   };
 
-  services.openssh.enable = false;
   system.stateVersion = "26.05";
 
   # `nix run .#vm` (virtualisation.vmVariant applies only to the VM build).

@@ -1,0 +1,2 @@
+DROP TABLE scheduled_jobs;
+DROP TABLE page_view_rollups;

@@ -1,0 +1,72 @@
+//! The entry points of the binaries, shared so the local launcher can run the same code as
+//! `pageviews-app` and `pageviews-worker` in its child processes.
+
+use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, Source, WorkerConfig};
+use crate::telemetry;
+use std::future::Future;
+use std::process::ExitCode;
+
+/// `pageviews-app [migrate]`
+pub fn app(args: &[String]) -> ExitCode {
+    const PROGRAM: &str = "pageviews-app";
+    match args {
+        [] => main_with(PROGRAM, AppConfig::from_source, crate::web::run),
+        [cmd] if cmd == "migrate" => main_with(PROGRAM, DatabaseConfig::from_source, migrate),
+        [flag] if flag == "--help" || flag == "-h" => {
+            println!(
+                "usage: {PROGRAM} [migrate]\n  (no argument)  serve HTTP\n  migrate        apply pending database migrations and exit\nConfiguration is read from the environment; see README.md."
+            );
+            ExitCode::SUCCESS
+        }
+        other => usage_error(PROGRAM, other, "[migrate]"),
+    }
+}
+
+/// `pageviews-worker`
+pub fn worker(args: &[String]) -> ExitCode {
+    const PROGRAM: &str = "pageviews-worker";
+    match args {
+        [] => main_with(PROGRAM, WorkerConfig::from_source, crate::worker::run),
+        other => usage_error(PROGRAM, other, "(no arguments; configuration from the environment)"),
+    }
+}
+
+pub fn usage_error(program: &str, args: &[String], usage: &str) -> ExitCode {
+    eprintln!("{program}: unexpected arguments {args:?}; usage: {program} {usage}");
+    ExitCode::from(2)
+}
+
+async fn migrate(config: DatabaseConfig) -> anyhow::Result<()> {
+    let applied = crate::db::migrate(config.url.expose()).await?;
+    tracing::info!(count = applied.len(), versions = ?applied, "migrations applied");
+    Ok(())
+}
+
+/// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,
+/// runs `run` on a multi-threaded runtime (exit 1 when it fails).
+fn main_with<C, F>(program: &str, load: fn(&dyn Source) -> Result<C, ConfigError>, run: fn(C) -> F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let config = match load(&Environment) {
+        Ok(config) => config,
+        Err(e) => return telemetry::config_error(program, &e),
+    };
+    if let Err(code) = telemetry::init_from_env(program) {
+        return code;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{program} failed");
+            ExitCode::FAILURE
+        }
+    }
+}

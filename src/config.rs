@@ -1,0 +1,367 @@
+//! Configuration from environment variables. Every variable may instead be given as
+//! `NAME_FILE=/path` (for secrets: systemd credentials, container secrets); setting both is an
+//! error. Errors name the variable and say what was wrong.
+//!
+//! | variable | used by | default |
+//! |---|---|---|
+//! | `DATABASE_URL` | app, worker, migrate | required |
+//! | `AMQP_URL` | app, worker | required |
+//! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000` |
+//! | `PAGEVIEWS_METRICS_LISTEN` | worker | unset (no metrics listener) |
+//! | `PAGEVIEWS_LOG_FORMAT` | all | `text` |
+//! | `PAGEVIEWS_DB_POOL_SIZE` | app, worker | 16 |
+//! | `PAGEVIEWS_DB_TIMEOUT_MS` | app, worker | 1500 |
+//! | `PAGEVIEWS_SWEEP_INTERVAL_SECS` | app | 10 |
+//! | `PAGEVIEWS_PREFETCH` | worker | 100 |
+//! | `PAGEVIEWS_ROLLUP_INTERVAL_SECS` | worker | 60 |
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that could not be used: which variable, and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: &str, problem: impl Into<String>) -> Self {
+        Self {
+            variable: variable.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where settings come from: the process environment, or a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Environment;
+
+impl Source for Environment {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+    }
+}
+
+impl Source for std::collections::HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        std::collections::HashMap::get(self, name).cloned()
+    }
+}
+
+/// `NAME`, or the contents of the file named by `NAME_FILE` (one trailing newline removed).
+pub fn optional(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigError> {
+    let file_var = format!("{name}_FILE");
+    match (src.get(name), src.get(&file_var)) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            name,
+            format!("both {name} and {file_var} are set; set one"),
+        )),
+        (Some(value), None) if value.is_empty() => Err(ConfigError::new(name, "is set but empty")),
+        (Some(value), None) => Ok(Some(value)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::new(&file_var, format!("cannot read {path}: {e}")))?;
+            let value = text.strip_suffix('\n').unwrap_or(&text).to_owned();
+            if value.is_empty() {
+                return Err(ConfigError::new(&file_var, format!("{path} is empty")));
+            }
+            Ok(Some(value))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn required(src: &dyn Source, name: &str) -> Result<String, ConfigError> {
+    optional(src, name)?.ok_or_else(|| ConfigError::new(name, "is required but not set"))
+}
+
+/// A parsed setting with a default; the error quotes the bad value and the expected form.
+pub fn parsed<T: FromStr>(src: &dyn Source, name: &str, default: T, expected: &str) -> Result<T, ConfigError> {
+    match optional(src, name)? {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(name, format!("{raw:?} is not {expected}"))),
+    }
+}
+
+fn positive_secs(src: &dyn Source, name: &str, default: u64) -> Result<Duration, ConfigError> {
+    match parsed(src, name, default, "a whole number of seconds")? {
+        0 => Err(ConfigError::new(name, "must be at least 1 second")),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+/// A value that must not appear in logs or `Debug` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where a server listens: `HOST:PORT`, or an absolute path for a Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    fn from_source(src: &dyn Source, name: &str) -> Result<Option<Self>, ConfigError> {
+        let Some(raw) = optional(src, name)? else {
+            return Ok(None);
+        };
+        if raw.starts_with('/') {
+            return Ok(Some(Listen::Unix(PathBuf::from(raw))));
+        }
+        raw.parse::<SocketAddr>()
+            .map(|addr| Some(Listen::Tcp(addr)))
+            .map_err(|_| {
+                ConfigError::new(
+                    name,
+                    format!("{raw:?} is neither IP:PORT (e.g. 127.0.0.1:8000) nor an absolute socket path"),
+                )
+            })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        const NAME: &str = "PAGEVIEWS_LOG_FORMAT";
+        match optional(src, NAME)?.as_deref() {
+            None | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => Err(ConfigError::new(NAME, format!("{other:?} is not \"text\" or \"json\""))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub pool_size: u32,
+    /// How long a request waits for a connection before it answers 503.
+    pub timeout: Duration,
+}
+
+impl DatabaseConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        const NAME: &str = "DATABASE_URL";
+        let url = required(src, NAME)?;
+        tokio_postgres::Config::from_str(&url)
+            .map_err(|e| ConfigError::new(NAME, format!("not a PostgreSQL connection URL: {e}")))?;
+        let pool_size = parsed(src, "PAGEVIEWS_DB_POOL_SIZE", 16u32, "a whole number")?;
+        if pool_size == 0 {
+            return Err(ConfigError::new("PAGEVIEWS_DB_POOL_SIZE", "must be at least 1"));
+        }
+        let timeout_ms = parsed(
+            src,
+            "PAGEVIEWS_DB_TIMEOUT_MS",
+            1500u64,
+            "a whole number of milliseconds",
+        )?;
+        if timeout_ms == 0 {
+            return Err(ConfigError::new("PAGEVIEWS_DB_TIMEOUT_MS", "must be at least 1"));
+        }
+        Ok(Self {
+            url: Secret(url),
+            pool_size,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub url: Secret,
+}
+
+impl BrokerConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        const NAME: &str = "AMQP_URL";
+        let raw = required(src, NAME)?;
+        let url = url::Url::parse(&raw).map_err(|e| ConfigError::new(NAME, format!("not a URL: {e}")))?;
+        match url.scheme() {
+            "amqp" => Ok(Self { url: Secret(raw) }),
+            "amqps" => Err(ConfigError::new(
+                NAME,
+                "amqps:// is not supported by this build; use amqp:// on a private network",
+            )),
+            other => Err(ConfigError::new(NAME, format!("scheme {other:?} is not amqp"))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    pub listen: Listen,
+    pub database: DatabaseConfig,
+    pub broker: BrokerConfig,
+    /// How often rows whose task was never confirmed by the broker are published again.
+    pub sweep_interval: Duration,
+}
+
+impl AppConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: Listen::from_source(src, "PAGEVIEWS_LISTEN")?
+                .unwrap_or(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))),
+            database: DatabaseConfig::from_source(src)?,
+            broker: BrokerConfig::from_source(src)?,
+            sweep_interval: positive_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub database: DatabaseConfig,
+    pub broker: BrokerConfig,
+    pub prefetch: u16,
+    pub rollup_interval: Duration,
+    pub metrics_listen: Option<Listen>,
+}
+
+impl WorkerConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let prefetch = parsed(src, "PAGEVIEWS_PREFETCH", 100u16, "a whole number from 1 to 65535")?;
+        if prefetch == 0 {
+            return Err(ConfigError::new(
+                "PAGEVIEWS_PREFETCH",
+                "must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        Ok(Self {
+            database: DatabaseConfig::from_source(src)?,
+            broker: BrokerConfig::from_source(src)?,
+            prefetch,
+            rollup_interval: positive_secs(src, "PAGEVIEWS_ROLLUP_INTERVAL_SECS", 60)?,
+            metrics_listen: Listen::from_source(src, "PAGEVIEWS_METRICS_LISTEN")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = [
+            ("DATABASE_URL", "postgres://pageviews@localhost/pageviews"),
+            ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in pairs {
+            if v.is_empty() {
+                map.remove(*k);
+            } else {
+                map.insert(k.to_string(), v.to_string());
+            }
+        }
+        map
+    }
+
+    fn app_error(pairs: &[(&str, &str)]) -> String {
+        AppConfig::from_source(&env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_apply_when_only_urls_are_set() {
+        let config = AppConfig::from_source(&env(&[])).unwrap();
+        assert_eq!(config.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
+        assert_eq!(config.database.pool_size, 16);
+        assert_eq!(config.sweep_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn listen_accepts_a_socket_path() {
+        let config = AppConfig::from_source(&env(&[("PAGEVIEWS_LISTEN", "/run/pageviews/app.sock")])).unwrap();
+        assert_eq!(config.listen, Listen::Unix("/run/pageviews/app.sock".into()));
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_the_problem() {
+        assert_eq!(
+            app_error(&[("DATABASE_URL", "")]),
+            "DATABASE_URL: is required but not set"
+        );
+        assert!(
+            app_error(&[("PAGEVIEWS_LISTEN", "localhost")]).starts_with("PAGEVIEWS_LISTEN: \"localhost\" is neither")
+        );
+        assert!(app_error(&[("AMQP_URL", "http://x")]).contains("scheme \"http\" is not amqp"));
+        assert!(
+            app_error(&[("DATABASE_URL", "postgres://x:y@h:notaport/db")])
+                .starts_with("DATABASE_URL: not a PostgreSQL")
+        );
+        assert_eq!(
+            app_error(&[("PAGEVIEWS_DB_POOL_SIZE", "many")]),
+            "PAGEVIEWS_DB_POOL_SIZE: \"many\" is not a whole number"
+        );
+        assert_eq!(
+            app_error(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "0")]),
+            "PAGEVIEWS_SWEEP_INTERVAL_SECS: must be at least 1 second"
+        );
+        let worker = WorkerConfig::from_source(&env(&[("PAGEVIEWS_PREFETCH", "0")])).unwrap_err();
+        assert!(worker.to_string().starts_with("PAGEVIEWS_PREFETCH: must be at least 1"));
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("pageviews-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("amqp");
+        std::fs::write(&file, "amqp://u:p@10.0.0.3:5672/v\n").unwrap();
+        let path = file.to_str().unwrap();
+        let config = AppConfig::from_source(&env(&[("AMQP_URL", ""), ("AMQP_URL_FILE", path)])).unwrap();
+        assert_eq!(config.broker.url.expose(), "amqp://u:p@10.0.0.3:5672/v");
+        assert!(!format!("{config:?}").contains("u:p@"), "Debug output leaks the secret");
+        assert_eq!(
+            app_error(&[("AMQP_URL_FILE", path)]),
+            "AMQP_URL: both AMQP_URL and AMQP_URL_FILE are set; set one"
+        );
+        let missing = app_error(&[("AMQP_URL", ""), ("AMQP_URL_FILE", "/nonexistent/amqp")]);
+        assert!(
+            missing.starts_with("AMQP_URL_FILE: cannot read /nonexistent/amqp"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

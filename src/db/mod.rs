@@ -1,0 +1,69 @@
+//! PostgreSQL: the connection pool, the embedded migrations and the queries, one file per table.
+
+pub mod page_views;
+pub mod rollups;
+pub mod schema;
+
+use crate::config::DatabaseConfig;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::bb8;
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub type Pool = bb8::Pool<AsyncPgConnection>;
+pub type Connection<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Any advisory-lock key works as long as it is the same in every process of this program.
+const MIGRATION_LOCK: i64 = 0x7061_6765_7669_6577; // "pageview"
+
+/// The pool starts without connecting, so the app comes up (and answers 503) while the
+/// database is still down; broken connections are replaced on checkout.
+pub fn pool(config: &DatabaseConfig) -> Pool {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose());
+    bb8::Pool::builder()
+        .max_size(config.pool_size)
+        .min_idle(Some(1))
+        .connection_timeout(config.timeout)
+        .test_on_check_out(true)
+        .build_unchecked(manager)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] diesel::ConnectionError),
+    #[error("{0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("migration failed: {0}")]
+    Migration(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Applies pending migrations under an advisory lock, so processes starting together don't
+/// race. Returns the versions applied. Needs the multi-threaded runtime (block_in_place).
+pub async fn migrate(url: &str) -> Result<Vec<String>, MigrateError> {
+    let mut conn = AsyncPgConnection::establish(url).await?;
+    diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+        .execute(&mut conn)
+        .await?;
+    let mut harness = AsyncMigrationHarness::new(conn);
+    let result = harness
+        .run_pending_migrations(MIGRATIONS)
+        .map(|versions| versions.iter().map(|v| v.to_string()).collect());
+    let mut conn = harness.into_inner();
+    diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+        .execute(&mut conn)
+        .await?;
+    result.map_err(MigrateError::Migration)
+}
+
+/// Reverts every migration (newest first); used by the tests that prove each `down.sql`.
+pub async fn revert_all(url: &str) -> Result<Vec<String>, MigrateError> {
+    let conn = AsyncPgConnection::establish(url).await?;
+    let mut harness = AsyncMigrationHarness::new(conn);
+    harness
+        .revert_all_migrations(MIGRATIONS)
+        .map(|versions| versions.iter().map(|v| v.to_string()).collect())
+        .map_err(MigrateError::Migration)
+}

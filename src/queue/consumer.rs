@@ -1,0 +1,144 @@
+//! The worker's consumer: one thread owns the AMQP connection, takes deliveries in batches (up
+//! to the prefetch limit), hands the valid ones to the async side and acks each only after the
+//! database transaction that processed it has committed. Malformed or bogus tasks are rejected
+//! without requeue, which routes them to the dead-letter queue.
+
+use super::{Backoff, QUEUE, Task, redacted};
+use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A batch for the async side, with the channel its verdict comes back on.
+pub struct Batch {
+    pub ids: Vec<i64>,
+    pub reply: oneshot::Sender<Verdict>,
+}
+
+/// What the async side decided for a batch.
+pub enum Verdict {
+    /// Committed: ack everything except these ids, which name no page view (dead-letter them).
+    Done { missing: Vec<i64> },
+    /// Not committed (shutting down while the database is away): leave unacked for redelivery.
+    NotDone,
+}
+
+/// Counters the consumer thread updates.
+pub trait ConsumerEvents: Send + Sync {
+    fn dead_lettered(&self);
+    fn connected(&self, up: bool);
+}
+
+/// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
+pub fn run(
+    url: &str,
+    prefetch: u16,
+    batches: &mpsc::Sender<Batch>,
+    stop: &Arc<AtomicBool>,
+    events: &dyn ConsumerEvents,
+) {
+    let mut backoff = Backoff::default();
+    while !stop.load(Ordering::Relaxed) {
+        match session(url, prefetch, batches, stop, events) {
+            Ok(()) => return,
+            Err(e) => {
+                events.connected(false);
+                let delay = backoff.next_delay();
+                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
+
+fn session(
+    url: &str,
+    prefetch: u16,
+    batches: &mpsc::Sender<Batch>,
+    stop: &AtomicBool,
+    events: &dyn ConsumerEvents,
+) -> amiquip::Result<()> {
+    let (connection, channel) = super::open(url)?;
+    channel.qos(0, prefetch, false)?;
+    let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
+    tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
+    events.connected(true);
+    let receiver = consumer.receiver();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            // Deliveries not yet acked are requeued by the broker when the channel closes.
+            let _ = consumer.cancel();
+            let _ = connection.close();
+            return Ok(());
+        }
+        let first = match receiver.recv_timeout(Duration::from_millis(200)) {
+            Ok(message) => message,
+            Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => continue,
+            Err(_) => return Err(amiquip::Error::ClientClosedConnection),
+        };
+        let mut deliveries = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                ConsumerMessage::Delivery(delivery) => deliveries.push(delivery),
+                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => return Err(e),
+                ConsumerMessage::ClientCancelled
+                | ConsumerMessage::ServerCancelled
+                | ConsumerMessage::ClientClosedChannel
+                | ConsumerMessage::ClientClosedConnection => {
+                    return Err(amiquip::Error::ClientClosedConnection);
+                }
+            }
+            if deliveries.len() < usize::from(prefetch) {
+                next = receiver.try_recv().ok();
+            }
+        }
+        handle_batch(&channel, deliveries, batches, events)?;
+    }
+}
+
+fn handle_batch(
+    channel: &amiquip::Channel,
+    deliveries: Vec<Delivery>,
+    batches: &mpsc::Sender<Batch>,
+    events: &dyn ConsumerEvents,
+) -> amiquip::Result<()> {
+    let mut valid: Vec<(i64, Delivery)> = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match Task::parse(&delivery.body) {
+            Ok(task) => valid.push((task.page_view_id, delivery)),
+            Err(problem) => {
+                tracing::warn!(%problem, redelivered = delivery.redelivered, "malformed task sent to the dead-letter queue");
+                events.dead_lettered();
+                delivery.reject(channel, false)?;
+            }
+        }
+    }
+    if valid.is_empty() {
+        return Ok(());
+    }
+    let (reply, verdict) = oneshot::channel();
+    let ids = valid.iter().map(|(id, _)| *id).collect();
+    if batches.blocking_send(Batch { ids, reply }).is_err() {
+        return Ok(()); // the async side has stopped; the broker requeues on close
+    }
+    match verdict.blocking_recv() {
+        Ok(Verdict::Done { missing }) => {
+            for (id, delivery) in valid {
+                if missing.contains(&id) {
+                    tracing::warn!(
+                        page_view_id = id,
+                        "task names no page view; sent to the dead-letter queue"
+                    );
+                    events.dead_lettered();
+                    delivery.reject(channel, false)?;
+                } else {
+                    delivery.ack(channel)?;
+                }
+            }
+        }
+        Ok(Verdict::NotDone) | Err(_) => {}
+    }
+    Ok(())
+}

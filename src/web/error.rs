@@ -1,0 +1,26 @@
+//! The one error type of the request path: anything that goes wrong while serving a page is a
+//! dependency being unavailable, answered with 503 and a plain page, logged once here.
+
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("database unavailable: {0}")]
+    Pool(#[from] diesel_async::pooled_connection::bb8::RunError),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("template failed: {0}")]
+    Template(#[from] askama::Error),
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        tracing::error!(error = %self, "request failed");
+        let page = Html(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unavailable</title></head>\
+             <body><h1>Temporarily unavailable</h1><p>Please try again in a few seconds.</p></body></html>\n",
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], page).into_response()
+    }
+}

@@ -1,0 +1,145 @@
+//! `GET /`: record the page view, hand its task to the publisher, show the pipeline's figures.
+
+use super::AppState;
+use super::error::AppError;
+use super::request_id;
+use crate::db::{self, page_views::Totals};
+use askama::Template;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, header};
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use diesel_async::AsyncPgConnection;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// Changes whenever a file in static/ changes (computed by build.rs), so nginx can let
+/// browsers cache `/static/` for a year.
+pub const STATIC_VERSION: &str = env!("PAGEVIEWS_STATIC_VERSION");
+const MAX_USER_AGENT: usize = 512;
+const MAX_COOKIE_NAMES: usize = 32;
+const MAX_COOKIE_NAME: usize = 64;
+const STATS_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Template)]
+#[template(path = "index.html")]
+struct IndexPage<'a> {
+    page_view_id: i64,
+    totals: Totals,
+    pending: i64,
+    minutes: &'a [(String, i64)],
+    static_version: &'a str,
+}
+
+/// What the page shows besides the visitor's own id.
+#[derive(Clone, Default)]
+pub struct PageStats {
+    totals: Totals,
+    minutes: Vec<(String, i64)>,
+}
+
+#[derive(Default)]
+pub struct StatsCache(tokio::sync::Mutex<Option<(Instant, PageStats)>>);
+
+impl StatsCache {
+    async fn get(&self, conn: &mut AsyncPgConnection) -> Result<PageStats, AppError> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, stats)) = cached.as_ref()
+            && at.elapsed() < STATS_TTL
+        {
+            return Ok(stats.clone());
+        }
+        let totals = db::page_views::totals(conn).await?;
+        let minutes = db::rollups::recent(conn, 5)
+            .await?
+            .into_iter()
+            .map(|(minute, views): (DateTime<Utc>, i64)| (minute.format("%H:%M UTC").to_string(), views))
+            .collect();
+        let stats = PageStats { totals, minutes };
+        *cached = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+}
+
+pub async fn show(State(app): State<AppState>, method: Method, headers: HeaderMap) -> Result<Response, AppError> {
+    // HEAD must not record a visit: it is a check, not a view.
+    if method == Method::HEAD {
+        return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], "").into_response());
+    }
+    let mut conn = app.pool.get().await?;
+    let page_view_id = db::page_views::insert(&mut conn, &visit_data(&headers)).await?;
+    app.metrics.recorded.inc();
+    app.publisher.offer(page_view_id);
+    let stats = app.page_stats.get(&mut conn).await?;
+    drop(conn);
+    let page = IndexPage {
+        page_view_id,
+        totals: stats.totals,
+        pending: stats.totals.recorded - stats.totals.processed,
+        minutes: &stats.minutes,
+        static_version: STATIC_VERSION,
+    };
+    Ok(([(header::CACHE_CONTROL, "no-store")], Html(page.render()?)).into_response())
+}
+
+/// What we keep of a visit. Cookie *values* are never stored: they can be session secrets.
+pub fn visit_data(headers: &HeaderMap) -> serde_json::Value {
+    let user_agent: String = headers
+        .get(header::USER_AGENT)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(MAX_USER_AGENT)
+                .collect()
+        })
+        .unwrap_or_default();
+    let cookie_names: BTreeSet<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(';'))
+        .filter_map(|pair| pair.split('=').next())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| name.chars().take(MAX_COOKIE_NAME).collect())
+        .take(MAX_COOKIE_NAMES)
+        .collect();
+    serde_json::json!({
+        "user_agent": user_agent,
+        "cookie_names": cookie_names,
+        "request_id": request_id::of(headers),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_values_are_never_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, "session=s3cr3t; theme=dark".parse().unwrap());
+        headers.append(header::COOKIE, "csrftoken=abc".parse().unwrap());
+        headers.insert(header::USER_AGENT, "curl/8".parse().unwrap());
+        let data = visit_data(&headers);
+        assert_eq!(
+            data["cookie_names"],
+            serde_json::json!(["csrftoken", "session", "theme"])
+        );
+        assert_eq!(data["user_agent"], "curl/8");
+        let text = data.to_string();
+        assert!(
+            !text.contains("s3cr3t") && !text.contains("dark") && !text.contains("abc"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn oversized_user_agents_are_cut() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::USER_AGENT, "x".repeat(5000).parse().unwrap());
+        assert_eq!(
+            visit_data(&headers)["user_agent"].as_str().unwrap().len(),
+            MAX_USER_AGENT
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! The worker: consumes tasks (see `queue::consumer`), marks page views processed, and runs the
+//! scheduled rollup. Optionally serves `/metrics` and `/healthz`.
+
+mod metrics;
+mod rollup;
+mod tasks;
+
+pub use metrics::WorkerMetrics;
+
+use crate::config::WorkerConfig;
+use crate::db;
+use crate::shutdown;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tokio::sync::mpsc;
+
+/// Runs until SIGTERM/SIGINT, then stops consuming, finishes the batch in hand and returns.
+pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    let pool = db::pool(&config.database);
+    let metrics = Arc::new(WorkerMetrics::default());
+    let (trigger, stopping) = shutdown::channel();
+
+    let metrics_server = match &config.metrics_listen {
+        Some(listen) => {
+            let listener = crate::web::listener::bind(listen).await?;
+            tracing::info!(%listen, "worker metrics listening");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                stopping.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    let (batches_tx, batches_rx) = mpsc::channel(4);
+    let stop_consumer = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let url = config.broker.url.expose().to_owned();
+        let (stop, events, prefetch) = (stop_consumer.clone(), metrics.clone(), config.prefetch);
+        std::thread::Builder::new()
+            .name("amqp-consumer".into())
+            .spawn(move || crate::queue::consumer::run(&url, prefetch, &batches_tx, &stop, events.as_ref()))?
+    };
+    let processor = tokio::spawn(tasks::process_batches(
+        pool.clone(),
+        batches_rx,
+        metrics.clone(),
+        stopping.clone(),
+    ));
+    let scheduler = tokio::spawn(rollup::schedule(
+        pool.clone(),
+        config.rollup_interval,
+        metrics.clone(),
+        stopping.clone(),
+    ));
+    tracing::info!(
+        prefetch = config.prefetch,
+        rollup_interval_secs = config.rollup_interval.as_secs(),
+        "worker started"
+    );
+
+    shutdown::signal().await;
+    // The consumer stops taking deliveries; the processor finishes the batch in hand (its
+    // verdict is awaited by the consumer thread) and then sees the flag.
+    stop_consumer.store(true, std::sync::atomic::Ordering::Relaxed);
+    let consumer_done = tokio::task::spawn_blocking(move || consumer.join());
+    let _ = consumer_done.await;
+    trigger.fire();
+    let _ = processor.await;
+    let _ = scheduler.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}

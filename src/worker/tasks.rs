@@ -1,0 +1,62 @@
+//! Processing task batches in PostgreSQL, retrying while the database is away.
+
+use super::WorkerMetrics;
+use crate::db::{self, Pool};
+use crate::queue::Backoff;
+use crate::queue::consumer::{Batch, Verdict};
+use crate::shutdown::Shutdown;
+use chrono::Utc;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+pub async fn process_batches(
+    pool: Pool,
+    mut batches: mpsc::Receiver<Batch>,
+    metrics: Arc<WorkerMetrics>,
+    stopping: Shutdown,
+) {
+    while let Some(batch) = batches.recv().await {
+        let verdict = process_with_retry(&pool, &batch.ids, &metrics, &stopping).await;
+        let _ = batch.reply.send(verdict);
+    }
+}
+
+/// Retries until the transaction commits. Only a shutdown while the database is unreachable
+/// gives up, leaving the deliveries unacked so the broker redelivers them.
+async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &Shutdown) -> Verdict {
+    let mut backoff = Backoff::default();
+    loop {
+        let outcome = async {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            db::page_views::process(&mut conn, ids).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match outcome {
+            Ok(processed) => {
+                let now = Utc::now();
+                for (_, created_at) in &processed.done {
+                    metrics.latency.observe((now - *created_at).as_seconds_f64());
+                }
+                metrics.processed.add(processed.done.len() as u64);
+                metrics.duplicates.add(processed.duplicates.len() as u64);
+                tracing::debug!(
+                    done = processed.done.len(),
+                    duplicates = processed.duplicates.len(),
+                    "batch processed"
+                );
+                return Verdict::Done {
+                    missing: processed.missing,
+                };
+            }
+            Err(error) if !stopping.is_set() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, tasks = ids.len(), retry_in_ms = delay.as_millis() as u64, "cannot process tasks; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, tasks = ids.len(), "stopping with unprocessed tasks; the broker will redeliver them");
+                return Verdict::NotDone;
+            }
+        }
+    }
+}

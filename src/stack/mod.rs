@@ -1,1 +1,173 @@
-//! stub
+//! Starts the whole stack from the binaries on this machine: throwaway PostgreSQL and
+//! RabbitMQ, the migration, app, worker and nginx. Used by `pageviews-stack` and by the
+//! integration tests, so both run the same code.
+
+pub mod postgres;
+pub mod process;
+pub mod rabbitmq;
+
+use anyhow::Context;
+use process::{Process, tail, wait_until};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub use postgres::Postgres;
+pub use rabbitmq::RabbitMq;
+
+/// A directory under the system temp dir, removed on drop.
+pub struct ScratchDir(PathBuf);
+
+static SCRATCH: AtomicU32 = AtomicU32::new(0);
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> anyhow::Result<ScratchDir> {
+        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        // Traversable, so services started as other users (PostgreSQL as root) reach their dirs.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(ScratchDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Keeps the directory (for looking at logs after a failure).
+    pub fn keep(self) -> PathBuf {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How to run the app and the worker: the installed binaries, or this executable re-run with
+/// a subcommand (so `cargo run --bin pageviews-stack` needs nothing else built).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub app: (PathBuf, Vec<String>),
+    pub worker: (PathBuf, Vec<String>),
+}
+
+impl Binaries {
+    pub fn new(app: impl Into<PathBuf>, worker: impl Into<PathBuf>) -> Self {
+        Binaries {
+            app: (app.into(), vec![]),
+            worker: (worker.into(), vec![]),
+        }
+    }
+
+    pub fn app_command(&self) -> Command {
+        let mut command = Command::new(&self.app.0);
+        command.args(&self.app.1);
+        command
+    }
+
+    pub fn worker_command(&self) -> Command {
+        let mut command = Command::new(&self.worker.0);
+        command.args(&self.worker.1);
+        command
+    }
+}
+
+/// PostgreSQL and RabbitMQ.
+pub struct Services {
+    pub postgres: Postgres,
+    pub rabbitmq: RabbitMq,
+}
+
+impl Services {
+    pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Services> {
+        let (pg_dir, mq_dir) = (dir.join("postgres"), dir.join("rabbitmq"));
+        let (postgres, rabbitmq) = tokio::try_join!(Postgres::start(&pg_dir, durable), RabbitMq::start(&mq_dir))?;
+        Ok(Services { postgres, rabbitmq })
+    }
+
+    /// Process groups of the servers, for cleanup at exit when `Services` lives in a static.
+    pub fn process_groups(&self) -> Vec<u32> {
+        [self.postgres.pid(), self.rabbitmq.pid()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// The environment app and worker need, besides their own settings.
+#[derive(Clone, Debug)]
+pub struct Urls {
+    pub database: String,
+    pub amqp: String,
+}
+
+/// Runs `pageviews-app migrate` and fails with its output when it fails.
+pub fn migrate(binaries: &Binaries, urls: &Urls, log: &Path) -> anyhow::Result<()> {
+    let mut command = binaries.app_command();
+    let output = command
+        .arg("migrate")
+        .env("DATABASE_URL", &urls.database)
+        .output()
+        .context("cannot run migrate")?;
+    std::fs::write(log, [&output.stdout[..], &output.stderr[..]].concat())?;
+    anyhow::ensure!(
+        output.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Starts the app listening on `listen` and waits until `/healthz` answers.
+pub async fn start_app(
+    binaries: &Binaries,
+    urls: &Urls,
+    port: u16,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let mut command = binaries.app_command();
+    command
+        .env("DATABASE_URL", &urls.database)
+        .env("AMQP_URL", &urls.amqp)
+        .env("PAGEVIEWS_LISTEN", format!("127.0.0.1:{port}"));
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    let mut process = Process::spawn("pageviews-app", &mut command, log)?;
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let client = reqwest::Client::new();
+    let ready = wait_until("pageviews-app", Duration::from_secs(30), || {
+        let request = client.get(&url).send();
+        async move { Ok(request.await?.error_for_status()?) }
+    })
+    .await;
+    if let Err(e) = ready {
+        let exited = process.try_wait();
+        anyhow::bail!("{e:#} (exit: {exited:?}); log:\n{}", tail(log, 20));
+    }
+    Ok(process)
+}
+
+/// Starts a worker.
+pub fn start_worker(
+    binaries: &Binaries,
+    urls: &Urls,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let mut command = binaries.worker_command();
+    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    Process::spawn("pageviews-worker", &mut command, log)
+}

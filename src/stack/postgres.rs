@@ -1,0 +1,171 @@
+//! A throwaway PostgreSQL cluster: initdb into a directory, `postgres` on a free loopback port,
+//! trust authentication (the cluster lives and dies with the stack).
+
+use super::process::{Process, find_program, free_port, is_root, tail, user_ids, wait_until};
+use anyhow::{Context, bail};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Debian keeps the server binaries off PATH.
+const DEBIAN_DIRS: &[&str] = &[
+    "/usr/lib/postgresql/17/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/15/bin",
+];
+const PACKAGE: &str = "postgresql";
+
+pub struct Postgres {
+    dir: PathBuf,
+    port: u16,
+    /// Durable (fsync on) for the launcher and benchmarks; off for tests.
+    durable: bool,
+    process: Option<Process>,
+}
+
+impl Postgres {
+    pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Postgres> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let data = dir.join("data");
+        if !data.exists() {
+            let initdb = find_program("initdb", DEBIAN_DIRS, PACKAGE)?;
+            let mut command = Command::new(initdb);
+            command
+                .args([
+                    "--auth=trust",
+                    "--username=postgres",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(&data);
+            let log = dir.join("initdb.log");
+            let status = as_server_user(&mut command, dir)?
+                .stdout(std::fs::File::create(&log)?)
+                .stderr(std::fs::File::create(dir.join("initdb.err"))?)
+                .status()
+                .context("cannot run initdb")?;
+            if !status.success() {
+                bail!("initdb failed: {}", tail(&dir.join("initdb.err"), 10));
+            }
+        }
+        let mut pg = Postgres {
+            dir: dir.to_owned(),
+            port: free_port()?,
+            durable,
+            process: None,
+        };
+        pg.start_again().await?;
+        Ok(pg)
+    }
+
+    /// Starts the server on the same data directory and port (after `stop`).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        let postgres = find_program("postgres", DEBIAN_DIRS, PACKAGE)?;
+        let mut command = Command::new(postgres);
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ])
+            .arg("-k")
+            .arg(&self.dir);
+        if !self.durable {
+            command.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
+        }
+        as_server_user(&mut command, &self.dir)?;
+        let log = self.dir.join("postgres.log");
+        self.process = Some(Process::spawn("postgres", &mut command, &log)?);
+        let url = self.admin_url();
+        wait_until("PostgreSQL", Duration::from_secs(30), || async {
+            Ok(AsyncPgConnection::establish(&url).await.map(|_| ())?)
+        })
+        .await
+        .with_context(|| format!("PostgreSQL log:\n{}", tail(&log, 20)))
+    }
+
+    /// Fast shutdown (SIGINT): connections are cut, like a crash from the clients' side.
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop_with(libc::SIGINT, Duration::from_secs(30));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn admin_url(&self) -> String {
+        self.url("postgres")
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates a database and returns its URL.
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        create_database(&self.admin_url(), name).await
+    }
+}
+
+/// Creates `name` on the server `admin_url` points at and returns the new database's URL.
+pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let mut conn = AsyncPgConnection::establish(admin_url).await?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await?;
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+/// PostgreSQL refuses to run as root: as root, run it as the `postgres` (or `nobody`) user and
+/// hand it the directory.
+fn as_server_user<'a>(command: &'a mut Command, dir: &Path) -> anyhow::Result<&'a mut Command> {
+    if !is_root() {
+        return Ok(command);
+    }
+    let (uid, gid) = user_ids("postgres")
+        .or_else(|| user_ids("nobody"))
+        .context("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL")?;
+    chown_tree(dir, uid, gid)?;
+    Ok(command.uid(uid).gid(gid).current_dir(dir))
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,159 @@
+//! A throwaway RabbitMQ node with its own name, ports, data and cookie, so it never meets the
+//! machine's own broker. `rabbitmqctl` (same HOME, hence the same cookie) manages it.
+
+use super::process::{Process, find_program, free_port, tail, wait_until};
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const PACKAGE: &str = "rabbitmq-server";
+
+pub struct RabbitMq {
+    dir: PathBuf,
+    port: u16,
+    dist_port: u16,
+    bin_dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl RabbitMq {
+    pub async fn start(dir: &Path) -> anyhow::Result<RabbitMq> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        std::fs::write(dir.join("rabbitmq.conf"), "log.console = true\nlog.file = false\n")?;
+        let mut node = RabbitMq {
+            dir: dir.to_owned(),
+            port: free_port()?,
+            dist_port: free_port()?,
+            bin_dir: bin_dir()?,
+            process: None,
+        };
+        node.start_again().await?;
+        Ok(node)
+    }
+
+    /// Starts the node again on the same data (after `stop`): persistent messages survive.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(self.bin_dir.join("rabbitmq-server"));
+        self.environment(&mut command);
+        let log = self.dir.join("rabbitmq.log");
+        self.process = Some(Process::spawn("rabbitmq-server", &mut command, &log)?);
+        let url = self.url("%2f");
+        wait_until("RabbitMQ", Duration::from_secs(60), || {
+            let url = url.clone();
+            async move {
+                tokio::task::spawn_blocking(move || amiquip::Connection::insecure_open(&url)?.close())
+                    .await?
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .await
+        .with_context(|| format!("RabbitMQ log:\n{}", tail(&log, 20)))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop_with(libc::SIGTERM, Duration::from_secs(30));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn node_name(&self) -> String {
+        format!("pageviews{}@localhost", self.port)
+    }
+
+    /// The URL for `vhost` (percent-encoded; `%2f` is the default vhost) as guest.
+    pub fn url(&self, vhost: &str) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.port)
+    }
+
+    /// Creates a vhost that guest may use, and returns its URL.
+    pub fn create_vhost(&self, vhost: &str) -> anyhow::Result<String> {
+        self.ctl(&["add_vhost", vhost])?;
+        self.ctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])?;
+        Ok(self.url(vhost))
+    }
+
+    /// Runs `rabbitmqctl` against this node; the output on success.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = Command::new(self.bin_dir.join("rabbitmqctl"));
+        self.environment(&mut command);
+        let output = command
+            .arg("-n")
+            .arg(self.node_name())
+            .args(args)
+            .output()
+            .context("cannot run rabbitmqctl")?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Messages ready in `queue` of `vhost`.
+    pub fn queue_depth(&self, vhost: &str, queue: &str) -> anyhow::Result<u64> {
+        let out = self.ctl(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn environment(&self, command: &mut Command) {
+        let d = &self.dir;
+        command
+            .env("HOME", d)
+            .env("RABBITMQ_NODENAME", self.node_name())
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_PID_FILE", d.join("rabbitmq.pid"))
+            .current_dir(d);
+    }
+}
+
+/// The directory of the real `rabbitmq-server` script. Debian's PATH entry is a wrapper that
+/// switches to the `rabbitmq` user and drops our environment, so use the script beside it.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let found = find_program("rabbitmq-server", &["/usr/lib/rabbitmq/bin"], PACKAGE)?;
+    let real = std::fs::canonicalize(&found)?;
+    let dir = real.parent().context("rabbitmq-server has no parent directory")?;
+    if real.file_name().is_some_and(|n| n == "rabbitmq-script-wrapper") {
+        return Ok(dir.to_owned());
+    }
+    // Nix and plain installs: rabbitmqctl sits beside rabbitmq-server on PATH.
+    Ok(found.parent().unwrap_or(dir).to_owned())
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,176 @@
+//! Nothing is lost: broker restarts, database restarts, a worker killed mid-backlog, poison
+//! messages. Each test has servers of its own so it can stop them.
+
+use crate::support::{TestEnv, client, hammer};
+use pageviews::queue::{DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY};
+use pageviews::stack::process::wait_until;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_under_load_loses_no_page_view() -> anyhow::Result<()> {
+    let mut env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let _worker = env.worker("worker", &[])?;
+    let url = app.url("/");
+
+    let load = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut results = Vec::new();
+            for _ in 0..30 {
+                results.extend(hammer(&url, 20, 4).await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            results
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.services_mut().rabbitmq.stop();
+    // With the broker away, pages are still served and rows stored.
+    let during = hammer(&url, 20, 4).await;
+    assert!(during.iter().all(|r| r == &Ok(200)), "{during:?}");
+    let ready = client().get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await?.contains("broker: unavailable"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.services_mut().rabbitmq.start_again().await?;
+
+    let results = load.await?;
+    let ok = results.iter().filter(|r| r == &&Ok(200)).count() + during.len();
+    assert_eq!(ok, results.len() + during.len(), "failed requests: {results:?}");
+    let rows = env.all_processed(Duration::from_secs(60)).await?;
+    assert_eq!(
+        rows as usize, ok,
+        "every 200 is exactly one stored, processed page view"
+    );
+    assert!(
+        env.log_text(&format!("app-{}", app.port))
+            .contains("publisher lost the broker")
+    );
+    assert!(env.log_text("worker").contains("consumer lost the broker"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<()> {
+    let mut env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    let app_pid = app.process.pid();
+
+    env.services_mut().postgres.stop();
+    let started = Instant::now();
+    let response = client().get(app.url("/")).send().await?;
+    let took = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert!(response.text().await?.contains("Temporarily unavailable"));
+    assert!(took < Duration::from_secs(3), "503 took {took:?}");
+    assert_eq!(client().get(app.url("/readyz")).send().await?.status(), 503);
+
+    env.services_mut().postgres.start_again().await?;
+    wait_until("the app to serve again", Duration::from_secs(20), || async {
+        let status = client().get(app.url("/")).send().await?.status();
+        anyhow::ensure!(status == 200, "status {status}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(app.process.pid(), app_pid, "recovered without a restart");
+    assert!(
+        env.log_text(&format!("app-{}", app.port))
+            .contains("database unavailable")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyhow::Result<()> {
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let results = hammer(&app.url("/"), 1500, 16).await;
+    assert!(results.iter().all(|r| r == &Ok(200)));
+    wait_until("the backlog to be queued", Duration::from_secs(30), || async {
+        let depth = env.queue_depth(QUEUE)?;
+        anyhow::ensure!(depth == 1500, "{depth} queued");
+        Ok(())
+    })
+    .await?;
+
+    // Prefetch 1 makes the first worker slow enough to be killed half-way.
+    let mut first = env.worker("worker-1", &[("PAGEVIEWS_PREFETCH", "1")])?;
+    wait_until("some tasks processed", Duration::from_secs(30), || async {
+        let (_, processed) = env.counts().await?;
+        anyhow::ensure!(processed >= 100, "{processed}");
+        Ok(())
+    })
+    .await?;
+    first.stop_with(libc::SIGKILL, Duration::from_secs(5));
+    let (_, processed_before) = env.counts().await?;
+    assert!(
+        processed_before < 1500,
+        "the worker finished before it was killed; nothing was tested"
+    );
+    let snapshot = "SELECT count(*) AS n FROM page_views WHERE processed_at IS NOT NULL";
+    let fingerprint = "SELECT COALESCE(sum(extract(epoch FROM processed_at) * 1000000)::bigint % 1000000007, 0)::bigint AS n \
+                       FROM page_views WHERE processed_at IS NOT NULL";
+    let before = env.sql_count(fingerprint).await?;
+
+    let _second = env.worker("worker-2", &[])?;
+    env.all_processed(Duration::from_secs(60)).await?;
+    // Rows processed before the kill kept their processed_at: none was processed twice.
+    let again =
+        format!("{fingerprint} AND id IN (SELECT id FROM page_views ORDER BY processed_at LIMIT {processed_before})");
+    assert_eq!(env.sql_count(&again).await?, before);
+    assert_eq!(env.sql_count(snapshot).await?, 1500);
+    wait_until("the queue to drain", Duration::from_secs(10), || async {
+        let depth = env.queue_depth(QUEUE)?;
+        anyhow::ensure!(depth == 0, "{depth} left");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let _worker = env.worker("worker", &[])?;
+    let url = env.urls.amqp.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&url)?;
+        for body in [
+            &b"not json"[..],
+            br#"{"page_view_id": 424242}"#,
+            br#"{"page_view_id": -3}"#,
+        ] {
+            channel.basic_publish(EXCHANGE, amiquip::Publish::new(body, ROUTING_KEY))?;
+        }
+        connection.close()?;
+        Ok(())
+    })
+    .await??;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    env.all_processed(Duration::from_secs(20)).await?;
+    wait_until("three dead letters", Duration::from_secs(20), || async {
+        let depth = env.queue_depth(DEAD_LETTER_QUEUE)?;
+        anyhow::ensure!(depth == 3, "{depth} dead-lettered");
+        Ok(())
+    })
+    .await?;
+    let log = env.log_text("worker");
+    assert!(
+        log.contains("malformed task sent to the dead-letter queue") && log.contains(r#"body "not json""#),
+        "{log}"
+    );
+    assert!(log.contains("page_view_id -3 is not positive"), "{log}");
+    assert!(
+        log.contains("task names no page view") && log.contains("424242"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The happy path through the real binaries: record, publish, process, roll up, observe.
+
+use crate::support::{TestEnv, client, hammer};
+use pageviews::stack::process::wait_until;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_view_is_recorded_published_and_processed() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let _worker = env.worker("worker", &[])?;
+
+    let response = client()
+        .get(app.url("/"))
+        .header("cookie", "session=s3cr3t-value; theme=dark")
+        .header("user-agent", "integration-test/1.0")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "no request id in {:?}",
+        response.headers()
+    );
+    let page = response.text().await?;
+    assert!(page.contains(r#"<strong id="visit">#1</strong>"#), "{page}");
+    for asset in ["/static/app.css?v=", "/static/app.js?v=", "/static/logo.svg?v="] {
+        assert!(page.contains(asset), "page does not load {asset}");
+    }
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "inline script or style breaks the CSP"
+    );
+
+    let mut conn = env.db().await?;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        data: String,
+    }
+    use diesel_async::RunQueryDsl;
+    let row: Row = diesel::sql_query("SELECT data::text AS data FROM page_views WHERE id = 1")
+        .get_result(&mut conn)
+        .await?;
+    let data: serde_json::Value = serde_json::from_str(&row.data)?;
+    assert_eq!(data["user_agent"], "integration-test/1.0");
+    assert_eq!(data["cookie_names"], serde_json::json!(["session", "theme"]));
+    assert!(
+        !row.data.contains("s3cr3t") && !row.data.contains("dark"),
+        "cookie values stored: {}",
+        row.data
+    );
+
+    env.all_processed(Duration::from_secs(20)).await?;
+    wait_until("enqueued_at recorded", Duration::from_secs(10), || async {
+        let n = env
+            .sql_count("SELECT count(*) AS n FROM page_views WHERE enqueued_at IS NULL")
+            .await?;
+        anyhow::ensure!(n == 0, "{n} rows not marked enqueued");
+        Ok(())
+    })
+    .await?;
+
+    // The page now shows the worker's work (after the one-second figures cache).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let page = client().get(app.url("/")).send().await?.text().await?;
+    assert!(page.contains(r#"<dd id="processed">1</dd>"#), "{page}");
+
+    let metrics = client().get(app.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("pageviews_page_views_recorded_total 2\n"), "{metrics}");
+    assert!(metrics.contains("pageviews_broker_connected 1\n"), "{metrics}");
+    let ready = client().get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.text().await?, "database: ok\nbroker: ok\n");
+    // HEAD checks the page without recording a visit.
+    assert_eq!(client().head(app.url("/")).send().await?.status(), 200);
+    assert_eq!(env.counts().await?.0, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rollup_runs_once_per_interval_with_two_workers() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let results = hammer(&app.url("/"), 40, 8).await;
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+    let fast = [("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1")];
+    let started = std::time::Instant::now();
+    let mut one = env.worker("worker-1", &fast)?;
+    let mut two = env.worker("worker-2", &fast)?;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let runs = env
+        .sql_count("SELECT runs AS n FROM scheduled_jobs WHERE name = 'rollup'")
+        .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    // Each worker ticks every second; without the claim there would be about twice as many.
+    assert!(
+        runs >= 3 && (runs as f64) <= elapsed / 0.9 + 1.0,
+        "{runs} runs in {elapsed:.1} s"
+    );
+    let rolled = env
+        .sql_count("SELECT COALESCE(sum(views), 0)::bigint AS n FROM page_view_rollups")
+        .await?;
+    assert_eq!(rolled, 40);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let page = client().get(app.url("/")).send().await?.text().await?;
+    assert!(
+        page.contains(r#"<table id="rollup">"#) && page.contains("<td>40</td>"),
+        "{page}"
+    );
+    assert!(one.stop().is_some_and(|s| s.success()) && two.stop().is_some_and(|s| s.success()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_and_exits_zero() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let mut app = env.app(&[]).await?;
+    let mut worker = env.worker("worker", &[])?;
+    let results = hammer(&app.url("/"), 50, 8).await;
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+    let app_status = app.process.stop().expect("app was running");
+    assert!(
+        app_status.success(),
+        "app exited with {app_status:?}: {}",
+        env.log_text(&format!("app-{}", app.port))
+    );
+    // Every task the app accepted was handed to the broker before it exited.
+    env.all_processed(Duration::from_secs(20)).await?;
+    let worker_status = worker.stop().expect("worker was running");
+    assert!(worker_status.success(), "worker exited with {worker_status:?}");
+    assert!(env.log_text("worker").contains("worker stopped"));
+    Ok(())
+}

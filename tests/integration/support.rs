@@ -1,0 +1,211 @@
+//! Test environments: shared throwaway services (one PostgreSQL and one RabbitMQ per test
+//! process; each test gets its own database and vhost), or dedicated ones for fault tests that
+//! stop and restart them. `DATABASE_URL` / `AMQP_URL`, when set, name servers to use instead
+//! for the shared case (a vhost is then created with `rabbitmqctl` on the default node).
+
+use anyhow::Context;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use pageviews::stack::process::{Process, free_port, wait_until};
+use pageviews::stack::{self, Binaries, ScratchDir, Services, Urls};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+static SHARED: OnceCell<Services> = OnceCell::const_new();
+static SHARED_GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static SHARED_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn stop_shared_services() {
+    for group in SHARED_GROUPS.lock().map(|g| g.clone()).unwrap_or_default() {
+        // SAFETY: kill(2) on process groups this test process started.
+        unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
+    }
+    if let Some(dir) = SHARED_DIR.lock().ok().and_then(|d| d.clone()) {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+async fn shared() -> anyhow::Result<&'static Services> {
+    SHARED
+        .get_or_try_init(|| async {
+            let dir = ScratchDir::new("pageviews-test-services")?.keep();
+            let services = Services::start(&dir, false).await?;
+            *SHARED_GROUPS.lock().unwrap() = services.process_groups();
+            *SHARED_DIR.lock().unwrap() = Some(dir);
+            // SAFETY: registering a plain extern "C" function.
+            unsafe { libc::atexit(stop_shared_services) };
+            Ok(services)
+        })
+        .await
+}
+
+pub fn binaries() -> Binaries {
+    Binaries::new(
+        env!("CARGO_BIN_EXE_pageviews-app"),
+        env!("CARGO_BIN_EXE_pageviews-worker"),
+    )
+}
+
+enum Servers {
+    Shared(&'static Services),
+    Dedicated(Services),
+}
+
+pub struct TestEnv {
+    servers: Servers,
+    pub urls: Urls,
+    pub vhost: String,
+    pub dir: ScratchDir,
+}
+
+pub struct RunningApp {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl RunningApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl TestEnv {
+    /// Shared servers, a fresh database and vhost.
+    pub async fn new() -> anyhow::Result<TestEnv> {
+        Self::on(Servers::Shared(shared().await?)).await
+    }
+
+    /// Servers of its own, which the test may stop and restart.
+    pub async fn dedicated() -> anyhow::Result<TestEnv> {
+        let dir = ScratchDir::new("pageviews-test-dedicated")?;
+        let services = Services::start(dir.path(), false).await?;
+        let mut env = Self::on(Servers::Dedicated(services)).await?;
+        // Keep the servers' directory alive as long as the env.
+        env.dir = dir;
+        Ok(env)
+    }
+
+    async fn on(servers: Servers) -> anyhow::Result<TestEnv> {
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let services = match &servers {
+            Servers::Shared(s) => *s,
+            Servers::Dedicated(s) => s,
+        };
+        let database = match std::env::var("DATABASE_URL") {
+            Ok(admin) if matches!(servers, Servers::Shared(_)) => {
+                stack::postgres::create_database(&admin, &name).await?
+            }
+            _ => services.postgres.create_database(&name).await?,
+        };
+        let amqp = services.rabbitmq.create_vhost(&name)?;
+        let dir = ScratchDir::new(&format!("pageviews-{name}"))?;
+        Ok(TestEnv {
+            servers,
+            urls: Urls { database, amqp },
+            vhost: name,
+            dir,
+        })
+    }
+
+    pub fn services(&self) -> &Services {
+        match &self.servers {
+            Servers::Shared(s) => s,
+            Servers::Dedicated(s) => s,
+        }
+    }
+
+    pub fn services_mut(&mut self) -> &mut Services {
+        match &mut self.servers {
+            Servers::Shared(_) => panic!("only a dedicated TestEnv may stop its servers"),
+            Servers::Dedicated(s) => s,
+        }
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    pub fn migrate(&self) -> anyhow::Result<()> {
+        stack::migrate(&binaries(), &self.urls, &self.log("migrate"))
+    }
+
+    pub async fn app(&self, env: &[(&str, &str)]) -> anyhow::Result<RunningApp> {
+        let port = free_port()?;
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let process = stack::start_app(&binaries(), &self.urls, port, &env, &self.log(&format!("app-{port}"))).await?;
+        Ok(RunningApp { process, port })
+    }
+
+    pub fn worker(&self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Process> {
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        stack::start_worker(&binaries(), &self.urls, &env, &self.log(name))
+    }
+
+    pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {
+        Ok(AsyncPgConnection::establish(&self.urls.database).await?)
+    }
+
+    /// (rows, processed rows)
+    pub async fn counts(&self) -> anyhow::Result<(i64, i64)> {
+        let mut conn = self.db().await?;
+        let totals = pageviews::db::page_views::totals(&mut conn).await?;
+        Ok((totals.recorded, totals.processed))
+    }
+
+    /// Waits until every recorded page view is processed and returns how many there are.
+    pub async fn all_processed(&self, timeout: Duration) -> anyhow::Result<i64> {
+        wait_until("all page views processed", timeout, || async {
+            let (rows, processed) = self.counts().await?;
+            anyhow::ensure!(rows == processed, "{processed} of {rows} processed");
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub fn queue_depth(&self, queue: &str) -> anyhow::Result<u64> {
+        self.services().rabbitmq.queue_depth(&self.vhost, queue)
+    }
+
+    pub fn log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log(name)).unwrap_or_default()
+    }
+
+    pub async fn sql_count(&self, query: &str) -> anyhow::Result<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.db().await?;
+        let row: Count = diesel::sql_query(query)
+            .get_result(&mut conn)
+            .await
+            .with_context(|| query.to_owned())?;
+        Ok(row.n)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a default client builds")
+}
+
+/// `n` GETs of `url` with `concurrency` in flight; the status of each.
+pub async fn hammer(url: &str, n: usize, concurrency: usize) -> Vec<Result<u16, String>> {
+    use futures_util::StreamExt;
+    let client = client();
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let request = client.get(url).send();
+            async move { request.await.map(|r| r.status().as_u16()).map_err(|e| e.to_string()) }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}

@@ -26,10 +26,17 @@
         inherit pkgs;
         inherit (build) package;
       };
-      checks = import ./nix/checks.nix {
-        inherit pkgs craneLib build;
-        root = ./.;
-      };
+      checks =
+        import ./nix/checks.nix {
+          inherit pkgs craneLib build;
+          root = ./.;
+        }
+        # NixOS VM tests: vm-split, vm-single, vm-images (need a builder with KVM).
+        // import ./nix/tests {
+          inherit pkgs images;
+          inherit (build) package;
+          module = self.nixosModules.default;
+        };
     in {
       inherit build images checks craneLib;
       example = mkExample system;

@@ -85,6 +85,9 @@ in {
       '';
       virtualHosts.${cfg.domain} = {
         forceSSL = true;
+        # 308 (not the module's default 301): the redirect keeps the method and body, as
+        # the local launcher's nginx.conf does; the VM tests check it.
+        redirectCode = 308;
         enableACME = cfg.tls.acme;
         sslCertificate =
           if cfg.tls.selfSigned

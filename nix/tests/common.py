@@ -1,0 +1,186 @@
+# Helpers shared by the pageviews VM test scripts. The .nix file of each test prepends this
+# file to the test's own script, so everything here runs in the NixOS test driver's
+# namespace. Machine arguments are left unannotated on purpose: the driver's class name
+# differs between nixpkgs releases (Machine / QemuMachine), and an annotation naming the
+# wrong one would break the build-time type check or the script itself.
+import re
+import shlex
+
+# Values fixed on the Nix side; scripts/check-vm-tests checks each against nix/.
+DOMAIN = "pageviews.test"  # nix/tests/tls.nix
+ORIGIN = f"https://{DOMAIN}"
+CA_FILE = "/etc/pageviews-test/ca.pem"  # nix/tests/nodes.nix
+HTTP_PORT = 80  # nix/modules/firewall.nix
+HTTPS_PORT = 443  # nix/modules/firewall.nix
+APP_PORT = 8000  # services.pageviews.network.appPort
+PG_PORT = 5432  # services.pageviews.database.port
+AMQP_PORT = 5672  # services.pageviews.rabbitmq.port
+EPMD_PORT = 4369  # nixpkgs services.epmd (enabled by services.rabbitmq)
+ERLANG_DIST_PORT = 25672  # RabbitMQ inter-node port (AMQP port + 20000)
+WORKER_METRICS_PORT = 9101  # services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN
+IMAGE_WORKER_METRICS_PORT = 9100  # nix/images.nix: worker-image PAGEVIEWS_METRICS_LISTEN
+SECURITY_THRESHOLD = 15  # scripts/systemd-score: 1.5 on systemd-analyze's 0-10 scale
+
+CURL = "curl -sS --max-time 20"
+VISIT_RE = re.compile(r'<strong id="visit">#(\d+)</strong>')
+RECORDED_RE = re.compile(r'<dd id="recorded">(\d+)</dd>')
+PROCESSED_RE = re.compile(r'<dd id="processed">(\d+)</dd>')
+
+
+def ipv4(machine, host: str) -> str:
+    """IPv4 address of a node, from the /etc/hosts the test framework writes."""
+    return machine.succeed(f"getent ahostsv4 {shlex.quote(host)}").split()[0]
+
+
+def sql(machine, query: str) -> str:
+    """One query on the pageviews database (as the superuser), unaligned output."""
+    return machine.succeed(f"pageviews-sql {shlex.quote(query)}").strip()
+
+
+def wait_sql(machine, query: str, expected: str, timeout: int = 180) -> None:
+    """Waits until `query` returns exactly `expected`."""
+    machine.wait_until_succeeds(
+        f"test \"$(pageviews-sql {shlex.quote(query)})\" = {shlex.quote(expected)}",
+        timeout=timeout,
+    )
+
+
+def visit_number(page: str) -> int:
+    match = VISIT_RE.search(page)
+    assert match is not None, f"no visit number in the page: {page[:400]!r}"
+    return int(match.group(1))
+
+
+def totals(page: str) -> tuple[int, int]:
+    """(recorded, processed) as the page shows them."""
+    recorded = RECORDED_RE.search(page)
+    processed = PROCESSED_RE.search(page)
+    assert recorded is not None and processed is not None, f"no totals: {page[:400]!r}"
+    return int(recorded.group(1)), int(processed.group(1))
+
+
+def wait_processed(data, visit_id: int, timeout: int = 180) -> None:
+    """Waits until the worker has marked page view `visit_id` processed."""
+    query = f"SELECT processed_at IS NOT NULL FROM page_views WHERE id = {visit_id}"
+    wait_sql(data, query, "t", timeout)
+
+
+def check_page_view(client, data, base: str) -> None:
+    """A page view is recorded with the user agent and cookie *names* only, processed by
+    the worker, and the page later shows processed views."""
+    page = client.succeed(
+        f"{CURL} --fail -A pageviews-vm-test"
+        f" -b 'session=s3cret-cookie-value; theme=dark' {base}/"
+    )
+    visit_id = visit_number(page)
+    wait_processed(data, visit_id)
+    stored = sql(data, f"SELECT data::text FROM page_views WHERE id = {visit_id}")
+    assert "pageviews-vm-test" in stored, f"user agent not stored: {stored}"
+    assert "session" in stored and "theme" in stored, f"cookie names not stored: {stored}"
+    assert "s3cret-cookie-value" not in stored, f"a cookie value was stored: {stored}"
+    recorded, processed = totals(client.succeed(f"{CURL} --fail {base}/"))
+    assert recorded >= 1 and 1 <= processed <= recorded, (recorded, processed)
+
+
+def check_https_edge(client) -> None:
+    """What nginx promises at the edge, seen from outside."""
+    # HTTP -> 308 to the same path and query on HTTPS
+    got = client.succeed(
+        f"{CURL} -o /dev/null -w '%{{http_code}} %{{redirect_url}}'"
+        f" 'http://{DOMAIN}/a/b?c=d'"
+    )
+    assert got == f"308 https://{DOMAIN}/a/b?c=d", f"HTTP redirect: {got!r}"
+
+    # Security headers on the page; the version is hidden
+    raw = client.succeed(f"{CURL} --fail -D - -o /dev/null {ORIGIN}/")
+    headers: dict[str, str] = {}
+    for line in raw.splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    expected = {
+        "strict-transport-security": "max-age=",
+        "content-security-policy": "default-src 'none'",
+        "x-frame-options": "DENY",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "cross-origin-opener-policy": "same-origin",
+    }
+    for name, fragment in expected.items():
+        assert fragment in headers.get(name, ""), f"header {name}: {headers.get(name)!r}"
+    assert headers.get("server") == "nginx", f"server header: {headers.get('server')!r}"
+    assert "x-powered-by" not in headers
+
+    # Methods other than GET/HEAD/POST: connection closed without a response (444),
+    # which curl reports as exit 52 "empty reply" over HTTP/1.1
+    for method in ("PUT", "DELETE", "TRACE", "PATCH"):
+        status, _ = client.execute(f"{CURL} --http1.1 -o /dev/null -X {method} {ORIGIN}/")
+        assert status == 52, f"{method}: curl exit {status}, want 52 (empty reply)"
+
+    # Internal endpoints are not public
+    for path in ("/metrics", "/readyz"):
+        code = client.succeed(f"{CURL} -o /dev/null -w '%{{http_code}}' {ORIGIN}{path}")
+        assert code == "404", f"{path} answered {code} publicly"
+
+
+def check_burst(client) -> None:
+    """80 back-to-back requests on one connection: the per-client limit answers 429."""
+    codes = client.succeed(
+        "args=(); for i in $(seq 80); do"
+        f" args+=(-o /dev/null '{ORIGIN}/healthz?burst='$i); done;"
+        f" {CURL} --http1.1 -w '%{{http_code}}\\n' \"${{args[@]}}\""
+    ).split()
+    assert len(codes) == 80, codes
+    assert "429" in codes, f"no 429 in a burst of 80: {codes}"
+    assert "200" in codes, f"no 200 at all in the burst: {codes}"
+    assert set(codes) <= {"200", "429"}, codes
+    # let the bucket drain (rate 10r/s, burst 20)
+    client.sleep(4)
+    client.succeed(f"{CURL} --fail -o /dev/null {ORIGIN}/healthz")
+
+
+def assert_unreachable(machine, host_ip: str, port: int) -> None:
+    """A TCP connect to host_ip:port does not succeed within 2 seconds."""
+    status, _ = machine.execute(f"timeout 2 bash -c 'exec 3<>/dev/tcp/{host_ip}/{port}'")
+    assert status != 0, f"{machine.name} reached {host_ip}:{port}, expected it blocked"
+
+
+def assert_reachable(machine, host_ip: str, port: int) -> None:
+    machine.succeed(f"timeout 2 bash -c 'exec 3<>/dev/tcp/{host_ip}/{port}'")
+
+
+def restart_broker_under_traffic(client, broker, data, requests: int = 200) -> None:
+    """RabbitMQ restarts while a client keeps loading pages: every request succeeds, and
+    every page view of that traffic ends up processed exactly once (one row each)."""
+    agent = "pageviews-restart-traffic"
+    log = "/tmp/pageviews-traffic.log"
+    client.succeed(
+        f"(for i in $(seq {requests}); do"
+        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?restart='$i;"
+        f" sleep 0.2; done; echo done) >{log} 2>&1 &"
+    )
+    client.sleep(3)
+    broker.succeed("systemctl restart rabbitmq.service")
+    broker.wait_for_unit("rabbitmq.service")
+    broker.wait_for_unit("pageviews-rabbitmq-setup.service")
+    # the restart happened while the traffic was still running
+    client.fail(f"grep -qx done {log}")
+    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=600)
+    codes = client.succeed(f"head -n -1 {log}").split()
+    assert len(codes) == requests, f"{len(codes)} responses for {requests} requests"
+    assert set(codes) == {"200"}, f"not all 200 across the broker restart: {codes}"
+
+    by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"
+    wait_sql(data, f"SELECT count(*) {by_agent} AND processed_at IS NOT NULL", str(requests), 300)
+    assert sql(data, f"SELECT count(*) {by_agent}") == str(requests)
+    wait_sql(data, "SELECT count(*) FROM page_views WHERE processed_at IS NULL", "0", 120)
+
+
+def check_sandbox(machine, units: list[str]) -> None:
+    """systemd-analyze security at or below the threshold the module promises."""
+    for unit in units:
+        out = machine.succeed(
+            f"systemd-analyze security --no-pager --threshold={SECURITY_THRESHOLD}"
+            f" {unit} 2>&1"
+        )
+        machine.log(out.strip().splitlines()[-1])

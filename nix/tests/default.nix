@@ -1,0 +1,23 @@
+# NixOS VM tests, wired into the flake's `checks` (they need a builder with KVM):
+#   vm-split   client, proxy, app, data: the split deployment and its firewall isolation
+#   vm-single  client + one server running the whole stack (plain `services.pageviews.enable`)
+#   vm-images  the app and worker OCI images under podman against a data node
+#
+# Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
+# next to it (common.py is prepended) so scripts/check-vm-tests can lint exactly the text
+# the driver runs.
+{
+  pkgs,
+  module,
+  package,
+  images,
+}: let
+  tls = import ./tls.nix {inherit pkgs;};
+  secrets = import ./secrets.nix {inherit pkgs;};
+  args = {inherit pkgs module package images tls secrets;};
+  run = file: pkgs.testers.runNixOSTest (import file args);
+in {
+  vm-split = run ./vm-split.nix;
+  vm-single = run ./vm-single.nix;
+  vm-images = run ./vm-images.nix;
+}

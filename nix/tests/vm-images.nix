@@ -1,0 +1,116 @@
+# The OCI images (`nix build .#app-image`, `.#worker-image`) run by podman through
+# virtualisation.oci-containers on `images`, against the module's data role on `data`.
+# The migration runs once from the app image (`pageviews-app migrate`) before the
+# app and worker containers start.
+{
+  pkgs,
+  module,
+  package,
+  images,
+  tls,
+  secrets,
+  ...
+}: let
+  inherit (pkgs) lib;
+  shared = import ./nodes.nix {inherit pkgs package tls;};
+  ref = image: "${image.imageName}:${image.imageTag}";
+  appRef = ref images.app-image;
+  workerRef = ref images.worker-image;
+
+  # KEY=VALUE files for `podman run --env-file` (test-only passwords, see secrets.nix),
+  # built from the data host's own settings.
+  envFile = nodes: role: who: let
+    data = nodes.data.services.pageviews;
+    host = nodes.data.networking.primaryIPAddress;
+  in
+    pkgs.writeText "pageviews-vm-test-${who}.env" (''
+        DATABASE_URL=postgres://${role}:${secrets.value "db-${who}"}@${host}:${toString data.database.port}/${data.database.name}
+      ''
+      + lib.optionalString (who != "owner") ''
+        AMQP_URL=amqp://${role}:${secrets.value "amqp-${who}"}@${host}:${toString data.rabbitmq.port}/${data.rabbitmq.vhost}
+      '');
+
+  # Host networking: the containers reach the data host from the host's own address
+  # (the one the data host's firewall and pg_hba allow). Non-root user from the image,
+  # read-only root file system, no capabilities.
+  hardened = ["--network=host" "--read-only" "--cap-drop=all" "--security-opt=no-new-privileges"];
+in {
+  name = "pageviews-vm-images";
+
+  nodes = {
+    data = {nodes, ...}: {
+      imports = [module shared.sql shared.tools (shared.sized 2048)];
+      services.pageviews = {
+        enable = true;
+        roles = ["data"];
+        network = {
+          dataAddress = nodes.data.networking.primaryIPAddress;
+          dataClients = [nodes.images.networking.primaryIPAddress];
+        };
+        database.passwordFiles = secrets.database;
+        rabbitmq.passwordFiles = secrets.rabbitmq;
+      };
+    };
+
+    images = {
+      config,
+      nodes,
+      ...
+    }: {
+      imports = [shared.tools (shared.sized 2048)];
+      virtualisation.diskSize = 4096;
+      virtualisation.oci-containers = {
+        backend = "podman";
+        containers = {
+          pageviews-app = {
+            image = appRef;
+            imageFile = images.app-image;
+            environmentFiles = [(envFile nodes "pageviews-app" "app")];
+            extraOptions = hardened;
+          };
+          pageviews-worker = {
+            image = workerRef;
+            imageFile = images.worker-image;
+            environmentFiles = [(envFile nodes "pageviews-worker" "worker")];
+            extraOptions = hardened;
+          };
+        };
+      };
+
+      # The schema first: `pageviews-app migrate` from the app image, as the owner role,
+      # retried until the data host answers.
+      systemd.services.pageviews-image-migrate = {
+        description = "pageviews: migrations from the app image";
+        wantedBy = ["multi-user.target"];
+        wants = ["network-online.target"];
+        after = ["network-online.target"];
+        path = [config.virtualisation.podman.package];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+        };
+        script = ''
+          podman load -i ${images.app-image}
+          for _ in $(seq 90); do
+            if podman run --rm --network=host --read-only --cap-drop=all \
+              --env-file ${envFile nodes "pageviews" "owner"} ${appRef} migrate; then
+              exit 0
+            fi
+            sleep 2
+          done
+          exit 1
+        '';
+      };
+      systemd.services.podman-pageviews-app = {
+        requires = ["pageviews-image-migrate.service"];
+        after = ["pageviews-image-migrate.service"];
+      };
+      systemd.services.podman-pageviews-worker = {
+        requires = ["pageviews-image-migrate.service"];
+        after = ["pageviews-image-migrate.service"];
+      };
+    };
+  };
+
+  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-images.py;
+}

@@ -1,0 +1,54 @@
+# vm-single: the whole stack on `server` (app on a Unix socket, PostgreSQL and RabbitMQ on
+# loopback); `client` is the outside. common.py is prepended.
+
+start_all()
+
+with subtest("the server reaches its units"):
+    server.wait_for_unit("postgresql.target")
+    server.wait_for_unit("rabbitmq.service")
+    server.wait_for_unit("pageviews-secrets.service")
+    server.wait_for_unit("pageviews-rabbitmq-setup.service")
+    server.wait_for_unit("pageviews-migrate.service")
+    server.wait_for_unit("pageviews-app.service")
+    server.wait_for_unit("pageviews-worker.service")
+    server.wait_for_unit("nginx.service")
+    client.wait_for_unit("multi-user.target")
+    client.wait_until_succeeds(f"{CURL} --fail {ORIGIN}/healthz", timeout=300)
+
+server_ip = ipv4(client, "server")
+
+with subtest("a page view is recorded and processed by the worker"):
+    check_page_view(client, server, ORIGIN)
+
+with subtest("the worker runs its scheduled rollup"):
+    wait_sql(server, "SELECT runs > 0 FROM scheduled_jobs WHERE name = 'rollup'", "t", 180)
+    server.succeed(f"curl -sS --fail http://127.0.0.1:{WORKER_METRICS_PORT}/metrics")
+
+with subtest("the end-to-end probe passes from the client"):
+    client.succeed(f"pageviews-probe {ORIGIN} --ca-file {CA_FILE}", timeout=600)
+
+with subtest("HTTPS edge: redirect, headers, dropped methods, private endpoints"):
+    check_https_edge(client)
+
+with subtest("a burst from one client gets 429"):
+    check_burst(client)
+
+with subtest("only 80 and 443 face the network; the rest is loopback or a Unix socket"):
+    for port in (PG_PORT, AMQP_PORT, EPMD_PORT, ERLANG_DIST_PORT, APP_PORT):
+        assert_unreachable(client, server_ip, port)
+    for port in (HTTP_PORT, HTTPS_PORT):
+        assert_reachable(client, server_ip, port)
+    for port in (PG_PORT, AMQP_PORT):
+        listeners = server.succeed(f"ss -Hltn 'sport = :{port}'")
+        assert listeners.strip(), f"nothing listens on {port}"
+        for line in listeners.splitlines():
+            local = line.split()[3]
+            assert local.startswith(("127.0.0.1:", "[::1]:")), f"{port} listens on {local}"
+    server.succeed("test -S /run/pageviews-app/app.sock")
+    server.fail(f"ss -Hltn 'sport = :{APP_PORT}' | grep -q .")
+
+with subtest("RabbitMQ restarts under traffic and nothing is lost"):
+    restart_broker_under_traffic(client, server, server)
+
+with subtest("app and worker units are sandboxed"):
+    check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])

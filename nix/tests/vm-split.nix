@@ -1,0 +1,55 @@
+# The split deployment: `client` (the internet), `proxy` (nginx, TLS), `app` (app, worker,
+# migrations) and `data` (PostgreSQL, RabbitMQ), all on one VLAN so that only the
+# firewall and the listen addresses keep client and proxy away from the data ports.
+{
+  pkgs,
+  module,
+  package,
+  tls,
+  secrets,
+  ...
+}: let
+  shared = import ./nodes.nix {inherit pkgs package tls;};
+  ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
+
+  # What every pageviews host of this deployment agrees on.
+  pageviews = roles: {nodes, ...}: {
+    imports = [module shared.tools];
+    services.pageviews = {
+      enable = true;
+      inherit roles;
+      inherit (tls) domain;
+      network = {
+        appAddress = ip nodes "app";
+        dataAddress = ip nodes "data";
+        proxyAddresses = [(ip nodes "proxy")];
+      };
+      database.passwordFiles = secrets.database;
+      rabbitmq.passwordFiles = secrets.rabbitmq;
+    };
+  };
+in {
+  name = "pageviews-vm-split";
+
+  nodes = {
+    client = shared.client "proxy";
+
+    proxy = {
+      imports = [(pageviews ["proxy"])];
+      services.pageviews.tls = {
+        certificateFile = tls.cert;
+        keyFile = tls.key;
+      };
+    };
+
+    app = {
+      imports = [(pageviews ["app"]) (shared.sized 1536)];
+    };
+
+    data = {
+      imports = [(pageviews ["data"]) shared.sql (shared.sized 2048)];
+    };
+  };
+
+  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-split.py;
+}

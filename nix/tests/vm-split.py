@@ -1,0 +1,54 @@
+# vm-split: client -> proxy (nginx, TLS) -> app (app, worker, migrations) -> data
+# (PostgreSQL, RabbitMQ). common.py is prepended (helpers and the ports/names of the
+# Nix side).
+
+start_all()
+
+with subtest("every host reaches its units"):
+    data.wait_for_unit("postgresql.target")
+    data.wait_for_unit("rabbitmq.service")
+    data.wait_for_unit("pageviews-rabbitmq-setup.service")
+    app.wait_for_unit("pageviews-migrate.service")
+    app.wait_for_unit("pageviews-app.service")
+    app.wait_for_unit("pageviews-worker.service")
+    proxy.wait_for_unit("nginx.service")
+    client.wait_for_unit("multi-user.target")
+    client.wait_until_succeeds(f"{CURL} --fail {ORIGIN}/healthz", timeout=300)
+
+app_ip = ipv4(client, "app")
+data_ip = ipv4(client, "data")
+
+with subtest("a page view is recorded on data and processed by the worker"):
+    check_page_view(client, data, ORIGIN)
+
+with subtest("the worker runs its scheduled rollup"):
+    wait_sql(data, "SELECT runs > 0 FROM scheduled_jobs WHERE name = 'rollup'", "t", 180)
+    app.succeed(f"curl -sS --fail http://127.0.0.1:{WORKER_METRICS_PORT}/metrics")
+
+with subtest("the end-to-end probe passes from the client"):
+    client.succeed(f"pageviews-probe {ORIGIN} --ca-file {CA_FILE}", timeout=600)
+
+with subtest("HTTPS edge: redirect, headers, dropped methods, private endpoints"):
+    check_https_edge(client)
+
+with subtest("a burst from one client gets 429"):
+    check_burst(client)
+
+with subtest("firewall: only the app host reaches the data ports, only the proxy the app"):
+    for port in (PG_PORT, AMQP_PORT, EPMD_PORT, ERLANG_DIST_PORT):
+        assert_unreachable(client, data_ip, port)
+        assert_unreachable(proxy, data_ip, port)
+    for port in (PG_PORT, AMQP_PORT):
+        assert_reachable(app, data_ip, port)
+    assert_unreachable(client, app_ip, APP_PORT)
+    assert_unreachable(data, app_ip, APP_PORT)
+    assert_reachable(proxy, app_ip, APP_PORT)
+    # the data ports do listen on the private address: only the firewall keeps others out
+    data.succeed(f"ss -Hltn 'sport = :{PG_PORT}' | grep -q .")
+    data.succeed(f"ss -Hltn 'sport = :{AMQP_PORT}' | grep -qF '{data_ip}:{AMQP_PORT}'")
+
+with subtest("RabbitMQ restarts under traffic and nothing is lost"):
+    restart_broker_under_traffic(client, data, data)
+
+with subtest("app and worker units are sandboxed"):
+    check_sandbox(app, ["pageviews-app.service", "pageviews-worker.service"])

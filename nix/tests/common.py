@@ -149,13 +149,15 @@ def assert_reachable(machine, host_ip: str, port: int) -> None:
     machine.succeed(f"timeout 2 bash -c 'exec 3<>/dev/tcp/{host_ip}/{port}'")
 
 
-def restart_broker_under_traffic(client, broker, data, requests: int = 200) -> None:
-    """RabbitMQ restarts while a client keeps loading pages: every request succeeds, and
-    every page view of that traffic ends up processed exactly once (one row each)."""
+def restart_broker_under_traffic(client, broker, data) -> None:
+    """RabbitMQ restarts while a client keeps loading pages (about 5 a second, below the
+    rate limit, from before the restart until after the broker is back): every request
+    succeeds, and every page view of that traffic is recorded once and processed."""
     agent = "pageviews-restart-traffic"
     log = "/tmp/pageviews-traffic.log"
+    stop = "/tmp/pageviews-traffic.stop"
     client.succeed(
-        f"(for i in $(seq {requests}); do"
+        f"rm -f {stop}; (i=0; while [ ! -e {stop} ]; do i=$((i + 1));"
         f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?restart='$i;"
         f" sleep 0.2; done; echo done) >{log} 2>&1 &"
     )
@@ -163,11 +165,12 @@ def restart_broker_under_traffic(client, broker, data, requests: int = 200) -> N
     broker.succeed("systemctl restart rabbitmq.service")
     broker.wait_for_unit("rabbitmq.service")
     broker.wait_for_unit("pageviews-rabbitmq-setup.service")
-    # the restart happened while the traffic was still running
-    client.fail(f"grep -qx done {log}")
-    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=600)
+    client.sleep(5)
+    client.succeed(f"touch {stop}")
+    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
     codes = client.succeed(f"head -n -1 {log}").split()
-    assert len(codes) == requests, f"{len(codes)} responses for {requests} requests"
+    requests = len(codes)
+    assert requests >= 20, f"only {requests} requests across the broker restart"
     assert set(codes) == {"200"}, f"not all 200 across the broker restart: {codes}"
 
     by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"

@@ -88,11 +88,12 @@ in {
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
+          TimeoutStartSec = "10min";
         };
         script = ''
           podman load -i ${images.app-image}
           for _ in $(seq 90); do
-            if podman run --rm --network=host --read-only --cap-drop=all \
+            if podman run --rm --pull=never --network=host --read-only --cap-drop=all \
               --env-file ${envFile nodes "pageviews" "owner"} ${appRef} migrate; then
               exit 0
             fi

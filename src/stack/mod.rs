@@ -4,7 +4,9 @@
 
 pub mod postgres;
 pub mod process;
+pub mod nginx;
 pub mod rabbitmq;
+pub mod tls;
 
 use anyhow::Context;
 use process::{Process, tail, wait_until};
@@ -170,4 +172,71 @@ pub fn start_worker(
         command.env(k, v);
     }
     Process::spawn("pageviews-worker", &mut command, log)
+}
+
+/// App, worker and nginx in front, on given database and broker URLs.
+pub struct Deployment {
+    // Field order is drop order: the edge first, the data last.
+    pub nginx: nginx::Nginx,
+    pub app: Process,
+    pub worker: Process,
+    pub app_port: u16,
+    pub certificates: tls::Certificates,
+    pub options: nginx::NginxOptions,
+}
+
+impl Deployment {
+    /// Migrates, then starts the app, the worker and nginx; logs and configuration go to `dir`.
+    pub async fn start(
+        dir: &Path,
+        binaries: &Binaries,
+        urls: &Urls,
+        mut options: nginx::NginxOptions,
+        app_env: &[(&str, String)],
+        worker_env: &[(&str, String)],
+    ) -> anyhow::Result<Deployment> {
+        migrate(binaries, urls, &dir.join("migrate.log"))?;
+        let app_port = process::free_port()?;
+        let app = start_app(binaries, urls, app_port, app_env, &dir.join("app.log")).await?;
+        let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log"))?;
+        let certificates = tls::generate(dir)?;
+        options.upstream = format!("127.0.0.1:{app_port}");
+        let nginx = nginx::Nginx::start(&dir.join("nginx"), &options, &certificates).await?;
+        Ok(Deployment { nginx, app, worker, app_port, certificates, options })
+    }
+
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.options.https_port)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://localhost:{}{path}", self.options.http_port)
+    }
+
+    /// The app directly, bypassing nginx (for what the public side must not reach).
+    pub fn app_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.app_port)
+    }
+}
+
+/// Everything, on throwaway PostgreSQL and RabbitMQ: what `pageviews-stack` runs.
+pub struct Stack {
+    pub deployment: Deployment,
+    pub services: Services,
+}
+
+impl Stack {
+    pub async fn start(
+        dir: &Path,
+        binaries: &Binaries,
+        options: nginx::NginxOptions,
+        app_env: &[(&str, String)],
+    ) -> anyhow::Result<Stack> {
+        let services = Services::start(&dir.join("services"), true).await?;
+        let database = services.postgres.create_database("pageviews").await?;
+        let amqp = services.rabbitmq.create_vhost("pageviews")?;
+        let urls = Urls { database, amqp };
+        let deployment = Deployment::start(dir, binaries, &urls, options, app_env, &[]).await?;
+        Ok(Stack { deployment, services })
+    }
 }

@@ -1,0 +1,56 @@
+//! A throwaway certificate authority and a localhost certificate, made at start and never
+//! written anywhere but the stack's runtime directory (ECDSA P-256, 90 days, as Mozilla's
+//! modern profile recommends).
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub struct Certificates {
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    /// Leaf + CA chain, and the leaf's key (mode 0600), for nginx.
+    pub chain: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
+    let now = time::OffsetDateTime::now_utc();
+    let validity = |params: &mut CertificateParams| {
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(90);
+    };
+
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name.push(DnType::CommonName, "pageviews local test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
+    leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+    leaf.distinguished_name.push(DnType::CommonName, "localhost");
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    // testssl.sh rates a certificate without any revocation URL as HIGH; a local one suffices.
+    leaf.crl_distribution_points = vec![CrlDistributionPoint { uris: vec!["http://localhost/ca.crl".into()] }];
+    validity(&mut leaf);
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+
+    let certificates = Certificates { ca: dir.join("ca.pem"), chain: dir.join("cert.pem"), key: dir.join("key.pem") };
+    std::fs::write(&certificates.ca, ca_cert.pem())?;
+    std::fs::write(&certificates.chain, format!("{}{}", leaf_cert.pem(), ca_cert.pem()))?;
+    std::fs::write(&certificates.key, leaf_key.serialize_pem())?;
+    std::fs::set_permissions(&certificates.key, std::fs::Permissions::from_mode(0o600))
+        .context("cannot protect the key file")?;
+    Ok(certificates)
+}

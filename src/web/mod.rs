@@ -19,7 +19,7 @@ use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 /// Shared by every request.
 pub struct App {
@@ -71,7 +71,11 @@ pub fn router(app: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(request_id::HEADER, request_id::Sequential))
-                .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_id::span)
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                )
                 .layer(PropagateRequestIdLayer::new(request_id::HEADER)),
         )
         .with_state(app)

@@ -5,4 +5,5 @@ mod config_errors;
 mod faults;
 mod migrations;
 mod pipeline;
+mod proxy;
 mod support;

@@ -87,8 +87,8 @@ in {
       };
       profile = mkOption {
         type = types.enum ["modern" "intermediate"];
-        default = "intermediate";
-        description = "Mozilla TLS profile: `modern` = TLS 1.3 only, `intermediate` = TLS 1.2 + 1.3.";
+        default = "modern";
+        description = "Mozilla TLS profile (guideline 6.0): `modern` = TLS 1.3 only (the default, as the seed chose), `intermediate` = TLS 1.2 + 1.3 for older clients.";
       };
     };
 

@@ -34,7 +34,11 @@ impl Probe {
     /// `base` when it uses the default port). `ca_pem`: extra trusted CA (self-signed setups).
     pub fn new(base: &str, http: Option<&str>, ca_pem: Option<&[u8]>) -> anyhow::Result<Probe> {
         let base = url::Url::parse(base).with_context(|| format!("{base:?} is not a URL"))?;
-        ensure!(base.scheme() == "https", "the base URL must be https://, not {}", base.scheme());
+        ensure!(
+            base.scheme() == "https",
+            "the base URL must be https://, not {}",
+            base.scheme()
+        );
         let http = match http {
             Some(h) => Some(url::Url::parse(h).with_context(|| format!("{h:?} is not a URL"))?),
             None if base.port().is_none() => {
@@ -49,13 +53,22 @@ impl Probe {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("pageviews-probe/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = ca_pem {
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem).context("the CA file is not PEM")?);
+            builder =
+                builder.add_root_certificate(reqwest::Certificate::from_pem(pem).context("the CA file is not PEM")?);
         }
-        Ok(Probe { client: builder.build()?, base, http, patience: Duration::from_secs(30) })
+        Ok(Probe {
+            client: builder.build()?,
+            base,
+            http,
+            patience: Duration::from_secs(30),
+        })
     }
 
     fn url(&self, path: &str) -> String {
-        self.base.join(path).map(String::from).unwrap_or_else(|_| format!("{}{path}", self.base))
+        self.base
+            .join(path)
+            .map(String::from)
+            .unwrap_or_else(|_| format!("{}{path}", self.base))
     }
 
     /// Runs every check; all must be `ok`.
@@ -63,24 +76,50 @@ impl Probe {
         let mut outcomes = Vec::new();
         let page = self.page().await;
         let visit = page.as_ref().ok().map(|(_, visit, recorded)| (*visit, *recorded));
-        let assets = page.as_ref().ok().map(|(assets, _, _)| assets.clone()).unwrap_or_default();
-        outcomes.push(Outcome { name: "page over https with security headers", result: page.map(|(_, v, r)| format!("visit #{v} of {r}")) });
-        outcomes.push(Outcome { name: "static files from nginx, cached", result: self.statics(&assets).await });
-        outcomes.push(Outcome { name: "internal endpoints hidden", result: self.internal_hidden().await });
-        outcomes.push(Outcome { name: "disallowed methods dropped", result: self.methods_dropped().await });
-        outcomes.push(Outcome { name: "http redirects to https", result: self.redirect().await });
+        let assets = page
+            .as_ref()
+            .ok()
+            .map(|(assets, _, _)| assets.clone())
+            .unwrap_or_default();
+        outcomes.push(Outcome {
+            name: "page over https with security headers",
+            result: page.map(|(_, v, r)| format!("visit #{v} of {r}")),
+        });
+        outcomes.push(Outcome {
+            name: "static files from nginx, cached",
+            result: self.statics(&assets).await,
+        });
+        outcomes.push(Outcome {
+            name: "internal endpoints hidden",
+            result: self.internal_hidden().await,
+        });
+        outcomes.push(Outcome {
+            name: "disallowed methods dropped",
+            result: self.methods_dropped().await,
+        });
+        outcomes.push(Outcome {
+            name: "http redirects to https",
+            result: self.redirect().await,
+        });
         let processed = match visit {
             Some((_, recorded)) => self.processed(recorded).await,
             None => Err(anyhow::anyhow!("no visit was recorded")),
         };
-        outcomes.push(Outcome { name: "visit processed by the worker", result: processed });
+        outcomes.push(Outcome {
+            name: "visit processed by the worker",
+            result: processed,
+        });
         outcomes
     }
 
     /// The page: 200, headers, the visit id and the totals; returns the asset links too.
     async fn page(&self) -> anyhow::Result<(Vec<String>, i64, i64)> {
         let response = self.client.get(self.url("/")).send().await?;
-        ensure!(response.status() == StatusCode::OK, "GET / answered {}", response.status());
+        ensure!(
+            response.status() == StatusCode::OK,
+            "GET / answered {}",
+            response.status()
+        );
         check_headers(response.headers())?;
         let body = response.text().await?;
         let visit = number_after(&body, r#"<strong id="visit">#"#).context("no visit id on the page")?;
@@ -95,10 +134,18 @@ impl Probe {
     }
 
     async fn statics(&self, assets: &[String]) -> anyhow::Result<String> {
-        ensure!(assets.len() >= 3, "the page links {} static files, expected CSS, JS and the logo", assets.len());
+        ensure!(
+            assets.len() >= 3,
+            "the page links {} static files, expected CSS, JS and the logo",
+            assets.len()
+        );
         for asset in assets {
             let response = self.client.get(self.url(asset)).send().await?;
-            ensure!(response.status() == StatusCode::OK, "{asset} answered {}", response.status());
+            ensure!(
+                response.status() == StatusCode::OK,
+                "{asset} answered {}",
+                response.status()
+            );
             check_headers(response.headers())?;
             let cache = header_str(response.headers(), header::CACHE_CONTROL.as_str());
             ensure!(cache.contains("immutable"), "{asset} has Cache-Control {cache:?}");
@@ -132,9 +179,16 @@ impl Probe {
             return Ok("skipped: the base URL has a port; pass --http-url".into());
         };
         let response = self.client.get(http.join("/probe?x=1")?).send().await?;
-        ensure!(response.status() == StatusCode::PERMANENT_REDIRECT, "HTTP answered {}", response.status());
+        ensure!(
+            response.status() == StatusCode::PERMANENT_REDIRECT,
+            "HTTP answered {}",
+            response.status()
+        );
         let location = header_str(response.headers(), "location");
-        ensure!(location.starts_with("https://") && location.ends_with("/probe?x=1"), "redirects to {location:?}");
+        ensure!(
+            location.starts_with("https://") && location.ends_with("/probe?x=1"),
+            "redirects to {location:?}"
+        );
         Ok(format!("308 to {location}"))
     }
 
@@ -146,9 +200,16 @@ impl Probe {
             let body = self.client.get(self.url("/")).send().await?.text().await?;
             let processed = number_after(&body, r#"<dd id="processed">"#).context("no processed total on the page")?;
             if processed >= recorded {
-                return Ok(format!("{processed} processed after {:.1} s", started.elapsed().as_secs_f64()));
+                return Ok(format!(
+                    "{processed} processed after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
             }
-            ensure!(started.elapsed() < self.patience, "only {processed} of {recorded} processed after {:?}", self.patience);
+            ensure!(
+                started.elapsed() < self.patience,
+                "only {processed} of {recorded} processed after {:?}",
+                self.patience
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -160,7 +221,10 @@ pub fn check_headers(headers: &header::HeaderMap) -> anyhow::Result<()> {
         ensure!(value == *expected, "{name} is {value:?}, expected {expected:?}");
     }
     let csp = header_str(headers, "content-security-policy");
-    ensure!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"), "weak CSP {csp:?}");
+    ensure!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "weak CSP {csp:?}"
+    );
     let server = header_str(headers, "server");
     ensure!(!server.contains('/'), "Server header shows a version: {server:?}");
     Ok(())

@@ -37,4 +37,27 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// Ticks every `interval` (the first at once) until shutdown: `while t.tick().await {}`.
+    /// A slow iteration delays the next tick rather than causing a burst.
+    pub fn ticker(self, interval: std::time::Duration) -> Ticker {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker { ticks, stopping: self }
+    }
+}
+
+pub struct Ticker {
+    ticks: tokio::time::Interval,
+    stopping: Shutdown,
+}
+
+impl Ticker {
+    /// `false` once shutdown has begun.
+    pub async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.ticks.tick() => true,
+            _ = self.stopping.wait() => false,
+        }
+    }
 }

@@ -43,7 +43,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime starts");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime starts");
     let outcomes = runtime.block_on(probe.run());
     let mut failed = 0;
     for outcome in &outcomes {
@@ -56,5 +59,9 @@ fn main() -> ExitCode {
         }
     }
     println!("{} of {} checks ok", outcomes.len() - failed, outcomes.len());
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

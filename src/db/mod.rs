@@ -30,6 +30,24 @@ pub fn pool(config: &DatabaseConfig) -> Pool {
         .build_unchecked(manager)
 }
 
+/// A background task's database error: no connection, or the query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Pool(#[from] bb8::RunError),
+    #[error("query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+/// Runs `query` on a pooled connection (for background tasks; requests use `AppError`).
+pub async fn run<T>(
+    pool: &Pool,
+    query: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,
+) -> Result<T, DbError> {
+    let mut conn = pool.get().await?;
+    Ok(query(&mut conn).await?)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("cannot connect to the database: {0}")]

@@ -14,7 +14,10 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("server.conf", include_str!("../../nix/nginx/server.conf")),
     ("headers.conf", include_str!("../../nix/nginx/headers.conf")),
     ("tls-modern.conf", include_str!("../../nix/nginx/tls-modern.conf")),
-    ("tls-intermediate.conf", include_str!("../../nix/nginx/tls-intermediate.conf")),
+    (
+        "tls-intermediate.conf",
+        include_str!("../../nix/nginx/tls-intermediate.conf"),
+    ),
 ];
 const LOCAL_CONF: &str = include_str!("../../nix/nginx/local.conf");
 
@@ -59,7 +62,10 @@ pub struct Nginx {
 impl Nginx {
     pub async fn start(dir: &Path, options: &NginxOptions, certificates: &Certificates) -> anyhow::Result<Nginx> {
         if !matches!(options.tls_profile.as_str(), "modern" | "intermediate") {
-            bail!("TLS profile {:?} is not \"modern\" or \"intermediate\"", options.tls_profile);
+            bail!(
+                "TLS profile {:?} is not \"modern\" or \"intermediate\"",
+                options.tls_profile
+            );
         }
         let nginx = find_program("nginx", &["/usr/sbin"], "nginx")?;
         let version = Version::of(&nginx)?;
@@ -73,20 +79,33 @@ impl Nginx {
         std::fs::write(&main, render(LOCAL_CONF, &values)?)?;
 
         let log = dir.join("nginx.out");
-        let test = Command::new(&nginx).arg("-t").arg("-q").args(prefix_args(dir, &main)).output()?;
+        let test = Command::new(&nginx)
+            .arg("-t")
+            .arg("-q")
+            .args(prefix_args(dir, &main))
+            .output()?;
         if !test.status.success() {
-            bail!("nginx rejects the configuration: {}", String::from_utf8_lossy(&test.stderr));
+            bail!(
+                "nginx rejects the configuration: {}",
+                String::from_utf8_lossy(&test.stderr)
+            );
         }
         let mut command = Command::new(&nginx);
         command.args(prefix_args(dir, &main));
         let process = Process::spawn("nginx", &mut command, &log)?;
         let port = options.https_port;
         wait_until("nginx", Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map(|_| ()).map_err(anyhow::Error::from)
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
         })
         .await
         .with_context(|| format!("nginx error log:\n{}", tail(&dir.join("error.log"), 20)))?;
-        Ok(Nginx { process, dir: dir.to_owned() })
+        Ok(Nginx {
+            process,
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn error_log(&self) -> String {
@@ -102,7 +121,14 @@ fn prefix_args(dir: &Path, main: &Path) -> Vec<std::ffi::OsString> {
     let mut prefix = dir.as_os_str().to_owned();
     prefix.push("/");
     // -e (nginx >= 1.19.5) keeps the startup error log out of the compiled-in path.
-    vec!["-p".into(), prefix, "-e".into(), dir.join("error.log").into(), "-c".into(), main.into()]
+    vec![
+        "-p".into(),
+        prefix,
+        "-e".into(),
+        dir.join("error.log").into(),
+        "-c".into(),
+        main.into(),
+    ]
 }
 
 fn placeholders(
@@ -114,8 +140,11 @@ fn placeholders(
 ) -> Vec<(&'static str, String)> {
     let path = |p: &Path| p.display().to_string();
     // `http2 on;` exists from nginx 1.25.1; older versions take `http2` on the listen line.
-    let (listen_http2, http2_on) =
-        if version.nginx >= (1, 25, 1) { ("", "http2 on;") } else { ("http2", "") };
+    let (listen_http2, http2_on) = if version.nginx >= (1, 25, 1) {
+        ("", "http2 on;")
+    } else {
+        ("http2", "")
+    };
     // The hybrid post-quantum group needs OpenSSL 3.5.
     let ecdh_curve = if version.openssl >= (3, 5, 0) {
         "X25519MLKEM768:X25519:prime256v1:secp384r1"
@@ -179,8 +208,15 @@ impl Version {
 }
 
 fn parse_version(text: &str) -> (u32, u32, u32) {
-    let mut parts = text.split(|c: char| !c.is_ascii_digit()).take(3).map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    let mut parts = text
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|p| p.parse().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,8 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name.push(DnType::CommonName, "pageviews local test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "pageviews local test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut ca);
     let ca_cert = ca.self_signed(&ca_key)?;
@@ -42,11 +43,17 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.use_authority_key_identifier_extension = true;
     // testssl.sh rates a certificate without any revocation URL as HIGH; a local one suffices.
-    leaf.crl_distribution_points = vec![CrlDistributionPoint { uris: vec!["http://localhost/ca.crl".into()] }];
+    leaf.crl_distribution_points = vec![CrlDistributionPoint {
+        uris: vec!["http://localhost/ca.crl".into()],
+    }];
     validity(&mut leaf);
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
 
-    let certificates = Certificates { ca: dir.join("ca.pem"), chain: dir.join("cert.pem"), key: dir.join("key.pem") };
+    let certificates = Certificates {
+        ca: dir.join("ca.pem"),
+        chain: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
     std::fs::write(&certificates.ca, ca_cert.pem())?;
     std::fs::write(&certificates.chain, format!("{}{}", leaf_cert.pem(), ca_cert.pem()))?;
     std::fs::write(&certificates.key, leaf_key.serialize_pem())?;

@@ -18,39 +18,25 @@ pub async fn record_confirms(pool: Pool, mut confirmed: UnboundedReceiver<Vec<i6
         while let Ok(more) = confirmed.try_recv() {
             ids.extend(more);
         }
-        let result = async {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            db::page_views::mark_enqueued(&mut conn, &ids)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
+        let result = db::run(&pool, async |conn| db::page_views::mark_enqueued(conn, &ids).await).await;
         if let Err(error) = result {
             tracing::warn!(%error, count = ids.len(), "cannot record confirms; the sweep will publish these again");
         }
     }
 }
 
-pub async fn sweep(app: AppState, interval: Duration, mut stopping: Shutdown) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stopping.wait() => return,
-        }
+pub async fn sweep(app: AppState, interval: Duration, stopping: Shutdown) {
+    let mut ticker = stopping.ticker(interval);
+    while ticker.tick().await {
         // Only when the publisher is connected and idle: otherwise the ids are still queued.
         if !app.publisher.is_connected() || app.publisher.queued() > 0 {
             continue;
         }
-        let found = async {
-            let mut conn = app.pool.get().await.map_err(|e| e.to_string())?;
-            db::page_views::unconfirmed(&mut conn, GRACE, SWEEP_BATCH)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        match found {
+        match db::run(&app.pool, async |conn| {
+            db::page_views::unconfirmed(conn, GRACE, SWEEP_BATCH).await
+        })
+        .await
+        {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => {
                 let offered = ids.iter().take_while(|id| app.publisher.offer(**id)).count();

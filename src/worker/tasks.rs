@@ -26,11 +26,7 @@ pub async fn process_batches(
 async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &Shutdown) -> Verdict {
     let mut backoff = Backoff::default();
     loop {
-        let outcome = async {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            db::page_views::process(&mut conn, ids).await.map_err(|e| e.to_string())
-        }
-        .await;
+        let outcome = db::run(pool, async |conn| db::page_views::process(conn, ids).await).await;
         match outcome {
             Ok(processed) => {
                 let now = Utc::now();

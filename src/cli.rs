@@ -31,6 +31,17 @@ pub fn worker(args: &[String]) -> ExitCode {
     }
 }
 
+/// For launchers that run the app and the worker as `<this executable> app|worker` (see
+/// `stack::Binaries::this_executable`): runs that role when asked, `None` when called bare.
+pub fn child(program: &str, args: &[String], usage: &str) -> Option<ExitCode> {
+    match args.first().map(String::as_str) {
+        Some("app") => Some(app(&args[1..])),
+        Some("worker") => Some(worker(&args[1..])),
+        Some(_) => Some(usage_error(program, args, usage)),
+        None => None,
+    }
+}
+
 pub fn usage_error(program: &str, args: &[String], usage: &str) -> ExitCode {
     eprintln!("{program}: unexpected arguments {args:?}; usage: {program} {usage}");
     ExitCode::from(2)

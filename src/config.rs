@@ -30,7 +30,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(variable: &str, problem: impl Into<String>) -> Self {
+    pub fn new(variable: &str, problem: impl Into<String>) -> Self {
         Self {
             variable: variable.to_owned(),
             problem: problem.into(),
@@ -248,6 +248,9 @@ impl AppConfig {
     }
 }
 
+/// Deliveries the worker takes per database transaction unless told otherwise.
+pub const DEFAULT_PREFETCH: u16 = 100;
+
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub database: DatabaseConfig,
@@ -259,7 +262,12 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
-        let prefetch = parsed(src, "PAGEVIEWS_PREFETCH", 100u16, "a whole number from 1 to 65535")?;
+        let prefetch = parsed(
+            src,
+            "PAGEVIEWS_PREFETCH",
+            DEFAULT_PREFETCH,
+            "a whole number from 1 to 65535",
+        )?;
         if prefetch == 0 {
             return Err(ConfigError::new(
                 "PAGEVIEWS_PREFETCH",

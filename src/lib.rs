@@ -4,6 +4,7 @@
 //! hold everything that talks to RabbitMQ and PostgreSQL, `stack` starts real services for the
 //! local launcher and the integration tests, `probe` checks a deployed stack from outside.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

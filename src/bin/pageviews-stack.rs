@@ -16,18 +16,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // The launcher runs the app and the worker as children of itself, so `cargo run` of this
     // one binary is enough.
-    match args.first().map(String::as_str) {
-        Some("app") => return pageviews::cli::app(&args[1..]),
-        Some("worker") => return pageviews::cli::worker(&args[1..]),
-        Some(_) => return pageviews::cli::usage_error(PROGRAM, &args, "(no arguments; see README.md)"),
-        None => {}
+    if let Some(code) = pageviews::cli::child(PROGRAM, &args, "(no arguments; see README.md)") {
+        return code;
     }
     let options = match options() {
         Ok(options) => options,
         Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
     };
     pageviews::telemetry::init(pageviews::config::LogFormat::Text);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime starts");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime starts");
     match runtime.block_on(run(options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -43,23 +43,38 @@ fn options() -> Result<NginxOptions, pageviews::config::ConfigError> {
         parsed(src, "PAGEVIEWS_HTTPS_PORT", 8443, "a port number")?,
         parsed(src, "PAGEVIEWS_HTTP_PORT", 8080, "a port number")?,
     );
-    options.tls_profile = parsed(src, "PAGEVIEWS_TLS_PROFILE", "modern".to_owned(), "modern or intermediate")?;
-    options.rate = parsed(src, "PAGEVIEWS_RATE_LIMIT", options.rate, "requests per second per client")?;
+    options.tls_profile = parsed(
+        src,
+        "PAGEVIEWS_TLS_PROFILE",
+        "modern".to_owned(),
+        "modern or intermediate",
+    )?;
+    options.rate = parsed(
+        src,
+        "PAGEVIEWS_RATE_LIMIT",
+        options.rate,
+        "requests per second per client",
+    )?;
     options.burst = parsed(src, "PAGEVIEWS_RATE_BURST", options.burst, "a whole number")?;
     options.conn_limit = parsed(src, "PAGEVIEWS_CONN_LIMIT", options.conn_limit, "a whole number")?;
     Ok(options)
 }
 
 async fn run(options: NginxOptions) -> anyhow::Result<()> {
-    for (port, variable) in [(options.https_port, "PAGEVIEWS_HTTPS_PORT"), (options.http_port, "PAGEVIEWS_HTTP_PORT")] {
+    for (port, variable) in [
+        (options.https_port, "PAGEVIEWS_HTTPS_PORT"),
+        (options.http_port, "PAGEVIEWS_HTTP_PORT"),
+    ] {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             anyhow::bail!("port {port} is in use; choose another with {variable}");
         }
     }
     let dir = ScratchDir::new("pageviews-stack")?;
-    let exe = std::env::current_exe()?;
-    let binaries = Binaries { app: (exe.clone(), vec!["app".into()]), worker: (exe, vec!["worker".into()]) };
-    eprintln!("{PROGRAM}: starting PostgreSQL, RabbitMQ, app, worker and nginx under {}", dir.path().display());
+    let binaries = Binaries::this_executable()?;
+    eprintln!(
+        "{PROGRAM}: starting PostgreSQL, RabbitMQ, app, worker and nginx under {}",
+        dir.path().display()
+    );
     let mut stack = Stack::start(dir.path(), &binaries, options, &[]).await?;
     let d = &stack.deployment;
     println!(

@@ -2,9 +2,9 @@
 //! RabbitMQ, the migration, app, worker and nginx. Used by `pageviews-stack` and by the
 //! integration tests, so both run the same code.
 
+pub mod nginx;
 pub mod postgres;
 pub mod process;
-pub mod nginx;
 pub mod rabbitmq;
 pub mod tls;
 
@@ -67,6 +67,16 @@ impl Binaries {
             app: (app.into(), vec![]),
             worker: (worker.into(), vec![]),
         }
+    }
+
+    /// This executable re-run as `<exe> app` and `<exe> worker` (`cli::child` answers those),
+    /// so `cargo run --bin <launcher>` needs nothing else built.
+    pub fn this_executable() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        Ok(Binaries {
+            app: (exe.clone(), vec!["app".into()]),
+            worker: (exe, vec!["worker".into()]),
+        })
     }
 
     pub fn app_command(&self) -> Command {
@@ -202,7 +212,14 @@ impl Deployment {
         let certificates = tls::generate(dir)?;
         options.upstream = format!("127.0.0.1:{app_port}");
         let nginx = nginx::Nginx::start(&dir.join("nginx"), &options, &certificates).await?;
-        Ok(Deployment { nginx, app, worker, app_port, certificates, options })
+        Ok(Deployment {
+            nginx,
+            app,
+            worker,
+            app_port,
+            certificates,
+            options,
+        })
     }
 
     pub fn https_url(&self, path: &str) -> String {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Debian keeps the server binaries off PATH.
-const DEBIAN_DIRS: &[&str] = &[
+pub const DEBIAN_DIRS: &[&str] = &[
     "/usr/lib/postgresql/17/bin",
     "/usr/lib/postgresql/16/bin",
     "/usr/lib/postgresql/15/bin",

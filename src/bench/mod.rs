@@ -1,0 +1,316 @@
+//! The benchmark behind `pageviews-bench`: starts the local stack (durable PostgreSQL) with
+//! nginx's per-client limits raised for the run, measures this machine's limits (pgbench
+//! INSERTs, RabbitMQ publishes and consumes), then loads `GET /` with wrk through nginx + TLS
+//! and straight to the app, checks that every answered request is a stored row and how fast
+//! the worker drains the backlog, and samples memory. Every figure is reported with its ratio
+//! to a limit measured in the same run, because timings on a shared machine are noisy.
+
+mod broker;
+mod pgbench;
+mod report;
+mod wrk;
+
+pub use report::{Figure, Machine, Report};
+
+use crate::config::DEFAULT_PREFETCH;
+use crate::db::schema::page_views;
+use crate::stack::nginx::NginxOptions;
+use crate::stack::process::free_port;
+use crate::stack::{Binaries, Stack};
+use anyhow::Context;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const COMMAND: &str = "cargo run --release --bin pageviews-bench";
+
+pub struct Settings {
+    /// Length of every measurement (wrk step, pgbench run); the broker runs take half.
+    pub secs: u64,
+    pub concurrency: Vec<u32>,
+    pub out: PathBuf,
+}
+
+const INSERT_CLIENTS: [u32; 2] = [8, 16];
+const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+// The targets of issue 6.
+const SHARE_OF_INSERTS: f64 = 0.25;
+const P99_MS: f64 = 50.0;
+const DRAIN_SECS: f64 = 2.0;
+const IDLE_RSS_MIB: f64 = 30.0;
+const LOAD_RSS_MIB: f64 = 100.0;
+/// The step the throughput, latency and error targets apply to.
+const TARGET_STEP: (&str, u32) = ("https", 32);
+
+pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
+    let binaries = Binaries::this_executable()?;
+    let mut options = NginxOptions::new(free_port()?, free_port()?);
+    // One load generator is one client address: the per-client limits would answer most of
+    // the load with 429, so they are raised for this run only.
+    options.rate = 1_000_000;
+    options.burst = 1_000_000;
+    options.conn_limit = 65_535;
+    eprintln!("starting the stack under {}", dir.display());
+    let stack = Stack::start(dir, &binaries, options, &[]).await?;
+    let pids = [stack.deployment.app.pid(), stack.deployment.worker.pid()];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = [rss_mib(pids[0])?, rss_mib(pids[1])?];
+
+    eprintln!(
+        "limits: pgbench INSERT with {INSERT_CLIENTS:?} clients, {} s each",
+        settings.secs
+    );
+    let inserts = pgbench::insert_rates(&stack.services.postgres, dir, &INSERT_CLIENTS, settings.secs).await?;
+    let insert_limit = inserts.iter().map(|r| r.per_sec).fold(0.0, f64::max);
+    eprintln!("limits: RabbitMQ publishes and consumes");
+    let amqp = stack.services.rabbitmq.create_vhost("bench")?;
+    let secs = settings.secs as f64 / 2.0;
+    let broker = tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH)).await??;
+
+    let mut figures = Vec::new();
+    for r in &inserts {
+        figures.push(Figure::new(
+            format!("limit.pgbench_insert.c{}", r.clients),
+            format!(
+                "limit: pgbench INSERT, {} clients (avg {:.2} ms)",
+                r.clients, r.latency_ms
+            ),
+            r.per_sec,
+            "/s",
+        ));
+    }
+    let batch = crate::queue::publisher::MAX_BATCH;
+    figures.push(Figure::new(
+        "limit.publish_batched",
+        format!("limit: RabbitMQ persistent publish, {batch} per confirm wait"),
+        broker.publish_batched,
+        "/s",
+    ));
+    figures.push(
+        Figure::new(
+            "limit.publish_each",
+            "RabbitMQ persistent publish, confirm wait each",
+            broker.publish_each,
+            "/s",
+        )
+        .against("batched publish", broker.publish_batched),
+    );
+    figures.push(Figure::new(
+        "limit.consume_ack",
+        format!("limit: RabbitMQ consume + ack each, prefetch {DEFAULT_PREFETCH}"),
+        broker.consume_ack,
+        "/s",
+    ));
+
+    let db_url = stack.services.postgres.url("pageviews");
+    let mut db = AsyncPgConnection::establish(&db_url).await?;
+    eprintln!("warm-up: 2 s at 32 connections through nginx");
+    step(&mut db, &stack.deployment.https_url("/"), 32, 2, None).await?;
+    let busiest = settings.concurrency.iter().copied().max().unwrap_or(0);
+    let mut peak = [0.0f64; 2];
+    let targets = [
+        ("https", "nginx+TLS", stack.deployment.https_url("/")),
+        ("direct", "app direct", stack.deployment.app_url("/")),
+    ];
+    for (key, name, url) in &targets {
+        for &c in &settings.concurrency {
+            eprintln!("GET / {name}, {c} connections, {} s", settings.secs);
+            let sampled = (c == busiest).then_some(pids);
+            let s = step(&mut db, url, c, settings.secs, sampled).await?;
+            peak = [peak[0].max(s.peak_rss[0]), peak[1].max(s.peak_rss[1])];
+            figures.extend(s.figures(key, name, c, insert_limit, broker.consume_ack));
+        }
+    }
+    let rss = |key: &str, label: String, value: f64, limit: f64| {
+        Figure::new(key, label, value, "MiB").target(format!("< {limit} MiB"), value < limit)
+    };
+    figures.push(rss("rss.app.idle", "app RSS, idle".into(), idle[0], IDLE_RSS_MIB));
+    figures.push(Figure::new("rss.worker.idle", "worker RSS, idle", idle[1], "MiB"));
+    figures.push(rss(
+        "rss.app.load",
+        format!("app RSS, peak at c={busiest}"),
+        peak[0],
+        LOAD_RSS_MIB,
+    ));
+    figures.push(Figure::new(
+        "rss.worker.load",
+        format!("worker RSS, peak at c={busiest}"),
+        peak[1],
+        "MiB",
+    ));
+
+    Ok(Report {
+        command: COMMAND,
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        secs_per_step: settings.secs,
+        machine: Machine::describe(&broker.version),
+        figures,
+    })
+}
+
+/// What one load step measured.
+struct Step {
+    wrk: wrk::WrkResult,
+    rows: i64,
+    backlog: i64,
+    drain_secs: f64,
+    peak_rss: [f64; 2],
+}
+
+/// Runs wrk, then waits until every page view of the step is processed. `sample` names the
+/// processes whose RSS is sampled during the load.
+async fn step(
+    db: &mut AsyncPgConnection,
+    url: &str,
+    connections: u32,
+    secs: u64,
+    sample: Option<[u32; 2]>,
+) -> anyhow::Result<Step> {
+    let before: i64 = page_views::table
+        .select(diesel::dsl::max(page_views::id))
+        .get_result::<Option<i64>>(db)
+        .await?
+        .unwrap_or(0);
+    let load = wrk::run(url, connections, secs);
+    let (wrk, peak_rss) = match sample {
+        Some(pids) => tokio::join!(load, peak_rss(pids, Duration::from_secs(secs))),
+        None => (load.await, [0.0; 2]),
+    };
+    let wrk = wrk?;
+    let stopped = Instant::now();
+    let backlog = unprocessed(db, before).await?;
+    let mut left = backlog;
+    while left > 0 {
+        anyhow::ensure!(
+            stopped.elapsed() < DRAIN_DEADLINE,
+            "{left} page views unprocessed after {DRAIN_DEADLINE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+        left = unprocessed(db, before).await?;
+    }
+    let drain_secs = if backlog == 0 {
+        0.0
+    } else {
+        stopped.elapsed().as_secs_f64()
+    };
+    let rows = page_views::table
+        .filter(page_views::id.gt(before))
+        .count()
+        .get_result(db)
+        .await?;
+    Ok(Step {
+        wrk,
+        rows,
+        backlog,
+        drain_secs,
+        peak_rss,
+    })
+}
+
+async fn unprocessed(db: &mut AsyncPgConnection, after_id: i64) -> QueryResult<i64> {
+    page_views::table
+        .filter(page_views::id.gt(after_id))
+        .filter(page_views::processed_at.is_null())
+        .count()
+        .get_result(db)
+        .await
+}
+
+impl Step {
+    fn figures(&self, key: &str, name: &str, c: u32, insert_limit: f64, consume_limit: f64) -> Vec<Figure> {
+        let k = |what: &str| format!("{key}.c{c}.{what}");
+        let l = |what: &str| format!("{name} c={c}: {what}");
+        let targeted = (key, c) == TARGET_STEP;
+        let w = &self.wrk;
+        let mut rps = Figure::new(k("requests_per_sec"), l("requests/s"), w.requests_per_sec, "/s")
+            .against("INSERT limit", insert_limit);
+        let mut p99 = Figure::new(k("p99_ms"), l("p99 latency"), w.p99_ms, "ms");
+        let mut errors = Figure::new(k("errors"), l("errors (non-2xx + socket)"), w.errors() as f64, "");
+        if targeted {
+            let share = w.requests_per_sec / insert_limit;
+            rps = rps.target(
+                format!(">= {SHARE_OF_INSERTS} × INSERT limit"),
+                share >= SHARE_OF_INSERTS,
+            );
+            p99 = p99.target(format!("< {P99_MS} ms"), w.p99_ms < P99_MS);
+            errors = errors.target("0", w.errors() == 0);
+        }
+        // wrk does not count responses still in flight when it stops, so up to one per
+        // connection may be stored but not counted; more (or fewer) would be a real mismatch.
+        let unanswered = self.rows - w.answered_2xx() as i64;
+        let drain_rate = if self.drain_secs > 0.0 {
+            self.backlog as f64 / self.drain_secs
+        } else {
+            0.0
+        };
+        vec![
+            rps,
+            Figure::new(k("p50_ms"), l("p50 latency"), w.p50_ms, "ms"),
+            p99,
+            errors,
+            Figure::new(
+                k("rows_minus_2xx"),
+                l(&format!("rows stored ({}) − 2xx answered", self.rows)),
+                unanswered as f64,
+                "",
+            )
+            .target(
+                format!("0..={c} (in flight at stop)"),
+                (0..=i64::from(c)).contains(&unanswered),
+            ),
+            Figure::new(
+                k("backlog"),
+                l("unprocessed when load stopped"),
+                self.backlog as f64,
+                "tasks",
+            ),
+            Figure::new(k("drain_secs"), l("time to drain after load"), self.drain_secs, "s")
+                .target(format!("< {DRAIN_SECS} s"), self.drain_secs < DRAIN_SECS),
+            Figure::new(k("drain_per_sec"), l("drain rate"), drain_rate, "tasks/s")
+                .against("consume+ack limit", consume_limit),
+        ]
+    }
+}
+
+/// Runs a load tool to the end (killed if the benchmark is interrupted) and returns its report.
+async fn output_of(name: &str, command: &mut tokio::process::Command) -> anyhow::Result<String> {
+    let output = command
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {name}"))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "{name} failed: {}{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(text)
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS for process {pid}"))?;
+    Ok(kib / 1024.0)
+}
+
+/// The highest RSS of each process over `duration`, sampled every 100 ms.
+async fn peak_rss(pids: [u32; 2], duration: Duration) -> [f64; 2] {
+    let started = Instant::now();
+    let mut peak = [0.0f64; 2];
+    while started.elapsed() < duration {
+        for (p, pid) in peak.iter_mut().zip(pids) {
+            *p = p.max(rss_mib(pid).unwrap_or(0.0));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak
+}

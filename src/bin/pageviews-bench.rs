@@ -1,0 +1,79 @@
+//! The benchmark: starts the local stack with nginx's limits raised, measures this machine's
+//! limits and the stack under load, prints one table and writes it as JSON. Ctrl-C stops
+//! everything it started.
+//!
+//! Run with `cargo run --release --bin pageviews-bench`. Settings (environment):
+//! `PAGEVIEWS_BENCH_SECS` (10) per step, `PAGEVIEWS_BENCH_CONCURRENCY` (`1,32,128`),
+//! `PAGEVIEWS_BENCH_OUT` (`bench/results/latest.json` in the source tree).
+
+use pageviews::bench::{self, Settings};
+use pageviews::config::{ConfigError, Environment, parsed};
+use pageviews::stack::ScratchDir;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const PROGRAM: &str = "pageviews-bench";
+const DEFAULT_OUT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/latest.json");
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The stack's app and worker are this executable re-run with a subcommand.
+    if let Some(code) = pageviews::cli::child(PROGRAM, &args, "(no arguments; settings from the environment)") {
+        return code;
+    }
+    let settings = match settings() {
+        Ok(settings) => settings,
+        Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
+    };
+    pageviews::telemetry::init(pageviews::config::LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime starts");
+    let result = runtime.block_on(async {
+        // Dropping the run on Ctrl-C kills wrk/pgbench (kill_on_drop) and stops the stack.
+        tokio::select! {
+            result = run(&settings) => result,
+            _ = pageviews::shutdown::signal() => Err(anyhow::anyhow!("interrupted; everything was stopped")),
+        }
+    });
+    // The broker client runs on a blocking thread that ends once the broker is gone.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{PROGRAM}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings() -> Result<Settings, ConfigError> {
+    let src = &Environment;
+    let secs = parsed(src, "PAGEVIEWS_BENCH_SECS", 10u64, "a whole number of seconds")?;
+    let list: String = parsed(src, "PAGEVIEWS_BENCH_CONCURRENCY", "1,32,128".to_owned(), "a list")?;
+    let concurrency = list
+        .split(',')
+        .map(|c| c.trim().parse::<u32>().ok().filter(|c| *c > 0))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| {
+            ConfigError::new(
+                "PAGEVIEWS_BENCH_CONCURRENCY",
+                format!("{list:?} is not a comma-separated list of connection counts"),
+            )
+        })?;
+    if secs == 0 {
+        return Err(ConfigError::new("PAGEVIEWS_BENCH_SECS", "must be at least 1"));
+    }
+    let out = parsed(src, "PAGEVIEWS_BENCH_OUT", DEFAULT_OUT.to_owned(), "a path")?.into();
+    Ok(Settings { secs, concurrency, out })
+}
+
+async fn run(settings: &Settings) -> anyhow::Result<()> {
+    let dir = ScratchDir::new(PROGRAM)?;
+    let report = bench::run(settings, dir.path()).await?;
+    println!("\n{}", report.table());
+    report.write_json(&settings.out)?;
+    eprintln!("written to {}", settings.out.display());
+    Ok(())
+}

@@ -71,7 +71,13 @@ fn settings() -> Result<Settings, ConfigError> {
 
 async fn run(settings: &Settings) -> anyhow::Result<()> {
     let dir = ScratchDir::new(PROGRAM)?;
-    let report = bench::run(settings, dir.path()).await?;
+    let report = match bench::run(settings, dir.path()).await {
+        Ok(report) => report,
+        Err(e) => {
+            let kept = dir.keep();
+            return Err(e.context(format!("logs kept in {}", kept.display())));
+        }
+    };
     println!("\n{}", report.table());
     report.write_json(&settings.out)?;
     eprintln!("written to {}", settings.out.display());

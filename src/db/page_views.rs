@@ -17,11 +17,31 @@ pub async fn insert(conn: &mut AsyncPgConnection, data: &serde_json::Value) -> Q
 
 /// Marks rows whose task the broker has confirmed, so the sweep leaves them alone.
 pub async fn mark_enqueued(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<usize> {
-    diesel::update(page_views::table)
+    use diesel_async::AsyncConnection;
+    let ids = ids.to_vec();
+    conn.transaction(async move |conn| {
+        lock_in_id_order(conn, &ids).await?;
+        diesel::update(page_views::table)
+            .filter(page_views::id.eq_any(&ids))
+            .filter(page_views::enqueued_at.is_null())
+            .set(page_views::enqueued_at.eq(now))
+            .execute(conn)
+            .await
+    })
+    .await
+}
+
+/// Locks the named rows in id order and returns the ids that exist. The app (marking rows
+/// enqueued) and the worker (marking them processed) update the same rows at about the same
+/// time; an UPDATE locks in plan order, which let each hold rows the other waited for, and
+/// every such deadlock cost a second (deadlock_timeout) and a retry.
+async fn lock_in_id_order(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<i64>> {
+    page_views::table
+        .select(page_views::id)
         .filter(page_views::id.eq_any(ids))
-        .filter(page_views::enqueued_at.is_null())
-        .set(page_views::enqueued_at.eq(now))
-        .execute(conn)
+        .order(page_views::id)
+        .for_update()
+        .load(conn)
         .await
 }
 
@@ -58,6 +78,7 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
     use diesel_async::AsyncConnection;
     let ids = ids.to_vec();
     conn.transaction(async move |conn| {
+        let existing = lock_in_id_order(conn, &ids).await?;
         let done: Vec<(i64, DateTime<Utc>)> = diesel::update(page_views::table)
             .filter(page_views::id.eq_any(&ids))
             .filter(page_views::processed_at.is_null())
@@ -70,15 +91,6 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
             .copied()
             .filter(|id| !done.iter().any(|(d, _)| d == id))
             .collect();
-        let existing: Vec<i64> = if rest.is_empty() {
-            Vec::new()
-        } else {
-            page_views::table
-                .select(page_views::id)
-                .filter(page_views::id.eq_any(&rest))
-                .load(conn)
-                .await?
-        };
         let (duplicates, missing) = rest.into_iter().partition(|id| existing.contains(id));
         Ok(Processed {
             done,

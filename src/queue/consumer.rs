@@ -65,6 +65,8 @@ fn session(
     tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
     events.connected(true);
     let receiver = consumer.receiver();
+    // Set once a batch is left for redelivery: from then on every delivery is acked on its own.
+    let mut left_unacked = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             // Deliveries not yet acked are requeued by the broker when the channel closes.
@@ -94,7 +96,7 @@ fn session(
                 next = receiver.try_recv().ok();
             }
         }
-        handle_batch(&channel, deliveries, batches, events)?;
+        handle_batch(&channel, deliveries, batches, events, &mut left_unacked)?;
     }
 }
 
@@ -103,6 +105,7 @@ fn handle_batch(
     deliveries: Vec<Delivery>,
     batches: &mpsc::Sender<Batch>,
     events: &dyn ConsumerEvents,
+    left_unacked: &mut bool,
 ) -> amiquip::Result<()> {
     let mut valid: Vec<(i64, Delivery)> = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -125,6 +128,7 @@ fn handle_batch(
     }
     match verdict.blocking_recv() {
         Ok(Verdict::Done { missing }) => {
+            let mut last = None;
             for (id, delivery) in valid {
                 if missing.contains(&id) {
                     tracing::warn!(
@@ -133,12 +137,21 @@ fn handle_batch(
                     );
                     events.dead_lettered();
                     delivery.reject(channel, false)?;
-                } else {
-                    delivery.ack(channel)?;
+                } else if let Some(previous) = last.replace(delivery)
+                    && *left_unacked
+                {
+                    previous.ack(channel)?;
                 }
             }
+            // One ack for the batch: `multiple` settles every earlier delivery of the channel,
+            // which are all settled already unless a batch was left unacked on purpose.
+            match last {
+                Some(last) if *left_unacked => last.ack(channel)?,
+                Some(last) => last.ack_multiple(channel)?,
+                None => {}
+            }
         }
-        Ok(Verdict::NotDone) | Err(_) => {}
+        Ok(Verdict::NotDone) | Err(_) => *left_unacked = true,
     }
     Ok(())
 }

@@ -12,6 +12,11 @@ pub enum AppError {
     Query(#[from] diesel::result::Error),
     #[error("template failed: {0}")]
     Template(#[from] askama::Error),
+    /// The failure of a batched INSERT, shared by every request in the batch.
+    #[error(transparent)]
+    Batch(std::sync::Arc<AppError>),
+    #[error("the app is stopping")]
+    Stopping,
 }
 
 impl IntoResponse for AppError {

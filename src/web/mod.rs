@@ -1,5 +1,6 @@
 //! The HTTP app: every route in `router`, shared state in `App`, the process in `run`.
 
+mod batch_insert;
 mod error;
 mod health;
 pub mod listener;
@@ -25,7 +26,9 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub struct App {
     pub pool: Pool,
     pub publisher: Publisher,
-    pub metrics: AppMetrics,
+    pub metrics: Arc<AppMetrics>,
+    /// Where `GET /` stores its page view: concurrent ones share an INSERT.
+    batcher: batch_insert::InsertBatcher,
     /// Totals shown on the page, refreshed at most once a second (counting rows per request
     /// would make every page view scan the table).
     page_stats: page::StatsCache,
@@ -42,11 +45,15 @@ pub struct AppMetrics {
 pub type AppState = Arc<App>;
 
 impl App {
+    /// Starts the INSERT batcher too, so it needs a tokio runtime.
     pub fn new(pool: Pool, publisher: Publisher) -> AppState {
+        let metrics = Arc::new(AppMetrics::default());
+        let batcher = batch_insert::InsertBatcher::start(pool.clone(), publisher.clone(), metrics.clone());
         Arc::new(App {
             pool,
             publisher,
-            metrics: AppMetrics::default(),
+            metrics,
+            batcher,
             page_stats: page::StatsCache::default(),
         })
     }

@@ -3,14 +3,14 @@
 use super::AppState;
 use super::error::AppError;
 use super::request_id;
-use crate::db::{self, page_views::Totals};
+use crate::db::{self, Pool, page_views::Totals};
 use askama::Template;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, header};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use diesel_async::AsyncPgConnection;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Changes whenever a file in static/ changes (computed by build.rs), so nginx can let
@@ -32,31 +32,43 @@ struct IndexPage<'a> {
 }
 
 /// What the page shows besides the visitor's own id.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct PageStats {
     totals: Totals,
     minutes: Vec<(String, i64)>,
 }
 
+/// The figures, refreshed by one request at a time while the others show the previous ones:
+/// holding every request while one counts the table made a latency spike each second.
 #[derive(Default)]
-pub struct StatsCache(tokio::sync::Mutex<Option<(Instant, PageStats)>>);
+pub struct StatsCache {
+    latest: std::sync::Mutex<Option<(Instant, Arc<PageStats>)>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
 
 impl StatsCache {
-    async fn get(&self, conn: &mut AsyncPgConnection) -> Result<PageStats, AppError> {
-        let mut cached = self.0.lock().await;
-        if let Some((at, stats)) = cached.as_ref()
+    async fn get(&self, pool: &Pool) -> Result<Arc<PageStats>, AppError> {
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((at, stats)) = &latest
             && at.elapsed() < STATS_TTL
         {
             return Ok(stats.clone());
         }
-        let totals = db::page_views::totals(conn).await?;
-        let minutes = db::rollups::recent(conn, 5)
+        let _refreshing = match (self.refreshing.try_lock(), latest) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some((_, stats))) => return Ok(stats),
+            // Nothing to show yet: wait for the first refresh, then make one's own.
+            (Err(_), None) => self.refreshing.lock().await,
+        };
+        let mut conn = pool.get().await?;
+        let totals = db::page_views::totals(&mut conn).await?;
+        let minutes = db::rollups::recent(&mut conn, 5)
             .await?
             .into_iter()
             .map(|(minute, views): (DateTime<Utc>, i64)| (minute.format("%H:%M UTC").to_string(), views))
             .collect();
-        let stats = PageStats { totals, minutes };
-        *cached = Some((Instant::now(), stats.clone()));
+        let stats = Arc::new(PageStats { totals, minutes });
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), stats.clone()));
         Ok(stats)
     }
 }
@@ -66,12 +78,8 @@ pub async fn show(State(app): State<AppState>, method: Method, headers: HeaderMa
     if method == Method::HEAD {
         return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], "").into_response());
     }
-    let mut conn = app.pool.get().await?;
-    let page_view_id = db::page_views::insert(&mut conn, &visit_data(&headers)).await?;
-    app.metrics.recorded.inc();
-    app.publisher.offer(page_view_id);
-    let stats = app.page_stats.get(&mut conn).await?;
-    drop(conn);
+    let page_view_id = app.batcher.insert(visit_data(&headers)).await?;
+    let stats = app.page_stats.get(&app.pool).await?;
     let page = IndexPage {
         page_view_id,
         totals: stats.totals,

@@ -182,13 +182,13 @@ async fn step(
     let stopped = Instant::now();
     let backlog = unprocessed(db, before).await?;
     let mut left = backlog;
-    while left > 0 {
-        anyhow::ensure!(
-            stopped.elapsed() < DRAIN_DEADLINE,
-            "{left} page views unprocessed after {DRAIN_DEADLINE:?}"
-        );
+    // Past the deadline the step reports the time waited (its target missed) and the run goes on.
+    while left > 0 && stopped.elapsed() < DRAIN_DEADLINE {
         tokio::time::sleep(POLL).await;
         left = unprocessed(db, before).await?;
+    }
+    if left > 0 {
+        eprintln!("{left} page views still unprocessed after {DRAIN_DEADLINE:?}");
     }
     let drain_secs = if backlog == 0 {
         0.0

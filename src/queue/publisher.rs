@@ -17,8 +17,11 @@ use tokio::sync::mpsc::UnboundedSender;
 /// How many publishes share one wait for confirms. Larger batches amortise the broker's
 /// fsync over more messages; a request never waits for it either way.
 pub const MAX_BATCH: usize = 512;
-/// Ids waiting for the thread; beyond this, requests leave their row to the sweep.
-pub const QUEUE_CAPACITY: usize = 16_384;
+/// Ids waiting for the thread; beyond this, requests leave their row to the sweep. The app can
+/// record page views faster than the broker takes persistent messages on a small machine, so
+/// this absorbs some seconds of such a burst (8 bytes an id) instead of leaving it to the sweep,
+/// which re-publishes a few thousand rows every sweep interval.
+pub const QUEUE_CAPACITY: usize = 65_536;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the app stops, how long the thread keeps trying to reach the broker.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);

@@ -212,7 +212,13 @@ async fn a_slow_client_is_cut_off_and_the_request_id_is_logged() -> anyhow::Resu
         .await?;
     let id = response.headers()["x-request-id"].to_str()?.to_owned();
     assert_eq!(id.len(), 32, "nginx's own id: {id}");
-    assert!(d.nginx.access_log().contains(&format!("\"request_id\":\"{id}\"")));
+    // nginx writes the access log line after the response has gone out.
+    let logged = format!("\"request_id\":\"{id}\"");
+    pageviews::stack::process::wait_until("the access log line", Duration::from_secs(5), || async {
+        anyhow::ensure!(d.nginx.access_log().contains(&logged), "not logged yet");
+        Ok(())
+    })
+    .await?;
     let app_log = std::fs::read_to_string(env.dir.path().join("app.log"))?;
     assert!(app_log.contains(&id), "the app's log lines do not carry {id}");
     assert!(

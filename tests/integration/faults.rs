@@ -3,7 +3,7 @@
 
 use crate::support::{TestEnv, client, hammer};
 use pageviews::queue::{DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY};
-use pageviews::stack::process::wait_until;
+use pageviews_testbed::process::wait_until;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! The happy path through the real binaries: record, publish, process, roll up, observe.
 
 use crate::support::{TestEnv, client, hammer};
-use pageviews::stack::process::wait_until;
+use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,10 +1,10 @@
 //! Through nginx over real TLS, with the snippets NixOS deploys: each hardening item asserted.
 
 use crate::support::{TestEnv, binaries};
-use pageviews::probe::{Probe, check_headers};
-use pageviews::stack::Deployment;
-use pageviews::stack::nginx::NginxOptions;
-use pageviews::stack::process::free_port;
+use pageviews_probe::{Probe, check_headers};
+use pageviews_testbed::Deployment;
+use pageviews_testbed::nginx::NginxOptions;
+use pageviews_testbed::process::free_port;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -214,7 +214,7 @@ async fn a_slow_client_is_cut_off_and_the_request_id_is_logged() -> anyhow::Resu
     assert_eq!(id.len(), 32, "nginx's own id: {id}");
     // nginx writes the access log line after the response has gone out.
     let logged = format!("\"request_id\":\"{id}\"");
-    pageviews::stack::process::wait_until("the access log line", Duration::from_secs(5), || async {
+    pageviews_testbed::process::wait_until("the access log line", Duration::from_secs(5), || async {
         anyhow::ensure!(d.nginx.access_log().contains(&logged), "not logged yet");
         Ok(())
     })

@@ -5,8 +5,8 @@
 
 use anyhow::Context;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use pageviews::stack::process::{Process, free_port, wait_until};
-use pageviews::stack::{self, Binaries, ScratchDir, Services, Urls};
+use pageviews_testbed::process::{Process, free_port, wait_until};
+use pageviews_testbed::{self as stack, Binaries, ScratchDir, Services, Urls};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};

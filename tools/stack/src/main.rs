@@ -5,8 +5,8 @@
 //! Run with `cargo run --release --bin pageviews-stack`.
 
 use pageviews::config::{Environment, parsed};
-use pageviews::stack::nginx::NginxOptions;
-use pageviews::stack::{Binaries, ScratchDir, Stack};
+use pageviews_testbed::nginx::NginxOptions;
+use pageviews_testbed::{Binaries, ScratchDir, Stack};
 use std::process::ExitCode;
 use std::time::Duration;
 

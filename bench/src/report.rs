@@ -86,8 +86,11 @@ impl Machine {
                 })
                 .unwrap_or_else(|_| "unknown".into())
         };
-        let postgres =
-            crate::stack::process::find_program("postgres", crate::stack::postgres::DEBIAN_DIRS, "postgresql");
+        let postgres = pageviews_testbed::process::find_program(
+            "postgres",
+            pageviews_testbed::postgres::DEBIAN_DIRS,
+            "postgresql",
+        );
         Machine {
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu: proc_line("/proc/cpuinfo", "model name"),

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let probe = match pageviews::probe::Probe::new(&base, http.as_deref(), ca.as_deref()) {
+    let probe = match pageviews_probe::Probe::new(&base, http.as_deref(), ca.as_deref()) {
         Ok(probe) => probe,
         Err(e) => {
             eprintln!("pageviews-probe: {e:#}");

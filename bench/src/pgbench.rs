@@ -1,10 +1,10 @@
 //! The database's limit: pgbench running the app's single-row JSONB INSERT, into a database
 //! of its own with the app's schema, on the stack's (durable) PostgreSQL.
 
-use crate::stack::Postgres;
-use crate::stack::postgres::DEBIAN_DIRS;
-use crate::stack::process::find_program;
 use anyhow::Context;
+use pageviews_testbed::Postgres;
+use pageviews_testbed::postgres::DEBIAN_DIRS;
+use pageviews_testbed::process::find_program;
 use std::path::Path;
 
 /// The app's INSERT: one row, a JSONB document of the same shape and size built per row from a
@@ -27,7 +27,7 @@ pub async fn insert_rates(
     secs: u64,
 ) -> anyhow::Result<Vec<InsertRate>> {
     let url = postgres.create_database("pgbench").await?;
-    crate::db::migrate(&url).await?;
+    pageviews::db::migrate(&url).await?;
     let script = dir.join("pgbench-insert.sql");
     std::fs::write(&script, SCRIPT)?;
     let pgbench = find_program("pgbench", DEBIAN_DIRS, "postgresql")?;

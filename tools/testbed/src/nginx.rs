@@ -10,19 +10,19 @@ use std::time::Duration;
 
 /// The snippets, compiled in so the launcher needs no source tree at run time.
 const SNIPPETS: &[(&str, &str)] = &[
-    ("http.conf", include_str!("../../nix/nginx/http.conf")),
-    ("server.conf", include_str!("../../nix/nginx/server.conf")),
-    ("headers.conf", include_str!("../../nix/nginx/headers.conf")),
-    ("tls-modern.conf", include_str!("../../nix/nginx/tls-modern.conf")),
+    ("http.conf", include_str!("../../../nix/nginx/http.conf")),
+    ("server.conf", include_str!("../../../nix/nginx/server.conf")),
+    ("headers.conf", include_str!("../../../nix/nginx/headers.conf")),
+    ("tls-modern.conf", include_str!("../../../nix/nginx/tls-modern.conf")),
     (
         "tls-intermediate.conf",
-        include_str!("../../nix/nginx/tls-intermediate.conf"),
+        include_str!("../../../nix/nginx/tls-intermediate.conf"),
     ),
 ];
-const LOCAL_CONF: &str = include_str!("../../nix/nginx/local.conf");
+const LOCAL_CONF: &str = include_str!("../../../nix/nginx/local.conf");
 
 /// The static files of this source tree.
-pub const STATIC_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/static");
+pub const STATIC_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../static");
 
 #[derive(Clone, Debug)]
 pub struct NginxOptions {

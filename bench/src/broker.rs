@@ -3,10 +3,10 @@
 //! and one at a time for contrast), then consuming and acking them one by one as the worker does.
 //! Synchronous: run it on a blocking thread.
 
-use crate::queue::publisher::MAX_BATCH;
-use crate::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use anyhow::{Context, bail};
+use pageviews::queue::publisher::MAX_BATCH;
+use pageviews::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const CONSUME_DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn measure(url: &str, secs: f64, prefetch: u16) -> anyhow::Result<BrokerLimits> {
-    let (connection, channel) = crate::queue::open(url)?;
+    let (connection, channel) = pageviews::queue::open(url)?;
     let version = match connection.server_properties().get("version") {
         Some(AmqpValue::LongString(v)) => v.clone(),
         _ => "unknown".into(),

@@ -6,14 +6,14 @@
 //! `PAGEVIEWS_BENCH_SECS` (10) per step, `PAGEVIEWS_BENCH_CONCURRENCY` (`1,32,128`),
 //! `PAGEVIEWS_BENCH_OUT` (`bench/results/latest.json` in the source tree).
 
-use pageviews::bench::{self, Settings};
 use pageviews::config::{ConfigError, Environment, parsed};
-use pageviews::stack::ScratchDir;
+use pageviews_bench::{self as bench, Settings};
+use pageviews_testbed::ScratchDir;
 use std::process::ExitCode;
 use std::time::Duration;
 
 const PROGRAM: &str = "pageviews-bench";
-const DEFAULT_OUT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/latest.json");
+const DEFAULT_OUT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/latest.json");
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,7 +1,7 @@
 //! One load step with wrk, and reading its report.
 
-use crate::stack::process::find_program;
 use anyhow::Context;
+use pageviews_testbed::process::find_program;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WrkResult {

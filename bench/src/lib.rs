@@ -12,14 +12,14 @@ mod wrk;
 
 pub use report::{Figure, Machine, Report};
 
-use crate::config::DEFAULT_PREFETCH;
-use crate::db::schema::page_views;
-use crate::stack::nginx::NginxOptions;
-use crate::stack::process::free_port;
-use crate::stack::{Binaries, Stack};
 use anyhow::Context;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use pageviews::config::DEFAULT_PREFETCH;
+use pageviews::db::schema::page_views;
+use pageviews_testbed::nginx::NginxOptions;
+use pageviews_testbed::process::free_port;
+use pageviews_testbed::{Binaries, Stack};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         ));
     }
-    let batch = crate::queue::publisher::MAX_BATCH;
+    let batch = pageviews::queue::publisher::MAX_BATCH;
     figures.push(Figure::new(
         "limit.publish_batched",
         format!("limit: RabbitMQ persistent publish, {batch} per confirm wait"),

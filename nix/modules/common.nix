@@ -35,7 +35,11 @@
     if isIPv6 addr
     then "${addr}/128"
     else "${addr}/32";
-  # An nftables rule accepting TCP ports from a list of addresses (IPv4 and IPv6 apart).
+  # Rules accepting TCP ports from a list of addresses only, for the firewall backend the host
+  # uses (firewall.nix): nftables lines for networking.firewall.extraInputRules (appended to
+  # the input-allow chain), or iptables commands for networking.firewall.extraCommands (run
+  # by firewall-start before its final refuse rule; the nixos-fw chain is flushed on every
+  # start, so nothing needs removing in extraStopCommands).
   nftAccept = addrs: ports: let
     v4 = lib.filter (a: !isIPv6 a) addrs;
     v6 = lib.filter isIPv6 addrs;
@@ -43,4 +47,15 @@
     rule = family: list: lib.optionalString (list != []) "${family} saddr { ${lib.concatStringsSep ", " list} } tcp dport ${portSet} accept\n";
   in
     rule "ip" v4 + rule "ip6" v6;
+  iptablesAccept = addrs: ports:
+    lib.concatMapStrings (addr:
+      lib.concatMapStrings (port: ''
+        ${
+          if isIPv6 addr
+          then "ip6tables"
+          else "iptables"
+        } -w -A nixos-fw -p tcp -s ${addr} --dport ${toString port} -j nixos-fw-accept
+      '')
+      ports)
+    addrs;
 }

@@ -87,7 +87,7 @@
         vm = {
           type = "app";
           program = lib.getExe s.example.config.system.build.vm;
-          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443";
+          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443, http://localhost:8080 redirects there";
         };
       })
       perSystem;

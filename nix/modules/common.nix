@@ -3,6 +3,9 @@
   lib,
   cfg,
 }: rec {
+  # The units' serviceConfig, users and secret paths (pure: scripts/systemd-score reads it too).
+  serviceConfig = import ./service-config.nix;
+
   hasRole = role: builtins.elem role cfg.roles;
   localApp = hasRole "app";
   localData = hasRole "data";
@@ -12,21 +15,14 @@
   # The proxy and the app live on different hosts: the app listens on TCP.
   splitApp = localApp != localProxy;
 
-  secretsDir = "/var/lib/pageviews-secrets";
+  inherit (serviceConfig) secretsDir;
   appSocket = "/run/pageviews-app/app.sock";
 
   # System users, which are also the PostgreSQL roles and the RabbitMQ users.
-  users = {
-    owner = cfg.database.owner;
-    app = "pageviews-app";
-    worker = "pageviews-worker";
-  };
+  users = serviceConfig.users cfg.database.owner;
 
   # Broker password files, the generated default filled in where the option is null.
-  amqpPasswordFile = who:
-    if cfg.rabbitmq.passwordFiles.${who} != null
-    then cfg.rabbitmq.passwordFiles.${who}
-    else "${secretsDir}/amqp-${who}";
+  amqpPasswordFile = serviceConfig.amqpPasswordFile cfg.rabbitmq.passwordFiles;
   generatedSecrets = lib.filter (who: cfg.rabbitmq.passwordFiles.${who} == null) ["app" "worker"];
 
   isIPv6 = addr: lib.hasInfix ":" addr;

@@ -87,12 +87,26 @@
         vm = {
           type = "app";
           program = lib.getExe s.example.config.system.build.vm;
-          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443";
+          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443, http://localhost:8080 redirects there";
         };
       })
       perSystem;
 
-    # services.pageviews, with `package` defaulting to this flake's build for the host.
+    # `pkgs.pageviews`, built with the nixpkgs it is applied to: the default of
+    # services.pageviews.package when nix/modules/default.nix is imported on its own.
+    overlays.default = final: _prev: {
+      pageviews =
+        (import ./nix/package.nix {
+          inherit (final) lib;
+          craneLib = crane.mkLib final;
+          root = ./.;
+        })
+        .package;
+    };
+
+    # services.pageviews, with `package` defaulting to this flake's build for the host. It
+    # sets the package instead of applying overlays.default: runNixOSTest (and any host that
+    # passes its own pkgs) makes nixpkgs.* read-only.
     nixosModules.default = {pkgs, ...}: {
       imports = [./nix/modules/default.nix];
       services.pageviews.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;

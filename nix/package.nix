@@ -10,19 +10,24 @@
 
   # cleanCargoSource would drop what the crate reads at compile time (askama templates,
   # diesel migrations) and the static files we install, so list them explicitly.
-  # Everything else (nix/, scripts/, docs) stays out, so editing it does not rebuild.
+  # Everything else (nix/, scripts/, docs, tools/) stays out, so editing it does not rebuild:
+  # commonCargoSources takes every *.rs / *.toml / Cargo.lock under root, which would include
+  # tools/nixfmt-check (a crate of its own, used only by scripts/check-nix), so tools/ is cut
+  # out of it. nix/package-src-check.nix fails `nix flake check` and scripts/check-nix if a
+  # file of tools/, nix/ (but nix/nginx/), scripts/ or .ci/ gets back in.
+  srcFileset = fileset.unions [
+    (fileset.difference (craneLib.fileset.commonCargoSources root) (fileset.maybeMissing (root + "/tools")))
+    (root + "/migrations")
+    (root + "/templates")
+    (root + "/static")
+    # Non-Rust test fixtures and the shared nginx snippets, if the crate reads them
+    # (the local launcher and the integration tests use the same nginx hardening).
+    (fileset.maybeMissing (root + "/tests"))
+    (fileset.maybeMissing (root + "/nix/nginx"))
+  ];
   src = fileset.toSource {
     inherit root;
-    fileset = fileset.unions [
-      (craneLib.fileset.commonCargoSources root)
-      (root + "/migrations")
-      (root + "/templates")
-      (root + "/static")
-      # Non-Rust test fixtures and the shared nginx snippets, if the crate reads them
-      # (the local launcher and the integration tests use the same nginx hardening).
-      (fileset.maybeMissing (root + "/tests"))
-      (fileset.maybeMissing (root + "/nix/nginx"))
-    ];
+    fileset = srcFileset;
   };
 
   crateName = craneLib.crateNameFromCargoToml {cargoToml = root + "/Cargo.toml";};
@@ -56,5 +61,5 @@
       };
     });
 in {
-  inherit src commonArgs cargoArtifacts package;
+  inherit srcFileset src commonArgs cargoArtifacts package;
 }

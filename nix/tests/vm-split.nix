@@ -1,6 +1,7 @@
 # The split deployment: `client` (the internet), `proxy` (nginx, TLS), `app` (app, worker,
 # migrations) and `data` (PostgreSQL, RabbitMQ), all on one VLAN so that only the
-# firewall and the listen addresses keep client and proxy away from the data ports.
+# firewall and the listen addresses keep client and proxy away from the data ports (nftables
+# on data, iptables on app).
 {
   pkgs,
   module,
@@ -46,8 +47,12 @@ in {
       imports = [(pageviews ["app"]) (shared.sized 1536)];
     };
 
+    # The two firewall backends the module writes source-address rules for: the data host
+    # chooses nftables, the app host keeps the NixOS default (iptables). The firewall
+    # subtest checks both.
     data = {
       imports = [(pageviews ["data"]) shared.sql (shared.sized 2048)];
+      networking.nftables.enable = true;
     };
   };
 

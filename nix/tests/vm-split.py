@@ -43,6 +43,12 @@ with subtest("firewall: only the app host reaches the data ports, only the proxy
     assert_unreachable(client, app_ip, APP_PORT)
     assert_unreachable(data, app_ip, APP_PORT)
     assert_reachable(proxy, app_ip, APP_PORT)
+    # the peer rules sit in the backend each host chose: nftables on data, iptables on app
+    data.succeed(
+        "nft list chain inet nixos-fw input-allow"
+        f" | grep -qF 'tcp dport {{ {PG_PORT}, {AMQP_PORT} }} accept'"
+    )
+    app.succeed(f"iptables -S nixos-fw | grep -qF -- '--dport {APP_PORT} -j nixos-fw-accept'")
     # the data ports do listen on the private address: only the firewall keeps others out
     data.succeed(f"ss -Hltn 'sport = :{PG_PORT}' | grep -q .")
     data.succeed(f"ss -Hltn 'sport = :{AMQP_PORT}' | grep -qF '{data_ip}:{AMQP_PORT}'")

@@ -13,12 +13,26 @@ For each nix/tests/vm-*.nix:
      for or restarts exists on that node (from its roles in nix/modules, its own
      systemd.services / oci-containers, or the nixpkgs services our modules enable); the
      files and commands the scripts use are provided by the test's Nix files.
+Then rules for nix/modules, the example host and the flake that an evaluation against nixpkgs
+found broken once (issue 9), checked without nixpkgs:
+  F1 no option nixpkgs itself defines with mkDefault is defined with mkDefault again
+     (types.package merges one definition per priority: "defined multiple times");
+  1  no module flips the host's firewall backend, and source-address rules exist for both
+     backends (nftables extraInputRules, iptables extraCommands);
+  2  `nix run .#vm`: a forwarded HTTP port redirects to the forwarded HTTPS port, and the
+     README/flake text names exactly the forwarded ports;
+  4  services.pageviews.package is a mkPackageOption of pkgs.pageviews, which the flake's
+     overlays.default provides;
+  5  the units' serviceConfig has one source (nix/modules/service-config.nix): units.nix adds
+     nothing to it, scripts/systemd-score types none of it, and its single-host owner is the
+     option default.
 Exit status 0 only if everything passes.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -135,6 +149,7 @@ def evaluate_test(nix_file: Path) -> dict:
     return nix_eval(expr)  # type: ignore[return-value]
 
 
+@functools.cache
 def parsed(path: Path) -> str:
     """The file as `nix-instantiate --parse` prints it: comments gone, one line."""
     return subprocess.run(
@@ -195,11 +210,12 @@ def top_level_keys(block: str) -> list[str]:
     return keys
 
 
-def value_block(block: str, key: str) -> str | None:
-    """The `{ ... }` value of attribute `key` at depth 1 of `block`, if it is one."""
-    depth, in_str, i = 0, False, 0
-    while i < len(block):
-        c = block[i]
+def _walk(text: str, start: int = 0):
+    """(index, char, depth) of every character of `text` from `start` that is outside a "..."
+    string; depth counts brackets from `start`, already updated for the bracket itself."""
+    depth, in_str, i = 0, False, start
+    while i < len(text):
+        c = text[i]
         if in_str:
             if c == "\\":
                 i += 1
@@ -207,14 +223,27 @@ def value_block(block: str, key: str) -> str | None:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in "{([":
-            depth += 1
-        elif c in "})]":
-            depth -= 1
-        elif depth == 1 and block.startswith(f"{key} = {{", i) and block[i - 1] in " {;":
-            return attr_block(block, i)
+        else:
+            if c in "{([":
+                depth += 1
+            elif c in "})]":
+                depth -= 1
+            yield i, c, depth
         i += 1
+
+
+def _depth1_key(block: str, key: str, suffix: str) -> int | None:
+    """Index of `<key> = <suffix>` at depth 1 of `block` (parse output), if there."""
+    for i, _, depth in _walk(block):
+        if depth == 1 and block.startswith(f"{key} = {suffix}", i) and block[i - 1] in " {;":
+            return i
     return None
+
+
+def value_block(block: str, key: str) -> str | None:
+    """The `{ ... }` value of attribute `key` at depth 1 of `block`, if it is one."""
+    i = _depth1_key(block, key, "{")
+    return attr_block(block, i) if i is not None else None
 
 
 def blocks_at(text: str, path: list[str]) -> list[str]:
@@ -485,6 +514,196 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
             print(f"WARN {msg}")
 
 
+# Options nixpkgs modules define themselves with mkDefault: a second mkDefault definition of
+# a single-valued option is "defined multiple times" (issue 9, F1).
+NIXPKGS_MKDEFAULT = {
+    "services.postgresql.package": "postgresql.nix: mkDefault by system.stateVersion",
+    "services.postgresql.dataDir": "postgresql.nix: mkDefault /var/lib/postgresql/<psqlSchema>",
+}
+# Options that choose the host's firewall backend: the host's decision, never a module's.
+HOST_FIREWALL_CHOICE = ["networking.nftables.enable", "networking.firewall.backend"]
+
+
+def attr_value(block: str, key: str) -> str | None:
+    """The text of `key = <value>;` at depth 1 of `block` (parse output), if defined there."""
+    i = _depth1_key(block, key, "")
+    if i is None:
+        return None
+    start = i + len(key) + 3
+    for j, c, depth in _walk(block, start):
+        if c == ";" and depth == 0:
+            return block[start:j].strip()
+    return None
+
+
+def definitions(text: str, option: str) -> list[str]:
+    """Every value parse output `text` gives the option path `option` (a.b.c)."""
+    path = option.split(".")
+    return [v for b in blocks_at(text, path[:-1]) if (v := attr_value(b, path[-1])) is not None]
+
+
+def module_files() -> list[Path]:
+    return sorted(MODULES.glob("*.nix"))
+
+
+def module_definitions(option: str) -> list[tuple[str, str]]:
+    """(file name, value text) of every definition of `option` in nix/modules/*.nix."""
+    return [(p.name, v) for p in module_files() for v in definitions(parsed(p), option)]
+
+
+def check_nixpkgs_defaults() -> None:
+    bad = [(f, o) for o in NIXPKGS_MKDEFAULT for f, v in module_definitions(o) if "mkDefault" in v]
+    for file, option in bad:
+        fail(f"F1 nix/modules/{file} defines {option} with mkDefault, as nixpkgs does "
+             f"({NIXPKGS_MKDEFAULT[option]}): two definitions at one priority")
+    if not bad:
+        ok(f"F1 no module repeats nixpkgs' mkDefault of {', '.join(NIXPKGS_MKDEFAULT)}")
+
+
+def check_firewall_backend() -> None:
+    bad = [(f, o) for o in HOST_FIREWALL_CHOICE for f, _ in module_definitions(o)]
+    for file, option in bad:
+        fail(f"1 nix/modules/{file} sets {option}: the firewall backend is the host's choice")
+    nft = sorted({f for f, _ in module_definitions("networking.firewall.extraInputRules")})
+    ipt = sorted({f for f, _ in module_definitions("networking.firewall.extraCommands")})
+    if nft != ipt:
+        fail(f"1 source-address rules for one backend only: extraInputRules (nftables) in {nft}, "
+             f"extraCommands (iptables) in {ipt}")
+    elif not bad:
+        ok(f"1 no module sets {' / '.join(HOST_FIREWALL_CHOICE)}; rules for both backends in {nft}")
+
+
+def vm_variant() -> dict:
+    # example.nix only calls lib.mkDefault / lib.mkForce: identity is enough to read the VM
+    # variant's data (priorities do not matter here, the harness evaluates them for real).
+    return nix_eval(
+        f"""(import {ROOT}/nix/hosts/example.nix {{
+              lib = {{ mkDefault = x: x; mkForce = x: x; }};
+            }}).virtualisation.vmVariant"""
+    )  # type: ignore[return-value]
+
+
+def check_vm_redirect() -> None:
+    vm = vm_variant()
+    forwards = vm.get("virtualisation", {}).get("forwardPorts", [])
+    host_port = {f["guest"]["port"]: f["host"]["port"] for f in forwards if f.get("from") == "host"}
+    https = host_port.get(443)
+    if https is None:
+        fail("2 the example VM forwards no host port to the guest's 443")
+        return
+    expected = {https} | ({host_port[80]} if 80 in host_port else set())
+    if 80 in host_port:
+        vhosts = vm.get("services", {}).get("nginx", {}).get("virtualHosts", {})
+        # forceSSL's own form (location / { return ... }) or a server-level return
+        redirect = re.compile(rf"(?:^|\breturn )30[178] https://\$host:{https}\$request_uri\b")
+        targets = [v.get("locations", {}).get("/", {}).get("return") or "" for v in vhosts.values()]
+        targets += [v.get("extraConfig", "") for v in vhosts.values()]
+        if not any(redirect.search(t) for t in targets):
+            fail(f"2 the example VM forwards host {host_port[80]} to the guest's 80, but no vhost of "
+                 f"its vmVariant redirects to https://$host:{https}$request_uri (forceSSL's "
+                 "redirect goes to port 443, which is not forwarded)")
+        elif not any(v.get("forceSSL") is False for v in vhosts.values()):
+            fail("2 the example VM adds a port-80 redirect but keeps forceSSL's own port-80 server")
+        else:
+            ok(f"2 VM: host {host_port[80]} -> guest 80 redirects to https://$host:{https}")
+    # every text about `nix run .#vm` names exactly the forwarded ports
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.split(r"\n(?=\s*(?:[-|]|\n))", readme)
+    texts = [("README.md", b) for b in blocks if "nix run .#vm" in b]
+    flake = (ROOT / "flake.nix").read_text()
+    m = re.search(r'vm = \{[^}]*meta\.description = "([^"]*)"', flake)
+    texts.append(("flake.nix apps.vm", m.group(1) if m else ""))
+    header = (ROOT / "nix" / "hosts" / "example.nix").read_text().split("\n{", 1)[0]
+    texts.append(("nix/hosts/example.nix header", header))
+    if not any(re.search(r"localhost:\d+", b) for w, b in texts if w == "README.md"):
+        fail("2 README.md says nowhere at which localhost ports `nix run .#vm` answers")
+    for where, text in texts:
+        ports = {int(p) for p in re.findall(r"localhost:(\d+)", text)}
+        if not ports and where == "README.md":
+            continue  # mentions the VM without naming a port: no claim to check
+        if ports != expected:
+            fail(f"2 {where}: names localhost ports {sorted(ports)} for `nix run .#vm`, "
+                 f"but the VM forwards {sorted(expected)}: {' '.join(text.split())[:160]!r}")
+        else:
+            ok(f"2 {where}: localhost ports {sorted(ports)} as forwarded")
+
+
+def check_package_option() -> None:
+    default = parsed(MODULES / "default.nix")
+    values = definitions(default, "options.services.pageviews.package") or [
+        v for b in blocks_at(default, ["options"]) for pv in [value_block(b, "services")] if pv
+        for pb in [value_block(pv, "pageviews")] if pb for v in [attr_value(pb, "package")] if v
+    ]
+    if not any(v.startswith('((lib).mkPackageOption pkgs "pageviews"') for v in values):
+        fail("4 services.pageviews.package is not `lib.mkPackageOption pkgs \"pageviews\" ...` "
+             f"in nix/modules/default.nix (found {values[:1]})")
+    else:
+        ok("4 services.pageviews.package = mkPackageOption pkgs \"pageviews\"")
+    try:
+        names = nix_eval(
+            f"""let
+                  stub = throw "not available without nixpkgs";
+                  f = import {ROOT}/flake.nix;
+                  out = f.outputs {{ self = stub; nixpkgs = {{ lib = stub; }}; crane = stub; }};
+                in builtins.attrNames (out.overlays.default {{ }} {{ }})"""
+        )
+    except subprocess.CalledProcessError as e:
+        error = [line.strip() for line in e.stderr.splitlines() if "error:" in line]
+        fail(f"4 flake.nix has no usable overlays.default: {' '.join(error[:1])}")
+        return
+    if names != ["pageviews"]:
+        fail(f"4 flake.nix overlays.default defines {names}, not exactly pkgs.pageviews")
+    else:
+        ok("4 flake.nix overlays.default provides pkgs.pageviews")
+
+
+def check_single_source_units() -> None:
+    units_nix = parsed(MODULES / "units.nix")
+    extra = blocks_at(units_nix, ["serviceConfig"])
+    if extra:
+        fail(f"5 nix/modules/units.nix adds serviceConfig of its own ({extra[0][:80]}...): "
+             "put it in nix/modules/service-config.nix, which scripts/systemd-score scores")
+    if not (MODULES / "service-config.nix").exists():
+        fail("5 no nix/modules/service-config.nix: the units' serviceConfig has no single source")
+        return
+    pure = nix_eval(f"(import {MODULES}/service-config.nix).singleHost")
+    assert isinstance(pure, dict)
+    defined = {u.removesuffix(".service") for u in services_defined(units_nix)}
+    if defined != set(pure):
+        fail(f"5 units.nix defines {sorted(defined)}, service-config.nix {sorted(pure)}")
+    for path in module_files():
+        if path.name == "units.nix":
+            continue
+        for block in blocks_at(parsed(path), ["systemd", "services"]):
+            for unit in set(top_level_keys(block)) & set(pure):
+                fail(f"5 nix/modules/{path.name} also defines systemd.services.{unit}")
+    score = (ROOT / "scripts" / "systemd-score").read_text()
+    if "service-config.nix" not in score or "singleHost" not in score:
+        fail("5 scripts/systemd-score does not score singleHost of nix/modules/service-config.nix")
+    keys = sorted({k for cfg in pure.values() for k in cfg})
+    typed = [k for k in keys if re.search(rf"\b{k}\b\s*[:=]", score)]
+    if typed:
+        fail(f"5 scripts/systemd-score types unit settings itself ({', '.join(typed)}): "
+             "a second copy of the units")
+    default = (MODULES / "default.nix").read_text()
+    m = re.search(r'owner = mkOption \{\s*type = types\.str;\s*default = "([^"]+)";', default)
+    owner = pure.get("pageviews-migrate", {}).get("User")
+    if not m or m.group(1) != owner:
+        fail(f"5 singleHost runs pageviews-migrate as {owner!r}, database.owner defaults to "
+             f"{m.group(1) if m else '?'!r}")
+    if not any(f.startswith("5 ") for f in failures):
+        ok(f"5 {', '.join(sorted(pure))}: serviceConfig only from service-config.nix, scored as is")
+
+
+def check_issue9_rules() -> None:
+    print("\n== nix/modules, example host and flake rules (issue 9)")
+    check_nixpkgs_defaults()
+    check_firewall_backend()
+    check_vm_redirect()
+    check_package_option()
+    check_single_source_units()
+
+
 def main() -> int:
     os.chdir(ROOT)
     common_src = (TESTS / "common.py").read_text()
@@ -505,6 +724,7 @@ def main() -> int:
     for py in sorted(TESTS.glob("*.py")):
         if py.name != "common.py" and not (TESTS / f"{py.stem}.nix").exists():
             fail(f"{py.name} belongs to no test")
+    check_issue9_rules()
     print()
     for w in warnings:
         print(f"warning: {w}")

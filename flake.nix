@@ -34,7 +34,7 @@
         # NixOS VM tests: vm-split, vm-single, vm-images (need a builder with KVM).
         // import ./nix/tests {
           inherit pkgs images;
-          inherit (build) package;
+          inherit (build) probe;
           module = self.nixosModules.default;
         };
     in {
@@ -56,6 +56,7 @@
       {
         default = s.build.package;
         pageviews = s.build.package;
+        pageviews-probe = s.build.probe;
       }
       // s.images)
     perSystem;

@@ -11,7 +11,7 @@
   inherit (pkgs) lib;
   inherit (build) commonArgs cargoArtifacts;
 
-  # Files that must stay out of the package source (tools/, scripts/, nix/ but nix/nginx/).
+  # Files that must stay out of the package source (tools/nixfmt-check, scripts/, .ci/, nix/ but nix/nginx/).
   srcCheck = import ./package-src-check.nix {
     inherit lib root;
     inherit (build) srcFileset;

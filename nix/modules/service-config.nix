@@ -98,6 +98,10 @@ let
 in {
   inherit hardening secretsDir users amqpPasswordFile units;
 
+  # The most `systemd-analyze security` may score each unit, in tenths (15 = 1.5 on its 0-10
+  # scale): scripts/systemd-score and the VM tests check against it.
+  exposureThreshold = 15;
+
   # One host, every services.pageviews option at its default (database.owner "pageviews",
   # no password files, all roles here). scripts/check-vm-tests checks the owner against
   # nix/modules/default.nix; the nixos-eval scenarios compare this with what units.nix

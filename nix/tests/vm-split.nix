@@ -5,12 +5,12 @@
 {
   pkgs,
   module,
-  package,
+  probe,
   tls,
   secrets,
   ...
 }: let
-  shared = import ./nodes.nix {inherit pkgs package tls;};
+  shared = import ./nodes.nix {inherit pkgs probe tls;};
   ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
 
   # What every pageviews host of this deployment agrees on.
@@ -28,6 +28,20 @@
       database.passwordFiles = secrets.database;
       rabbitmq.passwordFiles = secrets.rabbitmq;
     };
+  };
+
+  # What the script needs to know of the Nix side, from the nodes themselves.
+  constants = nodes: let
+    app = nodes.app.services.pageviews;
+    data = nodes.data.services.pageviews;
+  in {
+    PUBLIC_PORTS = nodes.proxy.networking.firewall.allowedTCPPorts;
+    APP_PORT = app.network.appPort;
+    PG_PORT = data.database.port;
+    AMQP_PORT = data.rabbitmq.port;
+    # RabbitMQ's inter-node port: the AMQP port + 20000.
+    ERLANG_DIST_PORT = data.rabbitmq.port + 20000;
+    WORKER_METRICS = app.settings.PAGEVIEWS_METRICS_LISTEN;
   };
 in {
   name = "pageviews-vm-split";
@@ -56,5 +70,5 @@ in {
     };
   };
 
-  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-split.py;
+  testScript = shared.script ./vm-split.py constants;
 }

@@ -3,13 +3,15 @@
 
 For each nix/tests/vm-*.nix:
   1. evaluates, with nix-instantiate and stub arguments (nothing from nixpkgs is forced),
-     the test's `name`, its node names and the exact `testScript` string the driver runs;
-  2. lints that string with ruff, the driver's globals declared as builtins: the symbols
-     nixpkgs' driver.py `test_symbols()` exports, one per node, `vlan1`;
+     the test's `name` and node names, and that its `testScript` is nodes.nix `script`
+     (constants generated from the nodes' configuration, then common.py and <test>.py);
+  2. lints common.py + <test>.py with ruff, the driver's globals declared as builtins: the
+     symbols nixpkgs' driver.py `test_symbols()` exports, one per node, `vlan1`, and the
+     names of the generated constants (read from nodes.nix `base` and the test's `constants`);
   3. type-checks it with mypy the way nixpkgs' build does (driver type stub + one
-     `<node>: Machine` line per node, `--no-implicit-optional`);
+     `<node>: Machine` line per node, `--no-implicit-optional`; the constants as `Any`);
   4. checks consistency with the Nix side: every node is used; hosts looked up by name are
-     nodes; each port constant matches the option/file it names; every unit a node waits
+     nodes; every unit a node waits
      for or restarts exists on that node (from its roles in nix/modules, its own
      systemd.services / oci-containers, or the nixpkgs services our modules enable); the
      files and commands the scripts use are provided by the test's Nix files.
@@ -59,49 +61,6 @@ VLANS = ["vlan1"]
 
 RUFF_SELECT = "F,E,W,B,UP,PLE"
 
-# Where each port constant of common.py comes from: (file, regex whose group 1 is the port).
-PORT_SOURCES = {
-    "HTTP_PORT": (
-        "nix/modules/firewall.nix",
-        r"allowedTCPPorts = lib\.mkIf localProxy \[(\d+) \d+\]",
-    ),
-    "HTTPS_PORT": (
-        "nix/modules/firewall.nix",
-        r"allowedTCPPorts = lib\.mkIf localProxy \[\d+ (\d+)\]",
-    ),
-    "APP_PORT": (
-        "nix/modules/default.nix",
-        r"appPort = mkOption \{\s*type = types\.port;\s*default = (\d+);",
-    ),
-    "PG_PORT": (
-        "nix/modules/default.nix",
-        r"port = mkOption \{\s*type = types\.port;\s*default = (\d+);"
-        r"\s*description = \"PostgreSQL",
-    ),
-    "AMQP_PORT": (
-        "nix/modules/default.nix",
-        r"port = mkOption \{\s*type = types\.port;\s*default = (\d+);\s*description = \"AMQP",
-    ),
-    "WORKER_METRICS_PORT": (
-        "nix/modules/default.nix",
-        r"PAGEVIEWS_METRICS_LISTEN = mkOption \{[^}]*default = \"127\.0\.0\.1:(\d+)\";",
-    ),
-    "IMAGE_WORKER_METRICS_PORT": (
-        "nix/images.nix",
-        r"\"PAGEVIEWS_METRICS_LISTEN=0\.0\.0\.0:(\d+)\"",
-    ),
-}
-# Ports nixpkgs' own modules fix (not set by ours): the value and why.
-NIXPKGS_PORTS = {
-    "EPMD_PORT": (4369, "services.epmd, enabled by services.rabbitmq (nixpkgs rabbitmq.nix)"),
-    "ERLANG_DIST_PORT": (25672, "RabbitMQ's inter-node port, AMQP port + 20000"),
-}
-OTHER_CONSTANTS = {
-    # constant: (file, regex whose group 1 is the value)
-    "SECURITY_THRESHOLD": ("scripts/systemd-score", r"threshold=\"\$\{THRESHOLD:-(\d+)\}\""),
-    "DOMAIN": ("nix/tests/tls.nix", r"domain = \"([^\"]+)\";"),
-}
-
 # Units of nixpkgs services that our modules enable: unit -> (role, file of ours, needle).
 NIXPKGS_UNITS = {
     "postgresql.service": ("data", "data.nix", "services.postgresql = {\n      enable = true;"),
@@ -142,9 +101,13 @@ def evaluate_test(nix_file: Path) -> dict:
       let
         stub = throw "not available without nixpkgs";
         t = import {nix_file} {{
-          pkgs = stub; module = stub; package = stub; images = stub; tls = stub; secrets = stub;
+          pkgs = stub; module = stub; probe = stub; images = stub; tls = stub; secrets = stub;
         }};
-      in {{ inherit (t) name testScript; nodes = builtins.attrNames t.nodes; }}
+      in {{
+        inherit (t) name;
+        script = builtins.isFunction t.testScript;
+        nodes = builtins.attrNames t.nodes;
+      }}
     """
     return nix_eval(expr)  # type: ignore[return-value]
 
@@ -360,16 +323,6 @@ def mypy(path: Path) -> str | None:
     return None if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()
 
 
-def constants(tree: ast.Module) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
-                found[target.id] = node.value.value
-    return found
-
-
 def string_literals(tree: ast.AST) -> list[str]:
     out = []
     for node in ast.walk(tree):
@@ -393,41 +346,28 @@ def node_calls(tree: ast.AST, nodes: list[str]):
                 yield first.id, func.id, string_literals(call)
 
 
-def check_common_constants(tree: ast.Module) -> None:
-    consts = constants(tree)
-    for name, (file, pattern) in {**PORT_SOURCES, **OTHER_CONSTANTS}.items():
-        if name not in consts:
-            fail(f"common.py has no {name}")
-            continue
-        m = re.search(pattern, (ROOT / file).read_text())
-        if not m:
-            fail(f"{name}: pattern not found in {file} (did the option move?)")
-        elif str(consts[name]) != m.group(1):
-            fail(f"{name} = {consts[name]!r} but {file} says {m.group(1)}")
-        else:
-            ok(f"{name} = {consts[name]!r} matches {file}")
-    for name, (value, why) in NIXPKGS_PORTS.items():
-        if consts.get(name) != value:
-            fail(f"{name} should be {value} ({why})")
-        else:
-            ok(f"{name} = {value} ({why})")
-    if name_ports := [n for n in consts if n.endswith("_PORT")]:
-        unknown = set(name_ports) - set(PORT_SOURCES) - set(NIXPKGS_PORTS)
-        for n in sorted(unknown):
-            fail(f"{n}: a port constant without a known source (add it to PORT_SOURCES)")
-    ca = consts.get("CA_FILE")
-    if not isinstance(ca, str) or not ca.startswith("/etc/"):
-        fail("CA_FILE must be a file under /etc provided by nix/tests/nodes.nix")
-    elif f'environment.etc."{ca.removeprefix("/etc/")}"' not in (TESTS / "nodes.nix").read_text():
-        fail(f"CA_FILE {ca} is not an environment.etc entry of nix/tests/nodes.nix")
-    else:
-        ok(f"CA_FILE {ca} is provided by nodes.nix")
+def script_constants(nix_file: Path) -> list[str]:
+    """Names of the constants a test's script gets from nodes.nix `script`: `base` there
+    plus the test's own `constants = nodes: ...` (their values come from the nodes when the
+    driver is built; only the names are needed to lint here)."""
+    names = []
+    for path, start in ((TESTS / "nodes.nix", "base = "), (nix_file, "constants = (nodes: ")):
+        text = parsed(path)
+        at = text.find(start)
+        keys = top_level_keys(attr_block(text, at)) if at >= 0 else []
+        if not keys:
+            fail(f"{path.name}: no `{start.strip()}` attribute set of constants")
+        names += keys
+    return names
 
 
 def crate_binaries() -> set[str]:
+    """The service's binaries (src/bin, on the nodes through the module) and the probe's
+    (probe/, the `probe` package nodes.nix gives the client)."""
     bins = {p.stem for p in (ROOT / "src" / "bin").glob("*.rs")}
-    cargo = (ROOT / "Cargo.toml").read_text() if (ROOT / "Cargo.toml").exists() else ""
-    bins |= set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', cargo))
+    probe = ROOT / "probe"
+    if (probe / "src" / "main.rs").exists():
+        bins |= set(re.findall(r'^name\s*=\s*"([^"]+)"', (probe / "Cargo.toml").read_text(), re.M))
     return bins
 
 
@@ -436,12 +376,16 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     print(f"\n== {name}")
     info = evaluate_test(nix_file)
     nodes: list[str] = info["nodes"]  # type: ignore[assignment]
-    script: str = info["testScript"]  # type: ignore[assignment]
     ok(f"evaluates: name {info['name']!r}, nodes {nodes}")
     own = (TESTS / f"{name}.py").read_text()
     common = (TESTS / "common.py").read_text()
-    if script != common + own:
-        fail(f"{name}: testScript is not common.py + {name}.py")
+    wiring = f"testScript = ((shared).script {TESTS}/{name}.py constants);"
+    if not info["script"] or wiring not in parsed(nix_file):
+        fail(f"{name}: testScript is not `shared.script ./{name}.py constants` (nodes.nix)")
+    consts = script_constants(nix_file)
+    ok(f"constants from the Nix side: {', '.join(consts)}")
+    # What nodes.nix `script` writes, with the constants' values left to the driver build.
+    script = common + own
 
     for node in nodes:
         if not node.isidentifier():
@@ -450,7 +394,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.py"
         path.write_text(script)
-        builtins = DRIVER_SYMBOLS + nodes + VLANS
+        builtins = DRIVER_SYMBOLS + nodes + VLANS + consts
         offset = common.count("\n")
         problems = ruff(path, builtins)
         ran = not any(f.startswith("ruff could not run") for f in failures)
@@ -464,6 +408,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
         typed = Path(tmp) / f"{name}_typed.py"
         stub = (TESTS / "lint" / "driver_stub.py").read_text()
         decls = "".join(f"{n}: Machine\n" for n in nodes)
+        decls += "from typing import Any\n" + "".join(f"{c}: Any\n" for c in consts)
         typed.write_text(stub + decls + script)
         errors = mypy(typed)
         if errors:
@@ -509,7 +454,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
         elif command in crate_binaries():
             ok(f"{command}: binary of the crate (on the nodes via the package)")
         else:
-            msg = f"{command}: not provided by nodes.nix nor a src/bin/*.rs of the crate (yet)"
+            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor probe/ (yet)"
             warnings.append(msg)
             print(f"WARN {msg}")
 
@@ -708,8 +653,6 @@ def main() -> int:
     os.chdir(ROOT)
     common_src = (TESTS / "common.py").read_text()
     common_tree = ast.parse(common_src)
-    print("== common.py constants against the Nix side")
-    check_common_constants(common_tree)
     by_role = module_units_by_role()
     for role in ROLES:
         ok(f"role {role}: {', '.join(sorted(by_role[role]))}")

@@ -115,3 +115,45 @@ pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
         .await?;
     Ok(Totals { recorded, processed })
 }
+
+/// The highest id so far (0 for an empty table): the bench counts a step's rows after it.
+pub async fn max_id(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+    page_views::table
+        .select(diesel::dsl::max(page_views::id))
+        .get_result::<Option<i64>>(conn)
+        .await
+        .map(|id| id.unwrap_or(0))
+}
+
+/// Rows with an id above `after_id`, and how many of them are still unprocessed.
+pub async fn count_after(conn: &mut AsyncPgConnection, after_id: i64) -> QueryResult<(i64, i64)> {
+    let rows = page_views::table
+        .filter(page_views::id.gt(after_id))
+        .count()
+        .get_result(conn)
+        .await?;
+    let unprocessed = page_views::table
+        .filter(page_views::id.gt(after_id))
+        .filter(page_views::processed_at.is_null())
+        .count()
+        .get_result(conn)
+        .await?;
+    Ok((rows, unprocessed))
+}
+
+/// Adds `n` processed page views recorded a day ago (the bench's large table), in one
+/// statement, then vacuums so the measurement does not meet autovacuum or unset hint bits.
+pub async fn generate_processed(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO page_views (created_at, data, enqueued_at, processed_at) \
+         SELECT now() - interval '1 day' - i * interval '1 millisecond', \
+                '{\"user_agent\": \"pageviews-bench\", \"cookie_names\": [], \"request_id\": null}', \
+                now() - interval '1 day', now() - interval '1 day' \
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(n)
+    .execute(conn)
+    .await?;
+    diesel::sql_query("VACUUM (ANALYZE) page_views").execute(conn).await?;
+    Ok(())
+}

@@ -86,7 +86,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         ));
     }
-    let batch = pageviews::queue::publisher::MAX_BATCH;
+    let batch = pageviews::queue::outbox::MAX_BATCH;
     figures.push(Figure::new(
         "limit.publish_batched",
         format!("limit: RabbitMQ persistent publish, {batch} per confirm wait"),
@@ -157,7 +157,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     page_views::generate_processed(&mut db, settings.large_rows).await?;
     figures.push(Figure::new(
         "large.generate_secs",
-        format!("{} rows added (INSERT … generate_series + VACUUM)", settings.large_rows),
+        format!("{} rows added (INSERT … generate_series + ANALYZE)", settings.large_rows),
         started.elapsed().as_secs_f64(),
         "s",
     ));

@@ -13,7 +13,7 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the publisher is connected to the broker.
+/// Ready when the database answers and the outbox is connected to the broker.
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
     let database = match app.pool.get().await {
         Ok(mut conn) => diesel::sql_query("SELECT 1")
@@ -23,7 +23,7 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let broker = app.publisher.is_connected();
+    let broker = app.outbox.is_connected();
     let mut body = String::new();
     match &database {
         Ok(()) => body.push_str("database: ok\n"),
@@ -63,7 +63,7 @@ pub async fn metrics(State(app): State<AppState>) -> String {
         "pageviews_page_views_recorded_total",
         "Page views stored in PostgreSQL.",
     );
-    let p = app.publisher.metrics();
+    let p = app.outbox.metrics();
     p.confirmed.render(
         &mut out,
         "pageviews_publish_confirmed_total",
@@ -77,14 +77,14 @@ pub async fn metrics(State(app): State<AppState>) -> String {
     p.deferred.render(
         &mut out,
         "pageviews_publish_deferred_total",
-        "Tasks left to the sweep because the publisher queue was full.",
+        "Tasks left to the sweep because the outbox was full or stopping.",
     );
-    m.republished.render(
+    p.republished.render(
         &mut out,
         "pageviews_republished_total",
-        "Unconfirmed tasks handed to the publisher again by the sweep.",
+        "Unprocessed page views offered again by the sweep.",
     );
-    let up = u8::from(app.publisher.is_connected());
+    let up = u8::from(app.outbox.is_connected());
     out.push_str(&format!("# HELP pageviews_broker_connected Whether the publisher is connected.\n# TYPE pageviews_broker_connected gauge\npageviews_broker_connected {up}\n"));
     out
 }

@@ -157,20 +157,25 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     page_views::generate_processed(&mut db, settings.large_rows).await?;
     figures.push(Figure::new(
         "large.generate_secs",
-        format!("{} rows added (INSERT … generate_series + ANALYZE)", settings.large_rows),
+        format!(
+            "{} rows added (INSERT … generate_series + ANALYZE)",
+            settings.large_rows
+        ),
         started.elapsed().as_secs_f64(),
         "s",
     ));
     let large = size_steps(&mut db, &page, settings.secs, "large").await?;
     for (i, (c, what)) in [(1, "lone visitor"), (8, "8 connections")].into_iter().enumerate() {
         let (before, after) = (&small[i], &large[i]);
-        figures.push(Figure::new(
-            format!("large.c{c}.requests_per_sec"),
-            format!("{} rows, nginx+TLS c={c}: requests/s", settings.large_rows),
-            after.requests_per_sec,
-            "/s",
-        )
-        .against("small table", before.requests_per_sec));
+        figures.push(
+            Figure::new(
+                format!("large.c{c}.requests_per_sec"),
+                format!("{} rows, nginx+TLS c={c}: requests/s", settings.large_rows),
+                after.requests_per_sec,
+                "/s",
+            )
+            .against("small table", before.requests_per_sec),
+        );
         let mut p99 = Figure::new(
             format!("large.c{c}.p99_ms"),
             format!("{} rows, nginx+TLS c={c} ({what}): p99 latency", settings.large_rows),
@@ -273,7 +278,12 @@ async fn step(
 }
 
 /// GET / through nginx at c=1 and c=8, for comparing table sizes.
-async fn size_steps(db: &mut AsyncPgConnection, url: &str, secs: u64, size: &str) -> anyhow::Result<[wrk::WrkResult; 2]> {
+async fn size_steps(
+    db: &mut AsyncPgConnection,
+    url: &str,
+    secs: u64,
+    size: &str,
+) -> anyhow::Result<[wrk::WrkResult; 2]> {
     let mut out = [wrk::WrkResult::default(), wrk::WrkResult::default()];
     for (slot, c) in out.iter_mut().zip([1, 8]) {
         eprintln!("GET / nginx+TLS, {size} table, {c} connections, {secs} s");
@@ -294,10 +304,7 @@ impl Step {
         let mut errors = Figure::new(k("errors"), l("errors (non-2xx + socket)"), w.errors() as f64, "");
         if targeted {
             let share = w.requests_per_sec / ceiling;
-            rps = rps.target(
-                format!(">= {SHARE_OF_STATIC} × static file"),
-                share >= SHARE_OF_STATIC,
-            );
+            rps = rps.target(format!(">= {SHARE_OF_STATIC} × static file"), share >= SHARE_OF_STATIC);
             p99 = p99.target(format!("< {P99_MS} ms"), w.p99_ms < P99_MS);
             errors = errors.target("0", w.errors() == 0);
         }

@@ -28,12 +28,20 @@ struct Id {
 }
 
 /// Records page views in one statement (one commit) and returns their ids, in the order of
-/// `data`. The statement also adds them to a counter row.
-pub async fn insert(conn: &mut AsyncPgConnection, data: &[serde_json::Value]) -> QueryResult<Vec<i64>> {
+/// `data`. The statement also adds them to a counter row. It inserts nothing (and fails) if
+/// the server gets to writing more than `budget` after receiving it: the check is evaluated
+/// once, after the table lock is granted, so all rows or none.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    data: &[serde_json::Value],
+    budget: std::time::Duration,
+) -> QueryResult<Vec<i64>> {
     let mut ids: Vec<i64> = diesel::sql_query(
         "WITH inserted AS ( \
              INSERT INTO page_views (data) \
-             SELECT d FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(d, n) ORDER BY n \
+             SELECT d FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(d, n) \
+             WHERE (SELECT clock_timestamp() < statement_timestamp() + make_interval(secs => $3)) \
+             ORDER BY n \
              RETURNING id), \
          counted AS ( \
              UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) \
@@ -42,6 +50,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, data: &[serde_json::Value]) ->
     )
     .bind::<Array<Jsonb>, _>(data)
     .bind::<SmallInt, _>(next_shard())
+    .bind::<Double, _>(budget.as_secs_f64())
     .load::<Id>(conn)
     .await?
     .into_iter()

@@ -141,7 +141,10 @@ fn handle_batch(
             for (ids, delivery) in valid {
                 let bogus: Vec<i64> = ids.iter().copied().filter(|id| missing.contains(id)).collect();
                 for id in &bogus {
-                    tracing::warn!(page_view_id = id, "task names no page view; sent to the dead-letter queue");
+                    tracing::warn!(
+                        page_view_id = id,
+                        "task names no page view; sent to the dead-letter queue"
+                    );
                     events.dead_lettered();
                 }
                 if !bogus.is_empty() && bogus.len() == ids.len() && ids.len() == 1 {
@@ -151,7 +154,10 @@ fn handle_batch(
                 // Per id: the bogus ones of a larger message go to the dead-letter exchange
                 // as messages of their own, before the original is acked.
                 for id in bogus {
-                    let body = Task { page_view_ids: vec![id] }.to_bytes();
+                    let body = Task {
+                        page_view_ids: vec![id],
+                    }
+                    .to_bytes();
                     let properties = AmqpProperties::default()
                         .with_delivery_mode(2)
                         .with_content_type("application/json".into());

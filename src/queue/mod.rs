@@ -173,7 +173,11 @@ mod tests {
             Ok(Task { page_view_ids: vec![7] })
         );
         assert!(Task::parse(b"hello").unwrap_err().contains("body \"hello\""));
-        assert!(Task::parse(br#"{"page_view_id": "7"}"#).unwrap_err().contains("not a task"));
+        assert!(
+            Task::parse(br#"{"page_view_id": "7"}"#)
+                .unwrap_err()
+                .contains("not a task")
+        );
         assert_eq!(
             Task::parse(br#"{"v": 2, "page_view_ids": [3, -1]}"#).unwrap_err(),
             "page_view_id -1 is not positive"
@@ -182,7 +186,11 @@ mod tests {
             Task::parse(br#"{"v": 3, "page_view_ids": [3]}"#).unwrap_err(),
             "task format version 3 is not supported (2 is)"
         );
-        assert!(Task::parse(br#"{"v": 2, "page_view_ids": []}"#).unwrap_err().contains("0 page_view_ids"));
+        assert!(
+            Task::parse(br#"{"v": 2, "page_view_ids": []}"#)
+                .unwrap_err()
+                .contains("0 page_view_ids")
+        );
     }
 
     #[test]

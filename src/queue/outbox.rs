@@ -241,9 +241,14 @@ fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
         // shutdown is noticed.
         let until = Instant::now() + delay;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
-            if closing(shared, &mut closed_at) && (pending.is_empty() || closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE)) {
+            if closing(shared, &mut closed_at)
+                && (pending.is_empty() || closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
+            {
                 if !pending.is_empty() {
-                    tracing::warn!(unpublished = pending.len(), "stopping with unpublished tasks; the sweep publishes them after the restart");
+                    tracing::warn!(
+                        unpublished = pending.len(),
+                        "stopping with unpublished tasks; the sweep publishes them after the restart"
+                    );
                     shared.backlog.fetch_sub(pending.len(), Ordering::Relaxed);
                 }
                 return;
@@ -374,7 +379,11 @@ fn session(
                             Confirm::Ack(p) => (p.delivery_tag, true),
                             Confirm::Nack(p) => (p.delivery_tag, false),
                         };
-                        let Some(i) = tag.checked_sub(first_tag).map(|i| i as usize).filter(|i| *i < published) else {
+                        let Some(i) = tag
+                            .checked_sub(first_tag)
+                            .map(|i| i as usize)
+                            .filter(|i| *i < published)
+                        else {
                             continue;
                         };
                         settled += 1;
@@ -390,7 +399,10 @@ fn session(
         let mut returned = 0;
         let mut reason = String::new();
         while let Ok(r) = returns.try_recv() {
-            if let Some(i) = messages.iter().position(|ids| Task::parse(&r.content).is_ok_and(|t| t.page_view_ids == *ids)) {
+            if let Some(i) = messages
+                .iter()
+                .position(|ids| Task::parse(&r.content).is_ok_and(|t| t.page_view_ids == *ids))
+            {
                 acked[i] = false;
             }
             returned += 1;
@@ -422,7 +434,11 @@ fn session(
             // A broker that refuses messages (disk or memory alarm, queue limit): retry later,
             // not in a loop.
             let delay = backoff.next_delay();
-            tracing::warn!(messages = nacked, retry_in_ms = delay.as_millis() as u64, "broker refused tasks; retrying them");
+            tracing::warn!(
+                messages = nacked,
+                retry_in_ms = delay.as_millis() as u64,
+                "broker refused tasks; retrying them"
+            );
             std::thread::sleep(delay);
         } else if confirmed > 0 {
             // Reset only after the broker took work: a broker that accepts connections and

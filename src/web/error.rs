@@ -17,6 +17,11 @@ pub enum AppError {
     Batch(std::sync::Arc<AppError>),
     #[error("the app is stopping")]
     Stopping,
+    #[error("too many page views waiting for the database")]
+    Busy,
+    /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
+    #[error("no answer from the database within {0:?}")]
+    DeadlinePassed(std::time::Duration),
 }
 
 impl IntoResponse for AppError {

@@ -44,9 +44,10 @@ pub type AppState = Arc<App>;
 
 impl App {
     /// Starts the INSERT batcher too, so it needs a tokio runtime.
-    pub fn new(pool: Pool, outbox: Outbox) -> AppState {
+    /// `db_timeout`: how long a request waits for its row before 503.
+    pub fn new(pool: Pool, outbox: Outbox, db_timeout: Duration) -> AppState {
         let metrics = Arc::new(AppMetrics::default());
-        let batcher = batch_insert::InsertBatcher::start(pool.clone(), outbox.clone(), metrics.clone());
+        let batcher = batch_insert::InsertBatcher::start(pool.clone(), outbox.clone(), metrics.clone(), db_timeout);
         Arc::new(App {
             pool,
             outbox,
@@ -89,9 +90,13 @@ pub fn router(app: AppState) -> Router {
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
 /// the remaining tasks to the broker, and returns.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
-    let pool = db::pool(&config.database);
-    let outbox = Outbox::start(config.broker.url.expose().to_owned(), pool.clone(), config.sweep_interval);
-    let app = App::new(pool, outbox.clone());
+    let pool = db::request_pool(&config.database);
+    let outbox = Outbox::start(
+        config.broker.url.expose().to_owned(),
+        pool.clone(),
+        config.sweep_interval,
+    );
+    let app = App::new(pool, outbox.clone(), config.database.timeout);
 
     let listener = listener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "app listening");

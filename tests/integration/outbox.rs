@@ -8,7 +8,10 @@ use pageviews_testbed::process::wait_until;
 use std::time::{Duration, Instant};
 
 /// Runs `f` on a channel of the test's vhost (amiquip is blocking).
-async fn on_channel(env: &TestEnv, f: impl FnOnce(&amiquip::Channel) -> amiquip::Result<()> + Send + 'static) -> anyhow::Result<()> {
+async fn on_channel(
+    env: &TestEnv,
+    f: impl FnOnce(&amiquip::Channel) -> amiquip::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
     let url = env.urls.amqp.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let (connection, channel) = pageviews::queue::open(&url)?;
@@ -133,7 +136,13 @@ async fn persistent_nacks_back_off_and_recover() -> anyhow::Result<()> {
     env.migrate()?;
     let rabbit = &env.services().rabbitmq;
     rabbit.ctl(&[
-        "set_policy", "-p", &env.vhost, "--apply-to", "queues", "refuse", "^pageviews\\.tasks$",
+        "set_policy",
+        "-p",
+        &env.vhost,
+        "--apply-to",
+        "queues",
+        "refuse",
+        "^pageviews\\.tasks$",
         r#"{"max-length": 1, "overflow": "reject-publish"}"#,
     ])?;
     let app = env.app(&[]).await?;
@@ -152,5 +161,45 @@ async fn persistent_nacks_back_off_and_recover() -> anyhow::Result<()> {
     rabbit.ctl(&["clear_policy", "-p", &env.vhost, "refuse"])?;
     let _worker = env.worker("worker", &[])?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 50);
+    Ok(())
+}
+
+/// Issue 11 row 5: a locked table answers 503 within `PAGEVIEWS_DB_TIMEOUT_MS`, and the
+/// request answered 503 leaves no row once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_table_gives_a_quick_503_and_no_row_later() -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[("PAGEVIEWS_DB_TIMEOUT_MS", "1000")]).await?;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    let mut locker = env.db().await?;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        locker
+            .transaction(async |conn| {
+                diesel::sql_query("LOCK TABLE page_views IN ACCESS EXCLUSIVE MODE")
+                    .execute(conn)
+                    .await?;
+                let _ = locked.send(());
+                let _ = released.await;
+                Ok::<_, diesel::result::Error>(())
+            })
+            .await
+    });
+    is_locked.await?;
+    let started = Instant::now();
+    let status = client().get(app.url("/")).send().await?.status();
+    let took = started.elapsed();
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_millis(1_800), "503 took {took:?}");
+    let _ = release.send(());
+    holder.await??;
+    // The next view queues behind the released INSERT, so once it is answered that one is done.
+    let page = client().get(app.url("/")).send().await?;
+    assert_eq!(page.status(), 200);
+    assert_eq!(env.exact_counts().await?.0, 2, "the request answered 503 left a row");
+    assert_eq!(env.counts().await?.0, 2);
     Ok(())
 }

@@ -160,7 +160,8 @@ impl TestEnv {
     pub async fn exact_counts(&self) -> anyhow::Result<(i64, i64)> {
         Ok((
             self.sql_count("SELECT count(*) AS n FROM page_views").await?,
-            self.sql_count("SELECT count(processed_at) AS n FROM page_views").await?,
+            self.sql_count("SELECT count(processed_at) AS n FROM page_views")
+                .await?,
         ))
     }
 

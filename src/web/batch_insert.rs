@@ -66,7 +66,7 @@ impl InsertBatcher {
             Ok(Ok(Ok(id))) => Ok(id),
             Ok(Ok(Err(e))) => Err(AppError::Batch(e)),
             Ok(Err(_)) => Err(AppError::Stopping),
-            Err(_) => Err(AppError::DeadlinePassed(self.timeout)),
+            Err(_) => Err(AppError::DeadlinePassed),
         }
     }
 }
@@ -119,7 +119,7 @@ async fn run(mut rx: mpsc::Receiver<Visit>, pool: Pool, outbox: Outbox, metrics:
 async fn insert(pool: &Pool, data: &[serde_json::Value], budget_ends: Instant) -> Result<Vec<i64>, AppError> {
     let mut conn = tokio::time::timeout_at(budget_ends, pool.get())
         .await
-        .map_err(|_| AppError::DeadlinePassed(Duration::ZERO))??;
+        .map_err(|_| AppError::DeadlinePassed)??;
     let budget = budget_ends.saturating_duration_since(Instant::now());
     Ok(db::page_views::insert(&mut conn, data, budget).await?)
 }

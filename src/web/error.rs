@@ -20,8 +20,8 @@ pub enum AppError {
     #[error("too many page views waiting for the database")]
     Busy,
     /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
-    #[error("no answer from the database within {0:?}")]
-    DeadlinePassed(std::time::Duration),
+    #[error("database unavailable: no answer within PAGEVIEWS_DB_TIMEOUT_MS")]
+    DeadlinePassed,
 }
 
 impl IntoResponse for AppError {

@@ -1,7 +1,7 @@
 # Helpers shared by the pageviews VM test scripts. nodes.nix `script` puts this file between
 # the generated constants and the test's own script, so everything here runs in the NixOS
-# test driver's namespace. Machine arguments are left unannotated on purpose: the driver's class name
-# differs between nixpkgs releases (Machine / QemuMachine), and an annotation naming the
+# test driver's namespace. Machine arguments are left unannotated on purpose: the driver's
+# class name differs between nixpkgs releases (Machine / QemuMachine), and an annotation naming the
 # wrong one would break the build-time type check or the script itself.
 import re
 import shlex

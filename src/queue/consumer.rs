@@ -1,10 +1,11 @@
 //! The worker's consumer: one thread owns the AMQP connection, takes deliveries in batches (up
 //! to the prefetch limit), hands the valid ones to the async side and acks each only after the
-//! database transaction that processed it has committed. Malformed or bogus tasks are rejected
-//! without requeue, which routes them to the dead-letter queue.
+//! database transaction that processed it has committed. A malformed message is rejected
+//! without requeue, which routes it to the dead-letter queue; an id naming no page view is
+//! dead-lettered on its own (a message of just that id), the rest of its message processed.
 
-use super::{Backoff, QUEUE, Task, redacted};
-use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
+use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
+use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub struct Batch {
 
 /// What the async side decided for a batch.
 pub enum Verdict {
-    /// Committed: ack everything except these ids, which name no page view (dead-letter them).
+    /// Committed: ack everything; these ids name no page view (dead-letter them).
     Done { missing: Vec<i64> },
     /// Not committed (shutting down while the database is away): leave unacked for redelivery.
     NotDone,
@@ -29,6 +30,9 @@ pub trait ConsumerEvents: Send + Sync {
     fn dead_lettered(&self);
     fn connected(&self, up: bool);
 }
+
+/// Ids per batch (one transaction), at most; deliveries are taken until it is reached.
+const MAX_BATCH_IDS: usize = 2_000;
 
 /// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
 pub fn run(
@@ -80,10 +84,15 @@ fn session(
             Err(_) => return Err(amiquip::Error::ClientClosedConnection),
         };
         let mut deliveries = Vec::new();
+        let mut ids = 0;
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
-                ConsumerMessage::Delivery(delivery) => deliveries.push(delivery),
+                ConsumerMessage::Delivery(delivery) => {
+                    // An estimate from the size (about 8 bytes an id) bounds the batch's ids.
+                    ids += delivery.body.len() / 8 + 1;
+                    deliveries.push(delivery);
+                }
                 ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => return Err(e),
                 ConsumerMessage::ClientCancelled
                 | ConsumerMessage::ServerCancelled
@@ -92,7 +101,7 @@ fn session(
                     return Err(amiquip::Error::ClientClosedConnection);
                 }
             }
-            if deliveries.len() < usize::from(prefetch) {
+            if deliveries.len() < usize::from(prefetch) && ids < MAX_BATCH_IDS {
                 next = receiver.try_recv().ok();
             }
         }
@@ -107,10 +116,10 @@ fn handle_batch(
     events: &dyn ConsumerEvents,
     left_unacked: &mut bool,
 ) -> amiquip::Result<()> {
-    let mut valid: Vec<(i64, Delivery)> = Vec::with_capacity(deliveries.len());
+    let mut valid: Vec<(Vec<i64>, Delivery)> = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match Task::parse(&delivery.body) {
-            Ok(task) => valid.push((task.page_view_id, delivery)),
+            Ok(task) => valid.push((task.page_view_ids, delivery)),
             Err(problem) => {
                 tracing::warn!(%problem, redelivered = delivery.redelivered, "malformed task sent to the dead-letter queue");
                 events.dead_lettered();
@@ -122,22 +131,42 @@ fn handle_batch(
         return Ok(());
     }
     let (reply, verdict) = oneshot::channel();
-    let ids = valid.iter().map(|(id, _)| *id).collect();
+    let ids = valid.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
     if batches.blocking_send(Batch { ids, reply }).is_err() {
         return Ok(()); // the async side has stopped; the broker requeues on close
     }
     match verdict.blocking_recv() {
         Ok(Verdict::Done { missing }) => {
             let mut last = None;
-            for (id, delivery) in valid {
-                if missing.contains(&id) {
+            for (ids, delivery) in valid {
+                let bogus: Vec<i64> = ids.iter().copied().filter(|id| missing.contains(id)).collect();
+                for id in &bogus {
                     tracing::warn!(
                         page_view_id = id,
                         "task names no page view; sent to the dead-letter queue"
                     );
                     events.dead_lettered();
+                }
+                if !bogus.is_empty() && bogus.len() == ids.len() && ids.len() == 1 {
                     delivery.reject(channel, false)?;
-                } else if let Some(previous) = last.replace(delivery)
+                    continue;
+                }
+                // Per id: the bogus ones of a larger message go to the dead-letter exchange
+                // as messages of their own, before the original is acked.
+                for id in bogus {
+                    let body = Task {
+                        page_view_ids: vec![id],
+                    }
+                    .to_bytes();
+                    let properties = AmqpProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into());
+                    channel.basic_publish(
+                        DEAD_LETTER_EXCHANGE,
+                        Publish::with_properties(&body, ROUTING_KEY, properties),
+                    )?;
+                }
+                if let Some(previous) = last.replace(delivery)
                     && *left_unacked
                 {
                     previous.ack(channel)?;

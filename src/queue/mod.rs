@@ -2,7 +2,7 @@
 //! so everything here runs on dedicated threads, never on the tokio workers.
 
 pub mod consumer;
-pub mod publisher;
+pub mod outbox;
 
 use amiquip::{AmqpValue, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use serde::{Deserialize, Serialize};
@@ -14,27 +14,64 @@ pub const ROUTING_KEY: &str = "page_view";
 pub const DEAD_LETTER_EXCHANGE: &str = "pageviews.dead";
 pub const DEAD_LETTER_QUEUE: &str = "pageviews.dead";
 
-/// The task: "process this page view". The row in PostgreSQL is the source of truth.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// Ids in one task message, at most (the publisher sends up to `outbox::IDS_PER_MESSAGE`).
+pub const MAX_IDS: usize = 1_000;
+
+/// The task: "process these page views". The rows in PostgreSQL are the source of truth.
+///
+/// On the wire (README, "Task messages"), version 2: `{"v": 2, "page_view_ids": [1, 2, 3]}`,
+/// 1 to 1 000 positive ids. Version 1, `{"page_view_id": 1}`, is still read, so tasks queued
+/// by an older app are processed after an upgrade.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Task {
-    pub page_view_id: i64,
+    pub page_view_ids: Vec<i64>,
+}
+
+#[derive(Serialize)]
+struct WireV2<'a> {
+    v: u8,
+    page_view_ids: &'a [i64],
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Wire {
+    Versioned { v: i64, page_view_ids: Vec<i64> },
+    V1 { page_view_id: i64 },
 }
 
 impl Task {
+    pub const VERSION: u8 = 2;
+
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a struct of one integer always serialises")
+        let wire = WireV2 {
+            v: Self::VERSION,
+            page_view_ids: &self.page_view_ids,
+        };
+        serde_json::to_vec(&wire).expect("a list of integers always serialises")
     }
 
     /// Parses a message body; the error says what was wrong, for the dead-letter log line.
     pub fn parse(body: &[u8]) -> Result<Task, String> {
-        let task: Task = serde_json::from_slice(body).map_err(|e| {
-            let shown = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
-            format!("not a task {{\"page_view_id\": <positive integer>}}: {e}; body {shown:?}")
+        let shown = || String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
+        let wire: Wire = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "not a task {{\"v\": 2, \"page_view_ids\": [<positive integers>]}}: {e}; body {:?}",
+                shown()
+            )
         })?;
-        if task.page_view_id <= 0 {
-            return Err(format!("page_view_id {} is not positive", task.page_view_id));
+        let ids = match wire {
+            Wire::Versioned { v: 2, page_view_ids } => page_view_ids,
+            Wire::Versioned { v, .. } => return Err(format!("task format version {v} is not supported (2 is)")),
+            Wire::V1 { page_view_id } => vec![page_view_id],
+        };
+        if ids.is_empty() || ids.len() > MAX_IDS {
+            return Err(format!("{} page_view_ids; a task has 1 to {MAX_IDS}", ids.len()));
         }
-        Ok(task)
+        if let Some(bad) = ids.iter().find(|id| **id <= 0) {
+            return Err(format!("page_view_id {bad} is not positive"));
+        }
+        Ok(Task { page_view_ids: ids })
     }
 }
 
@@ -126,17 +163,33 @@ mod tests {
 
     #[test]
     fn tasks_round_trip_and_bad_bodies_say_why() {
-        let task = Task { page_view_id: 42 };
+        let task = Task {
+            page_view_ids: vec![42, 43],
+        };
+        assert_eq!(task.to_bytes(), br#"{"v":2,"page_view_ids":[42,43]}"#);
         assert_eq!(Task::parse(&task.to_bytes()), Ok(task));
+        assert_eq!(
+            Task::parse(br#"{"page_view_id": 7}"#),
+            Ok(Task { page_view_ids: vec![7] })
+        );
         assert!(Task::parse(b"hello").unwrap_err().contains("body \"hello\""));
         assert!(
             Task::parse(br#"{"page_view_id": "7"}"#)
                 .unwrap_err()
-                .contains("invalid type")
+                .contains("not a task")
         );
         assert_eq!(
-            Task::parse(br#"{"page_view_id": -1}"#).unwrap_err(),
+            Task::parse(br#"{"v": 2, "page_view_ids": [3, -1]}"#).unwrap_err(),
             "page_view_id -1 is not positive"
+        );
+        assert_eq!(
+            Task::parse(br#"{"v": 3, "page_view_ids": [3]}"#).unwrap_err(),
+            "task format version 3 is not supported (2 is)"
+        );
+        assert!(
+            Task::parse(br#"{"v": 2, "page_view_ids": []}"#)
+                .unwrap_err()
+                .contains("0 page_view_ids")
         );
     }
 

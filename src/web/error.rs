@@ -15,6 +15,11 @@ pub enum AppError {
     Batch(std::sync::Arc<AppError>),
     #[error("the app is stopping")]
     Stopping,
+    #[error("too many page views waiting for the database")]
+    Busy,
+    /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
+    #[error("database unavailable: no answer within PAGEVIEWS_DB_TIMEOUT_MS")]
+    DeadlinePassed,
 }
 
 impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {

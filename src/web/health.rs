@@ -13,7 +13,7 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the publisher is connected to the broker.
+/// Ready when the database answers and the outbox is connected to the broker.
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
     let database = match app.pool.get().await {
         Ok(mut conn) => diesel::sql_query("SELECT 1")
@@ -23,7 +23,7 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let broker = app.publisher.is_connected();
+    let broker = app.outbox.is_connected();
     let mut body = String::new();
     match &database {
         Ok(()) => body.push_str("database: ok\n"),
@@ -43,9 +43,7 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
 }
 
 pub async fn metrics(State(app): State<AppState>) -> impl axum::response::IntoResponse {
-    app.metrics
-        .broker_connected
-        .set(i64::from(app.publisher.is_connected()));
+    app.metrics.broker_connected.set(i64::from(app.outbox.is_connected()));
     crate::metrics::exposition(&app.registry)
 }
 

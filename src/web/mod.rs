@@ -5,13 +5,12 @@ mod error;
 mod health;
 pub mod listener;
 mod page;
-mod publishing;
 mod request_id;
 
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
-use crate::queue::publisher::Publisher;
+use crate::queue::outbox::Outbox;
 use crate::shutdown;
 use axum::Router;
 use axum::routing::get;
@@ -25,7 +24,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 /// Shared by every request.
 pub struct App {
     pub pool: Pool,
-    pub publisher: Publisher,
+    pub outbox: Outbox,
     pub metrics: Arc<AppMetrics>,
     /// Where `GET /` stores its page view: concurrent ones share an INSERT.
     batcher: batch_insert::InsertBatcher,
@@ -40,8 +39,7 @@ pub struct AppMetrics {
     pub requests: Family<StatusClass, Counter>,
     pub request_duration: Histogram,
     pub recorded: Counter,
-    pub republished: Counter,
-    /// Set from `Publisher::is_connected` when scraped.
+    /// Set from `Outbox::is_connected` when scraped.
     pub broker_connected: Gauge,
 }
 
@@ -68,7 +66,6 @@ impl AppMetrics {
             requests: Family::default(),
             request_duration: crate::metrics::seconds_histogram(),
             recorded: Counter::default(),
-            republished: Counter::default(),
             broker_connected: Gauge::default(),
         };
         // Every class from the start, so rates work from the first scrape.
@@ -91,13 +88,8 @@ impl AppMetrics {
             m.recorded.clone(),
         );
         registry.register(
-            "republished",
-            "Unconfirmed tasks handed to the publisher again by the sweep",
-            m.republished.clone(),
-        );
-        registry.register(
             "broker_connected",
-            "Whether the publisher is connected",
+            "Whether the outbox is connected to the broker",
             m.broker_connected.clone(),
         );
         m
@@ -108,14 +100,15 @@ pub type AppState = Arc<App>;
 
 impl App {
     /// Starts the INSERT batcher too, so it needs a tokio runtime.
-    pub fn new(pool: Pool, publisher: Publisher) -> AppState {
+    /// `db_timeout`: how long a request waits for its row before 503.
+    pub fn new(pool: Pool, outbox: Outbox, db_timeout: Duration) -> AppState {
         let mut registry = crate::metrics::registry();
         let metrics = Arc::new(AppMetrics::new(&mut registry));
-        publisher.metrics().register(&mut registry);
-        let batcher = batch_insert::InsertBatcher::start(pool.clone(), publisher.clone(), metrics.clone());
+        outbox.metrics().register(&mut registry);
+        let batcher = batch_insert::InsertBatcher::start(pool.clone(), outbox.clone(), metrics.clone(), db_timeout);
         Arc::new(App {
             pool,
-            publisher,
+            outbox,
             metrics,
             batcher,
             page_stats: page::StatsCache::default(),
@@ -156,24 +149,20 @@ pub fn router(app: AppState) -> Router {
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
 /// the remaining tasks to the broker, and returns.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
-    let pool = db::pool(&config.database);
-    let (confirmed_tx, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (publisher, publisher_thread) = Publisher::start(config.broker.url.expose().to_owned(), confirmed_tx);
-    let app = App::new(pool.clone(), publisher);
-    let (trigger, stopping) = shutdown::channel();
-    let recorder = tokio::spawn(publishing::record_confirms(pool.clone(), confirmed_rx));
-    let sweep = tokio::spawn(publishing::sweep(app.clone(), config.sweep_interval, stopping));
+    let pool = db::request_pool(&config.database);
+    let outbox = Outbox::start(
+        config.broker.url.expose().to_owned(),
+        pool.clone(),
+        config.sweep_interval,
+    );
+    let app = App::new(pool, outbox.clone(), config.database.timeout);
 
     let listener = listener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "app listening");
     listener::serve(listener, router(app), shutdown::signal()).await?;
 
-    // Requests are done. Stop the sweep, which drops the last publisher handle: the thread
-    // publishes what it holds and ends; then the recorder writes the last confirms.
-    trigger.fire();
-    let _ = sweep.await;
-    let _ = tokio::task::spawn_blocking(move || publisher_thread.join()).await;
-    let _ = recorder.await;
+    // Requests are done: the outbox publishes what it holds and stops.
+    outbox.shutdown().await;
     tracing::info!("app stopped");
     Ok(())
 }

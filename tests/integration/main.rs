@@ -4,6 +4,7 @@
 mod config_errors;
 mod faults;
 mod migrations;
+mod outbox;
 mod pipeline;
 mod proxy;
 mod support;

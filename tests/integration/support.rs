@@ -156,14 +156,47 @@ impl TestEnv {
         Ok((totals.recorded, totals.processed))
     }
 
-    /// Waits until every recorded page view is processed and returns how many there are.
+    /// (rows, processed rows) counted in the table itself, to check the counters against.
+    pub async fn exact_counts(&self) -> anyhow::Result<(i64, i64)> {
+        Ok((
+            self.sql_count("SELECT count(*) AS n FROM page_views").await?,
+            self.sql_count("SELECT count(processed_at) AS n FROM page_views")
+                .await?,
+        ))
+    }
+
+    /// Waits until every row is processed and returns how many there are; the figures the page
+    /// shows (the counters) must then equal the table's own counts.
     pub async fn all_processed(&self, timeout: Duration) -> anyhow::Result<i64> {
-        wait_until("all page views processed", timeout, || async {
-            let (rows, processed) = self.counts().await?;
+        let rows = wait_until("all page views processed", timeout, || async {
+            let (rows, processed) = self.exact_counts().await?;
             anyhow::ensure!(rows == processed, "{processed} of {rows} processed");
             Ok(rows)
         })
-        .await
+        .await?;
+        assert_eq!(self.counts().await?, (rows, rows), "counters differ from count(*)");
+        Ok(rows)
+    }
+
+    /// `n` unprocessed page views made directly in the database (a backlog no app offered:
+    /// only the sweep can find it), counted like the app counts them.
+    pub async fn backlog_in_db(&self, n: i64) -> anyhow::Result<()> {
+        let mut conn = self.db().await?;
+        diesel::sql_query(format!(
+            "WITH inserted AS (INSERT INTO page_views (data) SELECT '{{}}' FROM generate_series(1, {n})) \
+             UPDATE page_view_counts SET recorded = recorded + {n} WHERE shard = 0"
+        ))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    /// A counter of the app's `/metrics`.
+    pub async fn app_metric(&self, app: &RunningApp, name: &str) -> anyhow::Result<u64> {
+        let text = client().get(app.url("/metrics")).send().await?.text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no {name} in {text}"))
     }
 
     pub fn queue_depth(&self, queue: &str) -> anyhow::Result<u64> {

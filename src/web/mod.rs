@@ -7,6 +7,7 @@ pub mod listener;
 mod page;
 mod publishing;
 mod request_id;
+mod stats;
 
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
@@ -63,6 +64,7 @@ impl App {
 pub fn router(app: AppState) -> Router {
     Router::new()
         .route("/", get(page::show))
+        .route("/stats", get(stats::show))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -13,16 +13,21 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the publisher is connected to the broker.
-pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
-    let database = match app.pool.get().await {
+/// Whether a pooled connection answers, within the pool's timeout.
+async fn database(app: &AppState) -> Result<(), String> {
+    match app.pool.get().await {
         Ok(mut conn) => diesel::sql_query("SELECT 1")
             .execute(&mut conn)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
-    };
+    }
+}
+
+/// Ready when the database answers and the publisher is connected to the broker.
+pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
+    let database = database(&app).await;
     let broker = app.publisher.is_connected();
     let mut body = String::new();
     match &database {
@@ -86,6 +91,10 @@ pub async fn metrics(State(app): State<AppState>) -> String {
     );
     let up = u8::from(app.publisher.is_connected());
     out.push_str(&format!("# HELP pageviews_broker_connected Whether the publisher is connected.\n# TYPE pageviews_broker_connected gauge\npageviews_broker_connected {up}\n"));
+    // Checked at scrape time (at most PAGEVIEWS_DB_TIMEOUT_MS): the alert on an unreachable
+    // database needs no traffic to fire.
+    let up = u8::from(database(&app).await.is_ok());
+    out.push_str(&format!("# HELP pageviews_database_up Whether a database connection answered at scrape time.\n# TYPE pageviews_database_up gauge\npageviews_database_up {up}\n"));
     out
 }
 

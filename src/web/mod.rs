@@ -90,6 +90,15 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
+/// The operators' routes alone, for `PAGEVIEWS_APP_METRICS_LISTEN`.
+fn operations_router(app: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .with_state(app)
+}
+
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
 /// the remaining tasks to the broker, and returns.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
@@ -99,6 +108,18 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let app = App::new(pool.clone(), publisher);
     let (trigger, stopping) = shutdown::channel();
     let recorder = tokio::spawn(publishing::record_confirms(pool.clone(), confirmed_rx));
+    let operations = match &config.metrics_listen {
+        Some(listen) => {
+            let listener = listener::bind(listen).await?;
+            tracing::info!(%listen, "app metrics listening");
+            let mut stopping = stopping.clone();
+            let router = operations_router(app.clone());
+            Some(tokio::spawn(async move {
+                listener::serve(listener, router, async move { stopping.wait().await }).await
+            }))
+        }
+        None => None,
+    };
     let sweep = tokio::spawn(publishing::sweep(app.clone(), config.sweep_interval, stopping));
 
     let listener = listener::bind(&config.listen).await?;
@@ -111,6 +132,9 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let _ = sweep.await;
     let _ = tokio::task::spawn_blocking(move || publisher_thread.join()).await;
     let _ = recorder.await;
+    if let Some(operations) = operations {
+        let _ = operations.await;
+    }
     tracing::info!("app stopped");
     Ok(())
 }

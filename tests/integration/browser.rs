@@ -55,19 +55,17 @@ impl Browser {
         .await?;
 
         let profile = dir.join("chromium-profile");
-        let mut args = vec![
+        let args = vec![
             "--headless=new".to_owned(),
+            // Chromium's own sandbox cannot start as root (CI) nor in the Nix build sandbox;
+            // the only page loaded is ours.
+            "--no-sandbox".to_owned(),
             "--disable-gpu".to_owned(),
             "--disable-dev-shm-usage".to_owned(),
-            "--window-size=900,1000".to_owned(),
+            "--window-size=900,760".to_owned(),
             format!("--user-data-dir={}", profile.display()),
             format!("--ignore-certificate-errors-spki-list={ca_spki_sha256}"),
         ];
-        // Chromium's sandbox refuses to run as root (CI runs as root).
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            args.push("--no-sandbox".to_owned());
-        }
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },

@@ -5,6 +5,7 @@ mod browser;
 mod config_errors;
 mod faults;
 mod migrations;
+mod ops;
 mod page;
 mod pipeline;
 mod proxy;

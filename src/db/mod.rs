@@ -45,7 +45,7 @@ pub fn pool(config: &DatabaseConfig) -> Pool {
         .build_unchecked(manager)
 }
 
-/// A background task's database error: no connection, or the query failed.
+/// A database error: no connection, or the query failed (requests wrap it in `AppError`).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
@@ -54,7 +54,7 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
 }
 
-/// Runs `query` on a pooled connection (for background tasks; requests use `AppError`).
+/// Runs `query` on a pooled connection.
 pub async fn run<T>(
     pool: &Pool,
     query: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,

@@ -6,15 +6,6 @@ use diesel::dsl::{count, count_star, now};
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-/// Records a page view and returns its id.
-pub async fn insert(conn: &mut AsyncPgConnection, data: &serde_json::Value) -> QueryResult<i64> {
-    diesel::insert_into(page_views::table)
-        .values(page_views::data.eq(data))
-        .returning(page_views::id)
-        .get_result(conn)
-        .await
-}
-
 /// Marks rows whose task the broker has confirmed, so the sweep leaves them alone.
 pub async fn mark_enqueued(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<usize> {
     use diesel_async::AsyncConnection;

@@ -4,7 +4,7 @@
 //! sweep hands it over again, so nothing is lost while the broker is away.
 
 use super::{Backoff, EXCHANGE, ROUTING_KEY, Task, redacted};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Registry};
 use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +31,26 @@ pub struct PublisherMetrics {
     pub confirmed: Counter,
     pub failures: Counter,
     pub deferred: Counter,
+}
+
+impl PublisherMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "publish_confirmed",
+            "Tasks confirmed by the broker",
+            self.confirmed.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Broker connections lost while publishing",
+            self.failures.clone(),
+        );
+        registry.register(
+            "publish_deferred",
+            "Tasks left to the sweep because the publisher queue was full",
+            self.deferred.clone(),
+        );
+    }
 }
 
 struct Shared {
@@ -238,7 +258,7 @@ fn session(
                 }
             }
         }
-        shared.metrics.confirmed.add(acked.len() as u64);
+        shared.metrics.confirmed.inc_by(acked.len() as u64);
         if !nacked.is_empty() {
             tracing::warn!(count = nacked.len(), "broker refused tasks; retrying them");
         }

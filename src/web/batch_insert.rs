@@ -71,7 +71,7 @@ async fn run(
             let (data, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             match insert(&pool, &data).await {
                 Ok(ids) => {
-                    metrics.recorded.add(ids.len() as u64);
+                    metrics.recorded.inc_by(ids.len() as u64);
                     for (id, reply) in ids.into_iter().zip(replies) {
                         publisher.offer(id);
                         let _ = reply.send(Ok(id));

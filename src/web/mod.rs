@@ -11,7 +11,7 @@ mod stats;
 
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
-use crate::metrics::{Counter, Histogram};
+use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use crate::queue::publisher::Publisher;
 use crate::shutdown;
 use axum::Router;
@@ -33,14 +33,84 @@ pub struct App {
     /// Totals shown on the page, refreshed at most once a second (counting rows per request
     /// would make every page view scan the table).
     page_stats: page::StatsCache,
+    /// What `/metrics` exposes: `metrics` and the publisher's.
+    registry: Registry,
 }
 
-#[derive(Default)]
 pub struct AppMetrics {
-    pub requests: [Counter; 5],
+    pub requests: Family<StatusClass, Counter>,
     pub request_duration: Histogram,
     pub recorded: Counter,
     pub republished: Counter,
+    /// Set from `Publisher::is_connected` when scraped.
+    pub broker_connected: Gauge,
+    /// Whether a database connection answered, checked when scraped.
+    pub database_up: Gauge,
+}
+
+/// The `status` label of `pageviews_http_requests_total`: `1xx` to `5xx`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct StatusClass {
+    pub status: &'static str,
+}
+
+impl StatusClass {
+    const ALL: [&'static str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+    pub fn of(status: axum::http::StatusCode) -> Self {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        StatusClass {
+            status: Self::ALL[class],
+        }
+    }
+}
+
+impl AppMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = AppMetrics {
+            requests: Family::default(),
+            request_duration: crate::metrics::seconds_histogram(),
+            recorded: Counter::default(),
+            republished: Counter::default(),
+            broker_connected: Gauge::default(),
+            database_up: Gauge::default(),
+        };
+        // Every class from the start, so rates work from the first scrape.
+        for status in StatusClass::ALL {
+            drop(m.requests.get_or_create(&StatusClass { status }));
+        }
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "page_views_recorded",
+            "Page views stored in PostgreSQL",
+            m.recorded.clone(),
+        );
+        registry.register(
+            "republished",
+            "Unconfirmed tasks handed to the publisher again by the sweep",
+            m.republished.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "Whether the publisher is connected",
+            m.broker_connected.clone(),
+        );
+        registry.register(
+            "database_up",
+            "Whether a database connection answered at scrape time",
+            m.database_up.clone(),
+        );
+        m
+    }
 }
 
 pub type AppState = Arc<App>;
@@ -48,7 +118,9 @@ pub type AppState = Arc<App>;
 impl App {
     /// Starts the INSERT batcher too, so it needs a tokio runtime.
     pub fn new(pool: Pool, publisher: Publisher) -> AppState {
-        let metrics = Arc::new(AppMetrics::default());
+        let mut registry = crate::metrics::registry();
+        let metrics = Arc::new(AppMetrics::new(&mut registry));
+        publisher.metrics().register(&mut registry);
         let batcher = batch_insert::InsertBatcher::start(pool.clone(), publisher.clone(), metrics.clone());
         Arc::new(App {
             pool,
@@ -56,6 +128,7 @@ impl App {
             metrics,
             batcher,
             page_stats: page::StatsCache::default(),
+            registry,
         })
     }
 }

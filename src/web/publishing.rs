@@ -40,7 +40,7 @@ pub async fn sweep(app: AppState, interval: Duration, stopping: Shutdown) {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => {
                 let offered = ids.iter().take_while(|id| app.publisher.offer(**id)).count();
-                app.metrics.republished.add(offered as u64);
+                app.metrics.republished.inc_by(offered as u64);
                 tracing::info!(count = offered, "sweep re-published unconfirmed page views");
             }
             Err(error) => tracing::warn!(%error, "sweep cannot read unconfirmed page views"),

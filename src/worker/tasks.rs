@@ -33,8 +33,8 @@ async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, s
                 for (_, created_at) in &processed.done {
                     metrics.latency.observe((now - *created_at).as_seconds_f64());
                 }
-                metrics.processed.add(processed.done.len() as u64);
-                metrics.duplicates.add(processed.duplicates.len() as u64);
+                metrics.processed.inc_by(processed.done.len() as u64);
+                metrics.duplicates.inc_by(processed.duplicates.len() as u64);
                 tracing::debug!(
                     done = processed.done.len(),
                     duplicates = processed.duplicates.len(),

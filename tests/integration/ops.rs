@@ -123,7 +123,13 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() -> anyhow::
     // The operators' listener: metrics and health, never the page.
     let operations = |path: &str| format!("http://127.0.0.1:{app_metrics}{path}");
     assert_eq!(c.get(operations("/")).send().await?.status(), 404);
-    assert_eq!(c.get(operations("/readyz")).send().await?.status(), 200);
+    // Ready once the publisher has connected to the broker.
+    wait_until("readyz on the operators' listener", Duration::from_secs(20), || async {
+        let status = c.get(operations("/readyz")).send().await?.status();
+        anyhow::ensure!(status == 200, "status {status}");
+        Ok(())
+    })
+    .await?;
     let mut exported = BTreeSet::new();
     for url in [
         operations("/metrics"),

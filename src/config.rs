@@ -322,6 +322,21 @@ mod tests {
         assert_eq!(config.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
         assert_eq!(config.database.pool_size, 16);
         assert_eq!(config.sweep_interval, Duration::from_secs(10));
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_app_metrics_listener_is_its_own_variable() {
+        let config = AppConfig::from_source(&env(&[("PAGEVIEWS_APP_METRICS_LISTEN", "127.0.0.1:9102")])).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some(Listen::Tcp("127.0.0.1:9102".parse().unwrap()))
+        );
+        assert!(
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")]).starts_with("PAGEVIEWS_APP_METRICS_LISTEN: "),
+            "{}",
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")])
+        );
     }
 
     #[test]

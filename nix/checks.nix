@@ -57,6 +57,10 @@ in {
         pkgs.nginx
         pkgs.openssl
         pkgs.curl
+        # the browser test (tests/integration/page.rs) and promtool (ops.rs)
+        pkgs.chromium
+        pkgs.chromedriver
+        pkgs.prometheus.cli
       ];
       preCheck = ''
         # rabbitmq-server installs its launchers under sbin/, which stdenv does not put on PATH.

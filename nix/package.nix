@@ -26,6 +26,8 @@
     # (the local launcher and the integration tests use the same nginx hardening).
     (fileset.maybeMissing (root + "/tests"))
     (fileset.maybeMissing (root + "/nix/nginx"))
+    # The alert rules and dashboard the ops tests check.
+    (fileset.maybeMissing (root + "/ops"))
   ];
   src = fileset.toSource {
     inherit root;

@@ -8,6 +8,7 @@
 //! | `AMQP_URL` | app, worker | required |
 //! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000` |
 //! | `PAGEVIEWS_METRICS_LISTEN` | worker | unset (no metrics listener) |
+//! | `PAGEVIEWS_APP_METRICS_LISTEN` | app | unset (no second listener) |
 //! | `PAGEVIEWS_LOG_FORMAT` | all | `text` |
 //! | `PAGEVIEWS_DB_POOL_SIZE` | app, worker | 16 |
 //! | `PAGEVIEWS_DB_TIMEOUT_MS` | app, worker | 1500 |
@@ -234,6 +235,9 @@ pub struct AppConfig {
     pub broker: BrokerConfig,
     /// How often rows whose task was never confirmed by the broker are published again.
     pub sweep_interval: Duration,
+    /// A second listener with only `/metrics`, `/healthz`, `/readyz`: for Prometheus when the
+    /// app itself listens on a Unix socket that only nginx reaches.
+    pub metrics_listen: Option<Listen>,
 }
 
 impl AppConfig {
@@ -244,6 +248,7 @@ impl AppConfig {
             database: DatabaseConfig::from_source(src)?,
             broker: BrokerConfig::from_source(src)?,
             sweep_interval: positive_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,
+            metrics_listen: Listen::from_source(src, "PAGEVIEWS_APP_METRICS_LISTEN")?,
         })
     }
 }
@@ -317,6 +322,21 @@ mod tests {
         assert_eq!(config.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
         assert_eq!(config.database.pool_size, 16);
         assert_eq!(config.sweep_interval, Duration::from_secs(10));
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_app_metrics_listener_is_its_own_variable() {
+        let config = AppConfig::from_source(&env(&[("PAGEVIEWS_APP_METRICS_LISTEN", "127.0.0.1:9102")])).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some(Listen::Tcp("127.0.0.1:9102".parse().unwrap()))
+        );
+        assert!(
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")]).starts_with("PAGEVIEWS_APP_METRICS_LISTEN: "),
+            "{}",
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")])
+        );
     }
 
     #[test]

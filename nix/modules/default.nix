@@ -21,6 +21,7 @@ in {
     ./data.nix
     ./proxy.nix
     ./firewall.nix
+    ./prometheus.nix
   ];
 
   options.services.pageviews = {
@@ -224,6 +225,12 @@ in {
             type = types.nullOr types.str;
             default = "127.0.0.1:9101";
             description = "Worker /metrics and /healthz listen address (null: off).";
+          };
+          PAGEVIEWS_APP_METRICS_LISTEN = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            defaultText = lib.literalExpression ''null, or "127.0.0.1:9102" with prometheus.enable'';
+            description = "A second app listener with only /metrics, /healthz and /readyz, HOST:PORT (null: off).";
           };
           PAGEVIEWS_DB_POOL_SIZE = mkOption {
             type = types.ints.positive;

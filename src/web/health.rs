@@ -13,16 +13,21 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the outbox is connected to the broker.
-pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
-    let database = match app.pool.get().await {
+/// Whether a pooled connection answers, within the pool's timeout.
+async fn database(app: &AppState) -> Result<(), String> {
+    match app.pool.get().await {
         Ok(mut conn) => diesel::sql_query("SELECT 1")
             .execute(&mut conn)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
-    };
+    }
+}
+
+/// Ready when the database answers and the outbox is connected to the broker.
+pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
+    let database = database(&app).await;
     let broker = app.outbox.is_connected();
     let mut body = String::new();
     match &database {
@@ -44,6 +49,9 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
 
 pub async fn metrics(State(app): State<AppState>) -> impl axum::response::IntoResponse {
     app.metrics.broker_connected.set(i64::from(app.outbox.is_connected()));
+    // Checked at scrape time (at most PAGEVIEWS_DB_TIMEOUT_MS): the alert on an unreachable
+    // database needs no traffic to fire.
+    app.metrics.database_up.set(i64::from(database(&app).await.is_ok()));
     crate::metrics::exposition(&app.registry)
 }
 

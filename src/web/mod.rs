@@ -6,6 +6,7 @@ mod health;
 pub mod listener;
 mod page;
 mod request_id;
+mod stats;
 
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
@@ -41,6 +42,8 @@ pub struct AppMetrics {
     pub recorded: Counter,
     /// Set from `Outbox::is_connected` when scraped.
     pub broker_connected: Gauge,
+    /// Whether a database connection answered, checked when scraped.
+    pub database_up: Gauge,
 }
 
 /// The `status` label of `pageviews_http_requests_total`: `1xx` to `5xx`.
@@ -67,6 +70,7 @@ impl AppMetrics {
             request_duration: crate::metrics::seconds_histogram(),
             recorded: Counter::default(),
             broker_connected: Gauge::default(),
+            database_up: Gauge::default(),
         };
         // Every class from the start, so rates work from the first scrape.
         for status in StatusClass::ALL {
@@ -91,6 +95,11 @@ impl AppMetrics {
             "broker_connected",
             "Whether the outbox is connected to the broker",
             m.broker_connected.clone(),
+        );
+        registry.register(
+            "database_up",
+            "Whether a database connection answered at scrape time",
+            m.database_up.clone(),
         );
         m
     }
@@ -121,6 +130,7 @@ impl App {
 pub fn router(app: AppState) -> Router {
     Router::new()
         .route("/", get(page::show))
+        .route("/stats", get(stats::show))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -146,6 +156,15 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
+/// The operators' routes alone, for `PAGEVIEWS_APP_METRICS_LISTEN`.
+fn operations_router(app: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .with_state(app)
+}
+
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
 /// the remaining tasks to the broker, and returns.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
@@ -156,13 +175,31 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
         config.sweep_interval,
     );
     let app = App::new(pool, outbox.clone(), config.database.timeout);
+    let (trigger, stopping) = shutdown::channel();
+    let operations = match &config.metrics_listen {
+        Some(listen) => {
+            let listener = listener::bind(listen).await?;
+            tracing::info!(%listen, "app metrics listening");
+            let mut stopping = stopping.clone();
+            let router = operations_router(app.clone());
+            Some(tokio::spawn(async move {
+                listener::serve(listener, router, async move { stopping.wait().await }).await
+            }))
+        }
+        None => None,
+    };
 
     let listener = listener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "app listening");
     listener::serve(listener, router(app), shutdown::signal()).await?;
 
-    // Requests are done: the outbox publishes what it holds and stops.
+    // Requests are done: the outbox publishes what it holds and stops; then the operators'
+    // listener.
     outbox.shutdown().await;
+    trigger.fire();
+    if let Some(operations) = operations {
+        let _ = operations.await;
+    }
     tracing::info!("app stopped");
     Ok(())
 }

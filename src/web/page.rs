@@ -3,6 +3,7 @@
 use super::AppState;
 use super::error::AppError;
 use super::request_id;
+use super::stats::{self, Figures};
 use crate::db::{self, Pool, page_views::Totals};
 use askama::Template;
 use axum::extract::State;
@@ -19,23 +20,22 @@ pub const STATIC_VERSION: &str = env!("PAGEVIEWS_STATIC_VERSION");
 const MAX_USER_AGENT: usize = 512;
 const MAX_COOKIE_NAMES: usize = 32;
 const MAX_COOKIE_NAME: usize = 64;
-const STATS_TTL: Duration = Duration::from_secs(1);
+pub const STATS_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Template)]
 #[template(path = "index.html")]
 struct IndexPage<'a> {
     page_view_id: i64,
-    totals: Totals,
-    pending: i64,
-    minutes: &'a [(String, i64)],
+    figures: Figures,
     static_version: &'a str,
 }
 
 /// What the page shows besides the visitor's own id.
 #[derive(Default)]
 pub struct PageStats {
-    totals: Totals,
-    minutes: Vec<(String, i64)>,
+    pub totals: Totals,
+    /// Rollup rows (minute, views), enough to cover the chart.
+    pub minutes: Vec<(DateTime<Utc>, i64)>,
 }
 
 /// The figures, refreshed by one request at a time while the others show the previous ones:
@@ -47,7 +47,7 @@ pub struct StatsCache {
 }
 
 impl StatsCache {
-    async fn get(&self, pool: &Pool) -> Result<Arc<PageStats>, AppError> {
+    pub async fn get(&self, pool: &Pool) -> Result<Arc<PageStats>, AppError> {
         let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some((at, stats)) = &latest
             && at.elapsed() < STATS_TTL
@@ -62,11 +62,7 @@ impl StatsCache {
         };
         let mut conn = pool.get().await?;
         let totals = db::page_views::totals(&mut conn).await?;
-        let minutes = db::rollups::recent(&mut conn, 5)
-            .await?
-            .into_iter()
-            .map(|(minute, views): (DateTime<Utc>, i64)| (minute.format("%H:%M UTC").to_string(), views))
-            .collect();
+        let minutes = db::rollups::recent(&mut conn, stats::MINUTES as i64).await?;
         let stats = Arc::new(PageStats { totals, minutes });
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), stats.clone()));
         Ok(stats)
@@ -82,9 +78,7 @@ pub async fn show(State(app): State<AppState>, method: Method, headers: HeaderMa
     let stats = app.page_stats.get(&app.pool).await?;
     let page = IndexPage {
         page_view_id,
-        totals: stats.totals,
-        pending: stats.totals.recorded - stats.totals.processed,
-        minutes: &stats.minutes,
+        figures: Figures::new(&stats, Utc::now()),
         static_version: STATIC_VERSION,
     };
     Ok(([(header::CACHE_CONTROL, "no-store")], Html(page.render()?)).into_response())

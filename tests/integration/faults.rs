@@ -69,6 +69,8 @@ async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<(
     assert!(response.text().await?.contains("Temporarily unavailable"));
     assert!(took < Duration::from_secs(3), "503 took {took:?}");
     assert_eq!(client().get(app.url("/readyz")).send().await?.status(), 503);
+    let metrics = client().get(app.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("\npageviews_database_up 0\n"), "{metrics}");
 
     env.services_mut().postgres.start_again().await?;
     wait_until("the app to serve again", Duration::from_secs(20), || async {
@@ -78,6 +80,8 @@ async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<(
     })
     .await?;
     assert_eq!(app.process.pid(), app_pid, "recovered without a restart");
+    let metrics = client().get(app.url("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("\npageviews_database_up 1\n"), "{metrics}");
     assert!(
         env.log_text(&format!("app-{}", app.port))
             .contains("database unavailable")

@@ -98,7 +98,7 @@ async fn the_rollup_runs_once_per_interval_with_two_workers() -> anyhow::Result<
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let page = client().get(app.url("/")).send().await?.text().await?;
     assert!(
-        page.contains(r#"<table id="rollup">"#) && page.contains("<td>40</td>"),
+        page.contains(r#"<tbody id="chart-rows">"#) && page.contains("<td>40</td>"),
         "{page}"
     );
     assert!(one.stop().is_some_and(|s| s.success()) && two.stop().is_some_and(|s| s.success()));

@@ -16,6 +16,9 @@ pub struct Certificates {
     /// Leaf + CA chain, and the leaf's key (mode 0600), for nginx.
     pub chain: PathBuf,
     pub key: PathBuf,
+    /// base64 SHA-256 of the CA's SubjectPublicKeyInfo: how Chromium is told to trust the CA
+    /// (`--ignore-certificate-errors-spki-list`), having no flag for a CA file.
+    pub ca_spki_sha256: String,
 }
 
 pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
@@ -33,6 +36,12 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut ca);
     let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_spki_sha256 = {
+        use base64::Engine;
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(ca_key.subject_public_key_info()))
+    };
     let issuer = Issuer::new(ca, ca_key);
 
     let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -53,6 +62,7 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
         ca: dir.join("ca.pem"),
         chain: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        ca_spki_sha256,
     };
     std::fs::write(&certificates.ca, ca_cert.pem())?;
     std::fs::write(&certificates.chain, format!("{}{}", leaf_cert.pem(), ca_cert.pem()))?;

@@ -360,3 +360,34 @@ async fn throwaway_servers_want_generated_credentials_and_keep_files_private() -
     assert_eq!(mode(&certificates.key), 0o600);
     Ok(())
 }
+
+/// Every log the stack writes (PostgreSQL, RabbitMQ, nginx, app, worker, migrate), after
+/// traffic and both servers going away, holds none of the passwords it generated.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_log_of_the_stack_holds_a_generated_password() -> anyhow::Result<()> {
+    use pageviews_testbed::nginx::NginxOptions;
+    let mut env = TestEnv::dedicated().await?;
+    let options = NginxOptions::new(free_port()?, free_port()?);
+    let deployment = stack::Deployment::start(env.dir.path(), &binaries(), &env.urls, options, &[], &[]).await?;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&deployment.certificates.ca)?)?;
+    let tls = reqwest::Client::builder().add_root_certificate(ca).build()?;
+    assert_eq!(tls.get(deployment.https_url("/")).send().await?.status(), 200);
+    let app_log = env.dir.path().join("app.log");
+    let worker_log = env.dir.path().join("worker.log");
+
+    env.services_mut().rabbitmq.stop();
+    wait_for_log(&app_log, "publisher lost the broker", Duration::from_secs(20)).await?;
+    wait_for_log(&app_log, "publisher cannot reach the broker", Duration::from_secs(20)).await?;
+    wait_for_log(&worker_log, "consumer lost the broker", Duration::from_secs(20)).await?;
+    env.services_mut().postgres.stop();
+    assert_eq!(tls.get(deployment.https_url("/")).send().await?.status(), 503);
+    wait_for_log(&app_log, "database unavailable", Duration::from_secs(20)).await?;
+
+    let passwords = [
+        env.services().postgres.password().to_owned(),
+        env.services().rabbitmq.password().to_owned(),
+    ];
+    let secrets: Vec<&str> = passwords.iter().map(String::as_str).collect();
+    assert_no_secret_in_logs(env.dir.path(), &secrets);
+    Ok(())
+}

@@ -81,8 +81,13 @@ impl TestEnv {
 
     /// Servers of its own, which the test may stop and restart.
     pub async fn dedicated() -> anyhow::Result<TestEnv> {
+        Self::dedicated_with(false).await
+    }
+
+    /// Servers of its own; `durable`: PostgreSQL with fsync on, as in production.
+    pub async fn dedicated_with(durable: bool) -> anyhow::Result<TestEnv> {
         let dir = ScratchDir::new("pageviews-test-dedicated")?;
-        let services = Services::start(dir.path(), false).await?;
+        let services = Services::start(dir.path(), durable).await?;
         let mut env = Self::on(Servers::Dedicated(Box::new(services))).await?;
         // Keep the servers' directory alive as long as the env.
         env.dir = dir;

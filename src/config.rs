@@ -41,34 +41,55 @@ impl ConfigError {
 
 /// Where settings come from: the process environment, or a map in tests.
 pub trait Source {
-    fn get(&self, name: &str) -> Option<String>;
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError>;
 }
 
 /// The process environment.
 pub struct Environment;
 
 impl Source for Environment {
-    fn get(&self, name: &str) -> Option<String> {
-        std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        match std::env::var_os(name).map(std::ffi::OsString::into_string) {
+            None => Ok(None),
+            Some(Ok(value)) => Ok(Some(value)),
+            // Never replaced by U+FFFD: a password changed that way would fail much later.
+            Some(Err(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
+        }
     }
 }
 
 impl Source for std::collections::HashMap<String, String> {
-    fn get(&self, name: &str) -> Option<String> {
-        std::collections::HashMap::get(self, name).cloned()
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        Ok(std::collections::HashMap::get(self, name).cloned())
+    }
+}
+
+/// No setting has a control character in it: a `\r` left by a CRLF file, or a second line,
+/// would otherwise end up inside a password or URL.
+fn checked(variable: &str, value: String, origin: &str) -> Result<String, ConfigError> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(value),
+        Some((_, '\r')) => Err(ConfigError::new(
+            variable,
+            format!("{origin} contains a carriage return (\\r): Windows (CRLF) line endings? Save it with plain \\n"),
+        )),
+        Some((at, c)) => Err(ConfigError::new(
+            variable,
+            format!("{origin} contains the control character {c:?} at byte {at}"),
+        )),
     }
 }
 
 /// `NAME`, or the contents of the file named by `NAME_FILE` (one trailing newline removed).
 pub fn optional(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigError> {
     let file_var = format!("{name}_FILE");
-    match (src.get(name), src.get(&file_var)) {
+    match (src.get(name)?, src.get(&file_var)?) {
         (Some(_), Some(_)) => Err(ConfigError::new(
             name,
             format!("both {name} and {file_var} are set; set one"),
         )),
         (Some(value), None) if value.is_empty() => Err(ConfigError::new(name, "is set but empty")),
-        (Some(value), None) => Ok(Some(value)),
+        (Some(value), None) => checked(name, value, "the value").map(Some),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError::new(&file_var, format!("cannot read {path}: {e}")))?;
@@ -76,7 +97,7 @@ pub fn optional(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigEr
             if value.is_empty() {
                 return Err(ConfigError::new(&file_var, format!("{path} is empty")));
             }
-            Ok(Some(value))
+            checked(&file_var, value, &path).map(Some)
         }
         (None, None) => Ok(None),
     }

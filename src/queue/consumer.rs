@@ -8,7 +8,7 @@ use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// A batch for the async side, with the channel its verdict comes back on.
@@ -44,13 +44,17 @@ pub fn run(
 ) {
     let mut backoff = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
-        match session(url, prefetch, batches, stop, events) {
+        match session(url, prefetch, batches, stop, events, &mut backoff) {
             Ok(()) => return,
             Err(e) => {
                 events.connected(false);
                 let delay = backoff.next_delay();
                 tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
-                std::thread::sleep(delay);
+                // In slices, so a SIGTERM during a long wait is seen at once.
+                let until = Instant::now() + delay;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         }
     }
@@ -62,12 +66,14 @@ fn session(
     batches: &mpsc::Sender<Batch>,
     stop: &AtomicBool,
     events: &dyn ConsumerEvents,
-) -> amiquip::Result<()> {
+    backoff: &mut Backoff,
+) -> super::Result<()> {
     let (connection, channel) = super::open(url)?;
     channel.qos(0, prefetch, false)?;
     let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
     tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
     events.connected(true);
+    backoff.connected();
     let receiver = consumer.receiver();
     // Set once a batch is left for redelivery: from then on every delivery is acked on its own.
     let mut left_unacked = false;
@@ -81,7 +87,7 @@ fn session(
         let first = match receiver.recv_timeout(Duration::from_millis(200)) {
             Ok(message) => message,
             Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => continue,
-            Err(_) => return Err(amiquip::Error::ClientClosedConnection),
+            Err(_) => return Err(amiquip::Error::ClientClosedConnection.into()),
         };
         let mut deliveries = Vec::new();
         let mut ids = 0;
@@ -93,12 +99,14 @@ fn session(
                     ids += delivery.body.len() / 8 + 1;
                     deliveries.push(delivery);
                 }
-                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => return Err(e),
+                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => {
+                    return Err(e.into());
+                }
                 ConsumerMessage::ClientCancelled
                 | ConsumerMessage::ServerCancelled
                 | ConsumerMessage::ClientClosedChannel
                 | ConsumerMessage::ClientClosedConnection => {
-                    return Err(amiquip::Error::ClientClosedConnection);
+                    return Err(amiquip::Error::ClientClosedConnection.into());
                 }
             }
             if deliveries.len() < usize::from(prefetch) && ids < MAX_BATCH_IDS {

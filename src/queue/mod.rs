@@ -6,7 +6,7 @@ pub mod outbox;
 
 use amiquip::{AmqpValue, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const EXCHANGE: &str = "pageviews";
 pub const QUEUE: &str = "pageviews.tasks";
@@ -52,7 +52,7 @@ impl Task {
     }
 
     /// Parses a message body; the error says what was wrong, for the dead-letter log line.
-    pub fn parse(body: &[u8]) -> Result<Task, String> {
+    pub fn parse(body: &[u8]) -> std::result::Result<Task, String> {
         let shown = || String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
         let wire: Wire = serde_json::from_slice(body).map_err(|e| {
             format!(
@@ -122,20 +122,40 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Exponential backoff between reconnect attempts: 100 ms doubling to 5 s.
-pub struct Backoff(Duration);
+/// Waits between reconnect (and retry) attempts: 100 ms doubling to 5 s. A session that stayed
+/// up for at least the longest wait counts as a recovery: the next outage starts again from
+/// 100 ms. One that fails sooner (a broker accepting connections and then refusing us) keeps
+/// doubling, so a broken peer never gets a reconnect loop.
+pub struct Backoff {
+    next: Duration,
+    connected_at: Option<Instant>,
+}
+
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+const MAX_DELAY: Duration = Duration::from_secs(5);
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff(Duration::from_millis(100))
+        Backoff {
+            next: FIRST_DELAY,
+            connected_at: None,
+        }
     }
 }
 
 impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        if self.connected_at.take().is_some_and(|at| at.elapsed() >= MAX_DELAY) {
+            self.next = FIRST_DELAY;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(MAX_DELAY);
         delay
+    }
+
+    /// A session is up: if it lasts, the next failure waits the shortest time again.
+    pub fn connected(&mut self) {
+        self.connected_at = Some(Instant::now());
     }
 
     pub fn reset(&mut self) {
@@ -143,15 +163,52 @@ impl Backoff {
     }
 }
 
+/// How long a connection attempt (TCP connect and AMQP handshake) may take: well under
+/// systemd's stop timeout (30 s in nix/modules/hardening.nix), so a SIGTERM while the broker's
+/// host drops packets still ends in time.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A broker error, as text without the URL's credentials: amiquip puts the whole URL, password
+/// included, in the text of its connection errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(String);
+
+impl From<amiquip::Error> for Error {
+    fn from(error: amiquip::Error) -> Self {
+        Error(error.to_string())
+    }
+}
+
+impl Error {
+    fn without_credentials(error: &amiquip::Error, url: &str) -> Self {
+        let mut text = error.to_string();
+        if let Ok(u) = url::Url::parse(url) {
+            // amiquip shows the URL as `url` serialises it: userinfo is `user[:password]@`.
+            if let Some(password) = u.password() {
+                text = text.replace(&format!(":{password}@"), ":***@").replace(password, "***");
+            }
+        }
+        Error(text)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
 /// Opens a connection and a channel with the topology declared. The heartbeat notices a dead
 /// broker within seconds instead of at the next TCP timeout.
-pub fn open(url: &str) -> amiquip::Result<(Connection, Channel)> {
-    let url = if url.contains("heartbeat=") {
-        url.to_owned()
-    } else {
-        format!("{url}{}heartbeat=5", if url.contains('?') { '&' } else { '?' })
-    };
-    let mut connection = Connection::insecure_open(&url)?;
+pub fn open(url: &str) -> Result<(Connection, Channel)> {
+    let mut full = url.to_owned();
+    for (name, value) in [
+        ("heartbeat", 5),
+        ("connection_timeout", CONNECT_TIMEOUT.as_millis() as u64),
+    ] {
+        if !url.contains(&format!("{name}=")) {
+            let separator = if full.contains('?') { '&' } else { '?' };
+            full = format!("{full}{separator}{name}={value}");
+        }
+    }
+    let mut connection = Connection::insecure_open(&full).map_err(|e| Error::without_credentials(&e, url))?;
     let channel = connection.open_channel(None)?;
     declare_topology(&channel)?;
     Ok((connection, channel))
@@ -196,5 +253,26 @@ mod tests {
     #[test]
     fn redacted_urls_hide_credentials() {
         assert_eq!(redacted("amqp://user:secret@broker:5673/%2fv"), "broker:5673/%2fv");
+    }
+
+    #[test]
+    fn connection_errors_hide_credentials() {
+        let url = "amqp://app:S3CRET%2FPW@rabbitmq.invalid:5672/%2f";
+        let Err(e) = open(url) else {
+            panic!("rabbitmq.invalid resolved")
+        };
+        let e = e.to_string();
+        assert!(!e.contains("S3CRET") && e.contains("rabbitmq.invalid"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_restarts_only_after_a_lasting_session() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.connected();
+        assert_eq!(backoff.next_delay(), MAX_DELAY, "a session that failed at once");
+        backoff.connected_at = Some(Instant::now() - MAX_DELAY);
+        assert_eq!(backoff.next_delay(), FIRST_DELAY, "a session that lasted");
     }
 }

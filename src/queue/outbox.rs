@@ -290,7 +290,7 @@ fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
     }
 }
 
-fn connect(url: &str) -> amiquip::Result<(amiquip::Connection, amiquip::Channel)> {
+fn connect(url: &str) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
     let (connection, channel) = super::open(url)?;
     channel.enable_publisher_confirms()?;
     Ok((connection, channel))

@@ -20,6 +20,9 @@ pub enum AppError {
     /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
     #[error("database unavailable: no answer within PAGEVIEWS_DB_TIMEOUT_MS")]
     DeadlinePassed,
+    /// `/stats` before any figures could be read.
+    #[error("the figures could not be read yet")]
+    FiguresUnavailable,
 }
 
 impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {

@@ -134,17 +134,19 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            health::count_requests,
-        ))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_secs(10),
         ))
+        // Outside the timeout, so a request it cuts is counted and timed too.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            health::count_requests,
+        ))
         // Outermost, applied top to bottom: the id exists before the span that logs it.
         .layer(
             ServiceBuilder::new()
+                .layer(axum::middleware::map_request(request_id::sanitize))
                 .layer(SetRequestIdLayer::new(request_id::HEADER, request_id::Sequential))
                 .layer(
                     TraceLayer::new_for_http()

@@ -160,7 +160,8 @@ fn plural(n: i64, word: &str) -> String {
 /// `GET /stats`: the figures as JSON, recording no visit. Cacheable for as long as the app
 /// keeps its own copy, so nginx (which honours this header) asks at most once a second.
 pub async fn show(State(app): State<AppState>) -> Result<Response, AppError> {
-    let stats = app.page_stats.get(&app.pool).await?;
+    let latest = app.page_stats.get(&app.pool).await;
+    let stats = latest.stats.ok_or(AppError::FiguresUnavailable)?;
     let cache_control = format!("public, max-age={}", STATS_TTL.as_secs());
     Ok((
         [(header::CACHE_CONTROL, cache_control)],

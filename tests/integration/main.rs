@@ -3,6 +3,7 @@
 
 mod browser;
 mod config_errors;
+mod failures;
 mod faults;
 mod migrations;
 mod ops;

@@ -52,7 +52,7 @@ pub fn binaries() -> Binaries {
 
 enum Servers {
     Shared(&'static Services),
-    Dedicated(Services),
+    Dedicated(Box<Services>),
 }
 
 pub struct TestEnv {
@@ -81,9 +81,14 @@ impl TestEnv {
 
     /// Servers of its own, which the test may stop and restart.
     pub async fn dedicated() -> anyhow::Result<TestEnv> {
+        Self::dedicated_with(false).await
+    }
+
+    /// Servers of its own; `durable`: PostgreSQL with fsync on, as in production.
+    pub async fn dedicated_with(durable: bool) -> anyhow::Result<TestEnv> {
         let dir = ScratchDir::new("pageviews-test-dedicated")?;
-        let services = Services::start(dir.path(), false).await?;
-        let mut env = Self::on(Servers::Dedicated(services)).await?;
+        let services = Services::start(dir.path(), durable).await?;
+        let mut env = Self::on(Servers::Dedicated(Box::new(services))).await?;
         // Keep the servers' directory alive as long as the env.
         env.dir = dir;
         Ok(env)
@@ -241,4 +246,97 @@ pub async fn hammer(url: &str, n: usize, concurrency: usize) -> Vec<Result<u16, 
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// Waits until the log `path` contains `needle`; returns the log.
+pub async fn wait_for_log(path: &std::path::Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_until(&format!("{needle:?} in {}", path.display()), timeout, || async {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        anyhow::ensure!(text.contains(needle), "not yet");
+        Ok(text)
+    })
+    .await
+}
+
+/// A TCP proxy in front of a real server, to cut the path to it at will: forwarding, or
+/// refusing (every connection, old and new, closed at once).
+pub struct CuttableProxy {
+    pub port: u16,
+    forwarding: tokio::sync::watch::Sender<bool>,
+    accepted: std::sync::Arc<AtomicU32>,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream: u16, forwarding: bool) -> anyhow::Result<CuttableProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (tx, rx) = tokio::sync::watch::channel(forwarding);
+        let accepted = std::sync::Arc::new(AtomicU32::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut rx = rx.clone();
+                if !*rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Ok(CuttableProxy {
+            port,
+            forwarding: tx,
+            accepted,
+        })
+    }
+
+    pub fn set_forwarding(&self, up: bool) {
+        let _ = self.forwarding.send(up);
+    }
+
+    /// Connections accepted so far (each one a connection attempt of the client).
+    pub fn accepted(&self) -> u32 {
+        AtomicU32::load(&self.accepted, Ordering::Relaxed)
+    }
+}
+
+/// A TCP port on 127.0.0.1 whose listen queue is full: the kernel drops further SYNs, as a
+/// firewalled host does, so a connect hangs until the client's own timeout. The listener and
+/// the connection filling its queue live as long as the value.
+pub struct SynDropper {
+    pub port: u16,
+    _listener: tokio::net::TcpListener,
+    _filling: Vec<std::net::TcpStream>,
+}
+
+impl SynDropper {
+    pub fn start() -> anyhow::Result<SynDropper> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let listener = socket.listen(0)?;
+        let addr = listener.local_addr()?;
+        let mut filling = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => filling.push(stream),
+                // Timed out: SYNs are being dropped now.
+                Err(_) => {
+                    return Ok(SynDropper {
+                        port: addr.port(),
+                        _listener: listener,
+                        _filling: filling,
+                    });
+                }
+            }
+        }
+        anyhow::bail!("the listen queue of {addr} never filled up")
+    }
 }

@@ -12,45 +12,66 @@ use anyhow::Context;
 use process::{Process, tail, wait_until};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 pub use postgres::Postgres;
 pub use rabbitmq::RabbitMq;
 
-/// A directory under the system temp dir, removed on drop.
-pub struct ScratchDir(PathBuf);
-
-static SCRATCH: AtomicU32 = AtomicU32::new(0);
+/// A directory under the system temp dir, removed on drop: a fresh random name made with
+/// mode 0700 in one step (mkdtemp), so nobody else on the machine can read or pre-create it.
+pub struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
     pub fn new(prefix: &str) -> anyhow::Result<ScratchDir> {
-        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        // Traversable, so services started as other users (PostgreSQL as root) reach their dirs.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(ScratchDir(path))
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .with_context(|| format!("cannot create a directory {prefix}-* under the temp dir"))?;
+        Ok(ScratchDir(dir))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Keeps the directory (for looking at logs after a failure).
     pub fn keep(self) -> PathBuf {
-        let path = self.0.clone();
-        std::mem::forget(self);
-        path
+        self.0.keep()
     }
 }
 
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A password for a throwaway server: 128 random bits, hex (safe in any URL).
+pub fn generate_password() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates `dir` with mode 0700 (its parent must exist).
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Writes a file only the owner can read, created with that mode (never readable first).
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_ref()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// How to run the app and the worker: the installed binaries, or this executable re-run with
@@ -101,6 +122,11 @@ pub struct Services {
 impl Services {
     pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Services> {
         let (pg_dir, mq_dir) = (dir.join("postgres"), dir.join("rabbitmq"));
+        if !dir.exists() {
+            private_dir(dir)?;
+        }
+        private_dir(&pg_dir)?;
+        private_dir(&mq_dir)?;
         let (postgres, rabbitmq) = tokio::try_join!(Postgres::start(&pg_dir, durable), RabbitMq::start(&mq_dir))?;
         Ok(Services { postgres, rabbitmq })
     }

@@ -2,12 +2,10 @@
 //! written anywhere but the stack's runtime directory (ECDSA P-256, 90 days, as Mozilla's
 //! modern profile recommends).
 
-use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub struct Certificates {
@@ -66,8 +64,6 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
     };
     std::fs::write(&certificates.ca, ca_cert.pem())?;
     std::fs::write(&certificates.chain, format!("{}{}", leaf_cert.pem(), ca_cert.pem()))?;
-    std::fs::write(&certificates.key, leaf_key.serialize_pem())?;
-    std::fs::set_permissions(&certificates.key, std::fs::Permissions::from_mode(0o600))
-        .context("cannot protect the key file")?;
+    crate::write_private(&certificates.key, leaf_key.serialize_pem())?;
     Ok(certificates)
 }

@@ -3,7 +3,8 @@
 //! database transaction that processed it has committed. Malformed or bogus tasks are rejected
 //! without requeue, which routes them to the dead-letter queue.
 
-use super::{Backoff, QUEUE, Task, redacted};
+use super::brokers::Brokers;
+use super::{Backoff, QUEUE, Task};
 use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ pub trait ConsumerEvents: Send + Sync {
 
 /// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
 pub fn run(
-    url: &str,
+    brokers: &mut Brokers,
     prefetch: u16,
     batches: &mpsc::Sender<Batch>,
     stop: &Arc<AtomicBool>,
@@ -40,12 +41,12 @@ pub fn run(
 ) {
     let mut backoff = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
-        match session(url, prefetch, batches, stop, events) {
+        match session(brokers, prefetch, batches, stop, events) {
             Ok(()) => return,
             Err(e) => {
                 events.connected(false);
                 let delay = backoff.next_delay();
-                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
+                tracing::warn!(broker = %brokers.current(), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
                 std::thread::sleep(delay);
             }
         }
@@ -53,16 +54,16 @@ pub fn run(
 }
 
 fn session(
-    url: &str,
+    brokers: &mut Brokers,
     prefetch: u16,
     batches: &mpsc::Sender<Batch>,
     stop: &AtomicBool,
     events: &dyn ConsumerEvents,
 ) -> amiquip::Result<()> {
-    let (connection, channel) = super::open(url)?;
+    let (connection, channel) = brokers.open()?;
     channel.qos(0, prefetch, false)?;
     let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
-    tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
+    tracing::info!(broker = %brokers.current(), prefetch, "consumer connected");
     events.connected(true);
     let receiver = consumer.receiver();
     // Set once a batch is left for redelivery: from then on every delivery is acked on its own.

@@ -1,6 +1,7 @@
 //! RabbitMQ: the topology, the task message, connecting with backoff. amiquip is synchronous,
 //! so everything here runs on dedicated threads, never on the tokio workers.
 
+pub mod brokers;
 pub mod consumer;
 pub mod publisher;
 
@@ -38,16 +39,51 @@ impl Task {
     }
 }
 
+/// The type of the task and dead-letter queues (`PAGEVIEWS_QUEUE_TYPE`). Quorum queues are
+/// replicated across a cluster's nodes (Raft); classic queues live on one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            _ => Err(()),
+        }
+    }
+}
+
 /// Declares exchanges and queues (idempotent; both the app and the worker do it, so tasks
-/// published before any worker ever ran are kept).
-pub fn declare_topology(channel: &Channel) -> amiquip::Result<()> {
+/// published before any worker ever ran are kept). Both queues are durable and not
+/// exclusive, as quorum queues require.
+pub fn declare_topology(channel: &Channel, queue_type: QueueType) -> amiquip::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
     channel.exchange_declare(ExchangeType::Direct, EXCHANGE, durable.clone())?;
     channel.exchange_declare(ExchangeType::Fanout, DEAD_LETTER_EXCHANGE, durable)?;
-    let mut arguments = FieldTable::default();
+    // Classic queues are declared without the argument, as before quorum queues existed, so
+    // queues declared by older versions stay equivalent.
+    let mut typed = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        typed.insert("x-queue-type".into(), AmqpValue::LongString("quorum".into()));
+    }
+    let mut arguments = typed.clone();
     arguments.insert(
         "x-dead-letter-exchange".into(),
         AmqpValue::LongString(DEAD_LETTER_EXCHANGE.into()),
@@ -65,6 +101,7 @@ pub fn declare_topology(channel: &Channel) -> amiquip::Result<()> {
         DEAD_LETTER_QUEUE,
         QueueDeclareOptions {
             durable: true,
+            arguments: typed,
             ..Default::default()
         },
     )?;
@@ -108,7 +145,7 @@ impl Backoff {
 
 /// Opens a connection and a channel with the topology declared. The heartbeat notices a dead
 /// broker within seconds instead of at the next TCP timeout.
-pub fn open(url: &str) -> amiquip::Result<(Connection, Channel)> {
+pub fn open(url: &str, queue_type: QueueType) -> amiquip::Result<(Connection, Channel)> {
     let url = if url.contains("heartbeat=") {
         url.to_owned()
     } else {
@@ -116,7 +153,7 @@ pub fn open(url: &str) -> amiquip::Result<(Connection, Channel)> {
     };
     let mut connection = Connection::insecure_open(&url)?;
     let channel = connection.open_channel(None)?;
-    declare_topology(&channel)?;
+    declare_topology(&channel, queue_type)?;
     Ok((connection, channel))
 }
 

@@ -3,7 +3,8 @@
 //! async side, which marks the rows enqueued; anything not confirmed stays unmarked and the
 //! sweep hands it over again, so nothing is lost while the broker is away.
 
-use super::{Backoff, EXCHANGE, ROUTING_KEY, Task, redacted};
+use super::brokers::Brokers;
+use super::{Backoff, EXCHANGE, ROUTING_KEY, Task};
 use crate::metrics::{Counter, Registry};
 use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish};
 use std::collections::{HashSet, VecDeque};
@@ -69,7 +70,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the publisher thread; `confirmed` receives batches of ids the broker has accepted.
-    pub fn start(url: String, confirmed: UnboundedSender<Vec<i64>>) -> (Publisher, JoinHandle<()>) {
+    pub fn start(mut brokers: Brokers, confirmed: UnboundedSender<Vec<i64>>) -> (Publisher, JoinHandle<()>) {
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
             connected: AtomicBool::new(false),
@@ -79,7 +80,7 @@ impl Publisher {
         let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("amqp-publisher".into())
-            .spawn(move || run(&url, &rx, &thread_shared, &confirmed))
+            .spawn(move || run(&mut brokers, &rx, &thread_shared, &confirmed))
             .expect("spawning a thread only fails when the system is out of resources");
         (Publisher { tx, shared }, handle)
     }
@@ -113,7 +114,7 @@ impl Publisher {
     }
 }
 
-fn run(url: &str, rx: &Receiver<i64>, shared: &Shared, confirmed: &UnboundedSender<Vec<i64>>) {
+fn run(brokers: &mut Brokers, rx: &Receiver<i64>, shared: &Shared, confirmed: &UnboundedSender<Vec<i64>>) {
     let mut pending: VecDeque<i64> = VecDeque::new();
     let mut backoff = Backoff::default();
     let mut closed_at: Option<Instant> = None;
@@ -127,14 +128,14 @@ fn run(url: &str, rx: &Receiver<i64>, shared: &Shared, confirmed: &UnboundedSend
             }
             return;
         }
-        let (connection, channel) = match super::open(url).and_then(|(conn, ch)| {
+        let (connection, channel) = match brokers.open().and_then(|(conn, ch)| {
             ch.enable_publisher_confirms()?;
             Ok((conn, ch))
         }) {
             Ok(pair) => pair,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
+                tracing::warn!(broker = %brokers, error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
                 // Keep draining the hand-over queue meanwhile, so a stopped app is noticed.
                 let deadline = Instant::now() + delay;
                 while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -153,7 +154,7 @@ fn run(url: &str, rx: &Receiver<i64>, shared: &Shared, confirmed: &UnboundedSend
                 continue;
             }
         };
-        tracing::info!(broker = %redacted(url), "publisher connected");
+        tracing::info!(broker = %brokers.current(), "publisher connected");
         backoff.reset();
         shared.connected.store(true, Ordering::Relaxed);
         let result = session(&channel, rx, shared, &mut pending, confirmed, &mut closed_at);
@@ -165,7 +166,7 @@ fn run(url: &str, rx: &Receiver<i64>, shared: &Shared, confirmed: &UnboundedSend
             }
             Err(e) => {
                 shared.metrics.failures.inc();
-                tracing::warn!(error = %e, unconfirmed = pending.len(), "publisher lost the broker; reconnecting");
+                tracing::warn!(broker = %brokers.current(), error = %e, unconfirmed = pending.len(), "publisher lost the broker; reconnecting");
             }
         }
     }

@@ -11,6 +11,7 @@ mod request_id;
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
+use crate::queue::brokers::Brokers;
 use crate::queue::publisher::Publisher;
 use crate::shutdown;
 use axum::Router;
@@ -158,7 +159,7 @@ pub fn router(app: AppState) -> Router {
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let pool = db::pool(&config.database);
     let (confirmed_tx, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (publisher, publisher_thread) = Publisher::start(config.broker.url.expose().to_owned(), confirmed_tx);
+    let (publisher, publisher_thread) = Publisher::start(Brokers::from_config(&config.broker), confirmed_tx);
     let app = App::new(pool.clone(), publisher);
     let (trigger, stopping) = shutdown::channel();
     let recorder = tokio::spawn(publishing::record_confirms(pool.clone(), confirmed_rx));

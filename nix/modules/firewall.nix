@@ -19,7 +19,7 @@ in {
     networking.nftables.enable = lib.mkIf (splitApp || splitData) true;
     networking.firewall.extraInputRules = lib.mkMerge [
       (lib.mkIf (localApp && splitApp) (common.nftAccept cfg.network.proxyAddresses [cfg.network.appPort]))
-      (lib.mkIf (localData && splitData) (common.nftAccept cfg.network.dataClients [cfg.database.port cfg.rabbitmq.port]))
+      (lib.mkIf (localData && splitData) (common.nftAccept cfg.network.dataClients ([cfg.database.port] ++ lib.optional common.localBroker cfg.rabbitmq.port)))
     ];
   };
 }

@@ -17,7 +17,7 @@
     else "${address}:${toString cfg.network.appPort}";
   # Passive failover over every app host; the same parameters as the local launcher
   # (tools/testbed/src/nginx.rs UPSTREAM_PARAMETERS), the retry policy is in server.conf.
-  upstreamServers = lib.concatMapStringsSep "\n" (a: "server ${a} max_fails=1 fail_timeout=10s;") (
+  upstreamServers = lib.concatMapStringsSep "\n    " (a: "server ${a} max_fails=1 fail_timeout=10s;") (
     if splitApp
     then map hostPort common.appAddresses
     else ["unix:${common.appSocket}"]

@@ -21,7 +21,14 @@
     else dataHost;
 
   # Units that must be up first when PostgreSQL/RabbitMQ run on this host.
-  localDataUnits = lib.optionals localData ["postgresql.target" "rabbitmq.service" "pageviews-rabbitmq-setup.service"];
+  localDataUnits =
+    lib.optionals localData ["postgresql.target"]
+    ++ lib.optionals common.localBroker ["rabbitmq.service" "pageviews-rabbitmq-setup.service"];
+  # One URL per broker node: the nodes of the cluster, or the data host.
+  amqpHosts =
+    if common.clustered
+    then map common.urlHost common.brokerAddresses
+    else [dataHostUrl];
   secretUnits = lib.optional (common.generatedSecrets != []) "pageviews-secrets.service";
 
   # Builds DATABASE_URL / AMQP_URL from credentials at start, then execs the binary:
@@ -56,7 +63,7 @@
       ${lib.optionalString amqp ''
         amqp_password="$(cat "$CREDENTIALS_DIRECTORY/amqp-password")"
         urlsafe "$amqp_password" "the ${role} RabbitMQ password"
-        export AMQP_URL="amqp://${role}:$amqp_password@${dataHostUrl}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}"
+        export AMQP_URL="${lib.concatMapStringsSep "," (host: "amqp://${role}:$amqp_password@${host}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}") amqpHosts}"
       ''}
       exec ${cfg.package}/bin/${name} ${args}
     '';
@@ -67,8 +74,9 @@
     else toString v)
   (lib.filterAttrs (_: v: v != null) cfg.settings);
 
-  # IP allow-list: loopback, plus the data host and (for the app) the proxies when split.
-  ipAllow = extra: ["localhost"] ++ lib.optional splitData cfg.network.dataAddress ++ extra;
+  # IP allow-list: loopback, plus the data host (and the broker nodes of a cluster) and
+  # (for the app) the proxies when split.
+  ipAllow = extra: ["localhost"] ++ lib.optional splitData cfg.network.dataAddress ++ common.brokerAddresses ++ extra;
 
   mkUnit = {
     role,

@@ -380,3 +380,31 @@ async fn request_ids(database: &str) -> anyhow::Result<std::collections::HashMap
             .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.n)).collect())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_of_another_type_are_named_and_that_type_can_be_chosen() -> anyhow::Result<()> {
+    let env = crate::support::TestEnv::new().await?;
+    env.migrate()?;
+    // What a deployment from before quorum queues has: classic queues of the same names.
+    let url = env.urls.amqp.clone();
+    tokio::task::spawn_blocking(move || pageviews::queue::open(&url, QueueType::Classic)?.0.close()).await??;
+    let quorum = env.app(&[]).await?;
+    let log = env.log(&format!("app-{}", quorum.port));
+    wait_until("the app to name the queue type", Duration::from_secs(20), || async {
+        let found = lines_with(&log, "another queue type than PAGEVIEWS_QUEUE_TYPE");
+        anyhow::ensure!(!found.is_empty(), "not yet");
+        anyhow::ensure!(found[0].contains("inequivalent arg 'x-queue-type'"), "{found:?}");
+        Ok(())
+    })
+    .await?;
+    let client = crate::support::client();
+    assert_eq!(client.get(quorum.url("/readyz")).send().await?.status(), 503);
+    let classic = env.app(&[("PAGEVIEWS_QUEUE_TYPE", "classic")]).await?;
+    wait_until("the classic app ready", Duration::from_secs(20), || async {
+        let status = client.get(classic.url("/readyz")).send().await?.status();
+        anyhow::ensure!(status == 200, "{status}");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

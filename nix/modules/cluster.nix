@@ -3,6 +3,7 @@
 # replicated over its nodes, which find each other from the configured node list (classic
 # config peer discovery). The Erlang cookie comes from a file on each broker host, handed to
 # RabbitMQ as a systemd credential: nixpkgs' `unsafeCookie` would put it in the store.
+# The firewall rules between the nodes are in firewall.nix.
 # PostgreSQL stays one primary on the data host.
 {
   config,
@@ -15,9 +16,6 @@
   inherit (common) clustered localBroker;
   nodes = cfg.rabbitmq.cluster.nodes;
   others = lib.filter (n: n.hostName != config.networking.hostName) nodes;
-  # RabbitMQ's inter-node (Erlang distribution) port: the AMQP port + 20000.
-  distPort = cfg.rabbitmq.port + 20000;
-  epmdPort = 4369;
 in {
   options.services.pageviews = {
     network.appAddresses = mkOption {
@@ -110,12 +108,6 @@ in {
           install -m 0400 "$CREDENTIALS_DIRECTORY/erlang-cookie" ${config.services.rabbitmq.dataDir}/.erlang.cookie
         '';
       };
-
-      # AMQP from the app hosts only; epmd and the inter-node port from the other brokers only.
-      networking.nftables.enable = true;
-      networking.firewall.extraInputRules =
-        common.nftAccept cfg.network.dataClients [cfg.rabbitmq.port]
-        + common.nftAccept (map (n: n.address) others) [epmdPort distPort];
     })
   ]);
 }

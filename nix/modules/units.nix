@@ -1,5 +1,6 @@
-# The app host: system users and the three units (migrate oneshot, app, worker), each
-# sandboxed by ./hardening.nix.
+# The app host: system users and the three units (migrate oneshot, app, worker). Their
+# serviceConfig comes whole from ./service-config.nix (pure; sandboxing from ./hardening.nix),
+# which scripts/systemd-score scores: nothing here adds to or overrides it.
 {
   config,
   lib,
@@ -9,7 +10,6 @@
   cfg = config.services.pageviews;
   common = import ./common.nix {inherit lib cfg;};
   inherit (common) users splitData splitApp localData;
-  hardening = import ./hardening.nix;
 
   dataHost =
     if splitData
@@ -74,15 +74,34 @@
     else toString v)
   (lib.filterAttrs (_: v: v != null) cfg.settings);
 
-  # IP allow-list: loopback, plus the data host (and the broker nodes of a cluster) and
-  # (for the app) the proxies when split.
-  ipAllow = extra: ["localhost"] ++ lib.optional splitData cfg.network.dataAddress ++ common.brokerAddresses ++ extra;
+  serviceConfigs = common.serviceConfig.units {
+    owner = cfg.database.owner;
+    inherit splitData splitApp;
+    inherit (cfg.network) dataAddress proxyAddresses;
+    inherit (common) brokerAddresses;
+    dbPasswordFiles = cfg.database.passwordFiles;
+    amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
+    execStart = {
+      migrate = mkStart {
+        name = "pageviews-app";
+        role = users.owner;
+        args = "migrate";
+        amqp = false;
+      };
+      app = mkStart {
+        name = "pageviews-app";
+        role = users.app;
+      };
+      worker = mkStart {
+        name = "pageviews-worker";
+        role = users.worker;
+      };
+    };
+  };
 
   mkUnit = {
-    role,
+    name,
     description,
-    dbPasswordFile,
-    amqpWho ? null,
     extra ? {},
   }:
     lib.mkMerge [
@@ -90,16 +109,7 @@
         inherit description environment;
         wants = ["network-online.target"] ++ localDataUnits ++ secretUnits;
         after = ["network-online.target"] ++ localDataUnits ++ secretUnits;
-        serviceConfig =
-          hardening
-          // {
-            User = role;
-            Group = role;
-            LoadCredential =
-              lib.optional (splitData && dbPasswordFile != null) "db-password:${dbPasswordFile}"
-              ++ lib.optional (amqpWho != null) "amqp-password:${common.amqpPasswordFile amqpWho}";
-            IPAddressDeny = "any";
-          };
+        serviceConfig = serviceConfigs.${name};
         unitConfig.StartLimitIntervalSec = 0;
       }
       extra
@@ -114,76 +124,33 @@ in {
     users.groups = lib.genAttrs (lib.attrValues users) (_: {});
 
     systemd.services = {
-      # Applies pending diesel migrations as the schema owner, then exits.
       pageviews-migrate = mkUnit {
-        role = users.owner;
+        name = "pageviews-migrate";
         description = "pageviews: database migrations";
-        dbPasswordFile = cfg.database.passwordFiles.owner;
         extra = {
           # The database must be there; on one host wait for postgresql-setup's roles.
           requires = lib.optional localData "postgresql.target";
           after = lib.optional localData "postgresql.target";
-          serviceConfig = {
-            Type = "oneshot";
-            RemainAfterExit = true;
-            ExecStart = mkStart {
-              name = "pageviews-app";
-              role = users.owner;
-              args = "migrate";
-              amqp = false;
-            };
-            IPAddressAllow = ipAllow [];
-            # A remote database may not be up yet: retry instead of failing the boot.
-            Restart = "on-failure";
-            RestartSec = "5s";
-          };
         };
       };
 
       pageviews-app = mkUnit {
-        role = users.app;
+        name = "pageviews-app";
         description = "pageviews: HTTP app";
-        dbPasswordFile = cfg.database.passwordFiles.app;
-        amqpWho = "app";
         extra = {
           wantedBy = ["multi-user.target"];
           requires = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service"];
-          serviceConfig = {
-            Type = "exec";
-            ExecStart = mkStart {
-              name = "pageviews-app";
-              role = users.app;
-            };
-            # The Unix socket lives here; nginx reaches it through the group.
-            RuntimeDirectory = "pageviews-app";
-            RuntimeDirectoryMode = "0750";
-            IPAddressAllow = ipAllow (lib.optionals splitApp cfg.network.proxyAddresses);
-            Restart = "always";
-            RestartSec = "2s";
-          };
         };
       };
 
       pageviews-worker = mkUnit {
-        role = users.worker;
+        name = "pageviews-worker";
         description = "pageviews: background worker";
-        dbPasswordFile = cfg.database.passwordFiles.worker;
-        amqpWho = "worker";
         extra = {
           wantedBy = ["multi-user.target"];
           requires = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service"];
-          serviceConfig = {
-            Type = "exec";
-            ExecStart = mkStart {
-              name = "pageviews-worker";
-              role = users.worker;
-            };
-            IPAddressAllow = ipAllow [];
-            Restart = "always";
-            RestartSec = "2s";
-          };
         };
       };
     };

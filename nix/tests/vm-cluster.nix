@@ -5,12 +5,12 @@
 {
   pkgs,
   module,
-  package,
+  probe,
   tls,
   secrets,
   ...
 }: let
-  shared = import ./nodes.nix {inherit pkgs package tls;};
+  shared = import ./nodes.nix {inherit pkgs probe tls;};
   ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
   brokers = ["broker1" "broker2" "broker3"];
 
@@ -45,6 +45,21 @@
         brokers;
       rabbitmq.cluster.cookieFile = secrets.erlangCookie;
     };
+  };
+
+  # What the script needs to know of the Nix side, from the nodes themselves.
+  constants = nodes: let
+    app = nodes.app1.services.pageviews;
+    broker = nodes.broker1.services.pageviews;
+  in {
+    APP_PORT = app.network.appPort;
+    PG_PORT = nodes.db.services.pageviews.database.port;
+    AMQP_PORT = broker.rabbitmq.port;
+    # RabbitMQ's inter-node port: the AMQP port + 20000.
+    ERLANG_DIST_PORT = broker.rabbitmq.port + 20000;
+    VHOST = broker.rabbitmq.vhost;
+    WORKER_METRICS = app.settings.PAGEVIEWS_METRICS_LISTEN;
+    RABBITMQ_HOME = nodes.broker1.services.rabbitmq.dataDir;
   };
 in {
   name = "pageviews-vm-cluster";
@@ -82,5 +97,5 @@ in {
     };
   };
 
-  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-cluster.py;
+  testScript = shared.script ./vm-cluster.py constants;
 }

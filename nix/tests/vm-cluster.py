@@ -1,11 +1,10 @@
 # vm-cluster: client -> proxy (nginx over app1, app2) -> app hosts -> broker1..3 (a RabbitMQ
-# cluster, quorum queues) and db (PostgreSQL). common.py is prepended (helpers and the
-# ports/names of the Nix side).
-import json  # noqa: E402 (after common.py, which the .nix file prepends)
+# cluster, quorum queues) and db (PostgreSQL). The constants of the Nix side and common.py
+# come first (nodes.nix `script`).
+import json  # noqa: E402 (after the constants and common.py)
 
 # rabbitmqctl needs the node's Erlang cookie, in the rabbitmq user's home.
-RABBITMQCTL = "runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq rabbitmqctl"
-VHOST = "pageviews"  # services.pageviews.rabbitmq.vhost
+RABBITMQCTL = f"runuser -u rabbitmq -- env HOME={RABBITMQ_HOME} rabbitmqctl"
 TASKS = "pageviews.tasks"  # src/queue/mod.rs QUEUE
 BROKERS = {"broker1": broker1, "broker2": broker2, "broker3": broker3}
 APPS = {"app1": app1, "app2": app2}

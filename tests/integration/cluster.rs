@@ -250,6 +250,8 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
     });
     restarted?;
     killed?;
+    // Losing the leader now must leave a majority: all three nodes are members again.
+    cluster.wait_for_members(3).await?;
 
     // 3. The node that leads the task queue (no client is connected to it) stops.
     let (leader, _) = cluster.queue_leader(VHOST, QUEUE)?;

@@ -141,11 +141,6 @@ impl RabbitMqCluster {
             .with_context(|| format!("leader {leader:?} is no node of this cluster"))?;
         Ok((index, members.matches('@').count()))
     }
-
-    /// Process groups of the nodes, for cleanup at exit.
-    pub fn process_groups(&self) -> Vec<u32> {
-        self.nodes.iter().filter_map(RabbitMq::pid).collect()
-    }
 }
 
 /// The whole stack on a broker cluster: what `pageviews-stack` runs with

@@ -31,7 +31,7 @@
           inherit pkgs craneLib build;
           root = ./.;
         }
-        # NixOS VM tests: vm-split, vm-single, vm-images (need a builder with KVM).
+        # NixOS VM tests: vm-split, vm-single, vm-images, vm-cluster (need a builder with KVM).
         // import ./nix/tests {
           inherit pkgs images;
           inherit (build) probe;

@@ -5,7 +5,8 @@
 //! | variable | used by | default |
 //! |---|---|---|
 //! | `DATABASE_URL` | app, worker, migrate | required |
-//! | `AMQP_URL` | app, worker | required |
+//! | `AMQP_URL` | app, worker | required (one URL, or several comma-separated) |
+//! | `PAGEVIEWS_QUEUE_TYPE` | app, worker | `quorum` |
 //! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000` |
 //! | `PAGEVIEWS_METRICS_LISTEN` | worker | unset (no metrics listener) |
 //! | `PAGEVIEWS_APP_METRICS_LISTEN` | app | unset (no second listener) |
@@ -16,6 +17,7 @@
 //! | `PAGEVIEWS_PREFETCH` | worker | 100 |
 //! | `PAGEVIEWS_ROLLUP_INTERVAL_SECS` | worker | 60 |
 
+use crate::queue::QueueType;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -228,24 +230,31 @@ impl DatabaseConfig {
     }
 }
 
+/// The queue type unless `PAGEVIEWS_QUEUE_TYPE` says otherwise (README "Scaling out" has the
+/// figures it was chosen from).
+pub const DEFAULT_QUEUE_TYPE: QueueType = QueueType::Quorum;
+
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
-    pub url: Secret,
+    /// One URL per broker node (`AMQP_URL` lists them separated by commas).
+    pub nodes: Vec<Secret>,
+    pub queue_type: QueueType,
 }
 
 impl BrokerConfig {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         const NAME: &str = "AMQP_URL";
         let raw = required(src, NAME)?;
-        let url = url::Url::parse(&raw).map_err(|e| ConfigError::new(NAME, format!("not a URL: {e}")))?;
-        match url.scheme() {
-            "amqp" => Ok(Self { url: Secret(raw) }),
-            "amqps" => Err(ConfigError::new(
-                NAME,
-                "amqps:// is not supported by this build; use amqp:// on a private network",
-            )),
-            other => Err(ConfigError::new(NAME, format!("scheme {other:?} is not amqp"))),
-        }
+        let nodes = crate::queue::brokers::parse_list(&raw).map_err(|problem| ConfigError::new(NAME, problem))?;
+        Ok(Self {
+            nodes: nodes.into_iter().map(Secret).collect(),
+            queue_type: parsed(
+                src,
+                "PAGEVIEWS_QUEUE_TYPE",
+                DEFAULT_QUEUE_TYPE,
+                "\"quorum\" or \"classic\"",
+            )?,
+        })
     }
 }
 
@@ -344,6 +353,7 @@ mod tests {
         assert_eq!(config.database.pool_size, 16);
         assert_eq!(config.sweep_interval, Duration::from_secs(10));
         assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.broker.queue_type, DEFAULT_QUEUE_TYPE);
     }
 
     #[test]
@@ -358,6 +368,13 @@ mod tests {
             "{}",
             app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")])
         );
+    }
+
+    #[test]
+    fn amqp_url_may_list_several_nodes() {
+        let config = AppConfig::from_source(&env(&[("AMQP_URL", "amqp://u:p@h1/v, amqp://u:p@h2:5673/v")])).unwrap();
+        let nodes: Vec<&str> = config.broker.nodes.iter().map(Secret::expose).collect();
+        assert_eq!(nodes, ["amqp://u:p@h1/v", "amqp://u:p@h2:5673/v"]);
     }
 
     #[test]
@@ -376,6 +393,14 @@ mod tests {
             app_error(&[("PAGEVIEWS_LISTEN", "localhost")]).starts_with("PAGEVIEWS_LISTEN: \"localhost\" is neither")
         );
         assert!(app_error(&[("AMQP_URL", "http://x")]).contains("scheme \"http\" is not amqp"));
+        assert_eq!(
+            app_error(&[("AMQP_URL", "amqp://u:secret@h1/v,amqp://u:secret@h2:x/v")]),
+            "AMQP_URL: entry 2 of 2: not a URL: invalid port number"
+        );
+        assert_eq!(
+            app_error(&[("PAGEVIEWS_QUEUE_TYPE", "mirrored")]),
+            "PAGEVIEWS_QUEUE_TYPE: \"mirrored\" is not \"quorum\" or \"classic\""
+        );
         assert!(
             app_error(&[("DATABASE_URL", "postgres://x:y@h:notaport/db")])
                 .starts_with("DATABASE_URL: not a PostgreSQL")
@@ -400,7 +425,7 @@ mod tests {
         std::fs::write(&file, "amqp://u:p@10.0.0.3:5672/v\n").unwrap();
         let path = file.to_str().unwrap();
         let config = AppConfig::from_source(&env(&[("AMQP_URL", ""), ("AMQP_URL_FILE", path)])).unwrap();
-        assert_eq!(config.broker.url.expose(), "amqp://u:p@10.0.0.3:5672/v");
+        assert_eq!(config.broker.nodes[0].expose(), "amqp://u:p@10.0.0.3:5672/v");
         assert!(!format!("{config:?}").contains("u:p@"), "Debug output leaks the secret");
         assert_eq!(
             app_error(&[("AMQP_URL_FILE", path)]),

@@ -1,12 +1,13 @@
 //! The broker's limits, with a small amiquip client on a vhost of its own and the app's
 //! topology: persistent publishes with confirms (in batches as the app's publisher sends them,
 //! and one at a time for contrast), then consuming and acking them one by one as the worker does.
+//! Once per queue type (quorum and classic), each on a vhost of its own.
 //! Synchronous: run it on a blocking thread.
 
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use anyhow::{Context, bail};
 use pageviews::queue::outbox::MAX_BATCH;
-use pageviews::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
+use pageviews::queue::{EXCHANGE, QUEUE, QueueType, ROUTING_KEY, Task};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -20,11 +21,23 @@ pub struct BrokerLimits {
     pub consume_ack: f64,
 }
 
+impl BrokerLimits {
+    /// The higher of each figure of two runs.
+    pub fn best_of(self, other: BrokerLimits) -> BrokerLimits {
+        BrokerLimits {
+            version: self.version,
+            publish_batched: self.publish_batched.max(other.publish_batched),
+            publish_each: self.publish_each.max(other.publish_each),
+            consume_ack: self.consume_ack.max(other.consume_ack),
+        }
+    }
+}
+
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const CONSUME_DEADLINE: Duration = Duration::from_secs(120);
 
-pub fn measure(url: &str, secs: f64, prefetch: u16) -> anyhow::Result<BrokerLimits> {
-    let (connection, channel) = pageviews::queue::open(url)?;
+pub fn measure(url: &str, secs: f64, prefetch: u16, queue_type: QueueType) -> anyhow::Result<BrokerLimits> {
+    let (connection, channel) = pageviews::queue::open(url, queue_type)?;
     let version = match connection.server_properties().get("version") {
         Some(AmqpValue::LongString(v)) => v.clone(),
         _ => "unknown".into(),

@@ -1,6 +1,6 @@
 //! The benchmark behind `pageviews-bench`: starts the local stack (durable PostgreSQL) with
 //! nginx's per-client limits raised for the run, measures this machine's limits (pgbench
-//! INSERTs, RabbitMQ publishes and consumes), then loads `GET /` with wrk through nginx + TLS
+//! INSERTs, RabbitMQ publishes and consumes, on quorum and classic queues), then loads `GET /` with wrk through nginx + TLS
 //! and straight to the app, checks that every answered request is a stored row and how fast
 //! the worker drains the backlog, and samples memory. Every figure is reported with its ratio
 //! to a limit measured in the same run, because timings on a shared machine are noisy.
@@ -14,8 +14,9 @@ pub use report::{Figure, Machine, Report};
 
 use anyhow::Context;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
-use pageviews::config::DEFAULT_PREFETCH;
+use pageviews::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE_TYPE};
 use pageviews::db::page_views;
+use pageviews::queue::QueueType;
 use pageviews_testbed::nginx::NginxOptions;
 use pageviews_testbed::process::free_port;
 use pageviews_testbed::{Binaries, Stack};
@@ -50,6 +51,13 @@ const LOAD_RSS_MIB: f64 = 100.0;
 /// The step the throughput, latency and error targets apply to.
 const TARGET_STEP: (&str, u32) = ("https", 32);
 
+fn other_queue_type() -> QueueType {
+    match DEFAULT_QUEUE_TYPE {
+        QueueType::Quorum => QueueType::Classic,
+        QueueType::Classic => QueueType::Quorum,
+    }
+}
+
 pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     let binaries = Binaries::this_executable()?;
     let mut options = NginxOptions::new(free_port()?, free_port()?);
@@ -70,9 +78,29 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     );
     let inserts = pgbench::insert_rates(&stack.services.postgres, dir, &INSERT_CLIENTS, settings.secs).await?;
     eprintln!("limits: RabbitMQ publishes and consumes");
-    let amqp = stack.services.rabbitmq.create_vhost("bench")?;
     let secs = settings.secs as f64 / 2.0;
-    let broker = tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH)).await??;
+    // Both queue types, alternating twice so neither always runs on a warmer or quieter
+    // machine; the better run of each counts.
+    let mut by_type: Vec<(QueueType, Option<broker::BrokerLimits>)> =
+        vec![(DEFAULT_QUEUE_TYPE, None), (other_queue_type(), None)];
+    for round in 0..2 {
+        for (queue_type, best) in &mut by_type {
+            let queue_type = *queue_type;
+            let vhost = format!("bench-{}-{round}", queue_type.as_str());
+            let amqp = stack.services.rabbitmq.create_vhost(&vhost)?;
+            let measured =
+                tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH, queue_type))
+                    .await??;
+            *best = Some(match best.take() {
+                Some(b) => b.best_of(measured),
+                None => measured,
+            });
+        }
+    }
+    let [(_, Some(broker)), (other, Some(limits))] = &by_type[..] else {
+        unreachable!("both queue types were measured")
+    };
+    let broker = broker.clone();
 
     let mut figures = Vec::new();
     for r in &inserts {
@@ -108,6 +136,27 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         broker.consume_ack,
         "/s",
     ));
+
+    // The other queue type, for choosing the default (README "Scaling out").
+    let other = other.as_str();
+    figures.push(
+        Figure::new(
+            format!("limit.{other}.publish_batched"),
+            format!("limit: {other} queue, persistent publish, {batch} per confirm wait"),
+            limits.publish_batched,
+            "/s",
+        )
+        .against("default queue type", broker.publish_batched),
+    );
+    figures.push(
+        Figure::new(
+            format!("limit.{other}.consume_ack"),
+            format!("limit: {other} queue, consume + ack each"),
+            limits.consume_ack,
+            "/s",
+        )
+        .against("default queue type", broker.consume_ack),
+    );
 
     let db_url = stack.services.postgres.url("pageviews");
     let mut db = AsyncPgConnection::establish(&db_url).await?;

@@ -10,6 +10,13 @@
   localApp = hasRole "app";
   localData = hasRole "data";
   localProxy = hasRole "proxy";
+  # A RabbitMQ cluster (rabbitmq.cluster.nodes) runs on "broker" hosts; without one the
+  # data host runs the single broker.
+  clustered = cfg.rabbitmq.cluster.nodes != [];
+  localBroker = hasRole "broker" || (localData && !clustered);
+  brokerAddresses = map (n: n.address) cfg.rabbitmq.cluster.nodes;
+  # Every app host, for the nginx upstream (passive failover over all of them).
+  inherit (cfg.network) appAddresses;
   # The app and the database/broker live on different hosts: TCP with passwords.
   splitData = localApp != localData;
   # The proxy and the app live on different hosts: the app listens on TCP.
@@ -26,6 +33,11 @@
   generatedSecrets = lib.filter (who: cfg.rabbitmq.passwordFiles.${who} == null) ["app" "worker"];
 
   isIPv6 = addr: lib.hasInfix ":" addr;
+  # An address as the host part of a URL.
+  urlHost = addr:
+    if isIPv6 addr
+    then "[${addr}]"
+    else addr;
   # An address as a one-host CIDR (for pg_hba).
   hostCidr = addr:
     if isIPv6 addr

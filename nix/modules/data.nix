@@ -8,7 +8,11 @@
 }: let
   cfg = config.services.pageviews;
   common = import ./common.nix {inherit lib cfg;};
-  inherit (common) users splitData;
+  inherit (common) users splitData clustered;
+  # In a cluster: this broker host's entry, and whether it is the first (it creates the
+  # vhost and users, which the cluster shares).
+  self = lib.findFirst (n: n.hostName == config.networking.hostName) null cfg.rabbitmq.cluster.nodes;
+  seed = !clustered || (self != null && self == lib.head cfg.rabbitmq.cluster.nodes);
   db = cfg.database.name;
   runtimeRoles = [users.app users.worker];
   quoted = role: ''"${role}"'';
@@ -18,8 +22,8 @@
   # and pageviews.dead, exchange pageviews.dead.
   permission = ''^pageviews(\..*)?$'';
 in {
-  config = lib.mkIf (cfg.enable && common.localData) {
-    services.postgresql = {
+  config = lib.mkIf (cfg.enable && (common.localData || common.localBroker)) {
+    services.postgresql = lib.mkIf common.localData {
       enable = true;
       # `package` is left to nixpkgs: its postgresql module picks the major version from
       # system.stateVersion (PostgreSQL 17 for 25.11 and later) with mkDefault, so that an
@@ -64,7 +68,7 @@ in {
     # now and for tables the migrations create later (ALTER DEFAULT PRIVILEGES).
     # Split: set the role passwords from credentials (psql reads the file itself, so the
     # password is neither in argv nor in the store).
-    systemd.services.postgresql-setup = {
+    systemd.services.postgresql-setup = lib.mkIf common.localData {
       serviceConfig.LoadCredential = lib.mkIf splitData (lib.mapAttrsToList (who: file: "db-${who}:${file}") cfg.database.passwordFiles);
       script = lib.mkAfter ''
         psql -d ${db} -v ON_ERROR_STOP=1 <<'EOF'
@@ -89,11 +93,14 @@ in {
       '';
     };
 
-    services.rabbitmq = {
+    services.rabbitmq = lib.mkIf common.localBroker {
       enable = true;
-      # Loopback on one host (the module's default), the private address when split.
+      # Loopback on one host (the module's default), the private address when split or
+      # clustered.
       listenAddress =
-        if splitData
+        if clustered
+        then (lib.throwIf (self == null) "services.pageviews.rabbitmq.cluster.nodes has no node with this host's networking.hostName" self).address
+        else if splitData
         then cfg.network.dataAddress
         else "127.0.0.1";
       inherit (cfg.rabbitmq) port;
@@ -106,7 +113,7 @@ in {
     # with permissions on that vhost only, and delete guest. Passwords come from files via
     # credentials and reach rabbitmqctl on stdin, never argv. Runs on every boot (idempotent,
     # re-applies changed passwords).
-    systemd.services.pageviews-rabbitmq-setup = {
+    systemd.services.pageviews-rabbitmq-setup = lib.mkIf (common.localBroker && seed) {
       description = "pageviews: RabbitMQ vhost, users and permissions";
       wantedBy = ["multi-user.target"];
       requires = ["rabbitmq.service"] ++ lib.optional (common.generatedSecrets != []) "pageviews-secrets.service";

@@ -22,6 +22,7 @@ in {
     ./proxy.nix
     ./firewall.nix
     ./prometheus.nix
+    ./cluster.nix
   ];
 
   options.services.pageviews = {
@@ -37,7 +38,7 @@ in {
     };
 
     roles = mkOption {
-      type = types.listOf (types.enum ["proxy" "app" "data"]);
+      type = types.listOf (types.enum ["proxy" "app" "data" "broker"]);
       default = ["proxy" "app" "data"];
       example = ["app"];
       description = ''
@@ -45,7 +46,9 @@ in {
         pageviews-worker, the migration unit) and `data` (PostgreSQL, RabbitMQ). One host runs
         all three by default. To split the stack, give each host its roles and set
         `network.appAddress` / `network.dataAddress` / `network.proxyAddresses` to the
-        private addresses of the others (the same values on every host).
+        private addresses of the others (the same values on every host). `broker`: a node
+        of the RabbitMQ cluster in `rabbitmq.cluster` (the data host then runs only
+        PostgreSQL).
       '';
     };
 
@@ -128,8 +131,8 @@ in {
       };
       dataClients = mkOption {
         type = types.listOf types.str;
-        default = lib.optional (cfg.network.appAddress != null) cfg.network.appAddress;
-        defaultText = lib.literalExpression "lib.optional (appAddress != null) appAddress";
+        default = cfg.network.appAddresses;
+        defaultText = lib.literalExpression "appAddresses";
         description = "Addresses allowed to reach PostgreSQL (5432) and RabbitMQ (5672), when split.";
       };
     };
@@ -286,8 +289,8 @@ in {
         message = "services.pageviews: app and data on different hosts need network.dataAddress (app host) and network.appAddress or dataClients (data host).";
       }
       {
-        assertion = splitApp -> cfg.network.appAddress != null && (localApp -> cfg.network.proxyAddresses != []);
-        message = "services.pageviews: proxy and app on different hosts need network.appAddress (both) and network.proxyAddresses (app host).";
+        assertion = splitApp -> (localApp -> cfg.network.appAddress != null && cfg.network.proxyAddresses != []) && (localProxy -> cfg.network.appAddresses != []);
+        message = "services.pageviews: proxy and app on different hosts need network.appAddress and network.proxyAddresses (app host) and network.appAddress or appAddresses (proxy).";
       }
       {
         assertion = splitData -> lib.all (f: f != null) (lib.attrValues cfg.database.passwordFiles ++ lib.attrValues cfg.rabbitmq.passwordFiles);

@@ -34,8 +34,20 @@
     }
     ++ lib.optional (localData && splitData) {
       addrs = cfg.network.dataClients;
-      ports = [cfg.database.port cfg.rabbitmq.port];
-    };
+      ports = [cfg.database.port] ++ lib.optional common.localBroker cfg.rabbitmq.port;
+    }
+    # A RabbitMQ cluster node: AMQP from the app hosts, epmd and the inter-node port
+    # (AMQP + 20000) from the other nodes only.
+    ++ lib.optionals (common.localBroker && common.clustered) [
+      {
+        addrs = cfg.network.dataClients;
+        ports = [cfg.rabbitmq.port];
+      }
+      {
+        addrs = map (n: n.address) (lib.filter (n: n.hostName != config.networking.hostName) cfg.rabbitmq.cluster.nodes);
+        ports = [4369 (cfg.rabbitmq.port + 20000)];
+      }
+    ];
   rules = accept: lib.concatMapStrings (r: accept r.addrs r.ports) peerRules;
   restrict = fw.enable && peerRules != [];
 in {

@@ -11,14 +11,17 @@
   common = import ./common.nix {inherit lib cfg;};
   inherit (common) splitApp;
 
-  appHost =
-    if common.isIPv6 cfg.network.appAddress
-    then "[${cfg.network.appAddress}]"
-    else cfg.network.appAddress;
-  upstream =
+  hostPort = address:
+    if common.isIPv6 address
+    then "[${address}]:${toString cfg.network.appPort}"
+    else "${address}:${toString cfg.network.appPort}";
+  # Passive failover over every app host; the same parameters as the local launcher
+  # (tools/testbed/src/nginx.rs UPSTREAM_PARAMETERS), the retry policy is in server.conf.
+  upstreamServers = lib.concatMapStringsSep "\n    " (a: "server ${a} max_fails=1 fail_timeout=10s;") (
     if splitApp
-    then "${appHost}:${toString cfg.network.appPort}"
-    else "unix:${common.appSocket}";
+    then map hostPort common.appAddresses
+    else ["unix:${common.appSocket}"]
+  );
 
   tlsDir = "/var/lib/pageviews-tls";
   tlsFile = "tls-${cfg.tls.profile}.conf";
@@ -34,7 +37,7 @@
     cp ${tlsConf} "$out/${tlsFile}"
   '';
   httpConf = pkgs.replaceVars (snippets + "/http.conf") {
-    inherit upstream;
+    upstream_servers = upstreamServers;
     rate = ncfg.rateLimit;
     access_log = "/var/log/nginx/pageviews.access.log";
     # Under the nginx unit's CacheDirectory (/var/cache/nginx); nginx creates the last level.

@@ -36,13 +36,15 @@ let
     splitApp,
     dataAddress,
     proxyAddresses,
+    brokerAddresses,
     dbPasswordFiles,
     amqpPasswordFiles,
     execStart,
   }: let
     u = users owner;
-    # IP allow-list: loopback, plus the data host and (for the app) the proxies when split.
-    ipAllow = extra: ["localhost"] ++ optional splitData dataAddress ++ extra;
+    # IP allow-list: loopback, plus the data host (and the nodes of a RabbitMQ cluster) and
+    # (for the app) the proxies when split.
+    ipAllow = extra: ["localhost"] ++ optional splitData dataAddress ++ brokerAddresses ++ extra;
     # Credentials: the database password only when split (peer auth on one host), the
     # broker password always.
     dbCredential = file: optional (splitData && file != null) "db-password:${file}";
@@ -112,6 +114,7 @@ in {
     splitApp = false;
     dataAddress = null;
     proxyAddresses = [];
+    brokerAddresses = [];
     dbPasswordFiles = {
       owner = null;
       app = null;

@@ -21,7 +21,14 @@
     else dataHost;
 
   # Units that must be up first when PostgreSQL/RabbitMQ run on this host.
-  localDataUnits = lib.optionals localData ["postgresql.target" "rabbitmq.service" "pageviews-rabbitmq-setup.service"];
+  localDataUnits =
+    lib.optionals localData ["postgresql.target"]
+    ++ lib.optionals common.localBroker ["rabbitmq.service" "pageviews-rabbitmq-setup.service"];
+  # One URL per broker node: the nodes of the cluster, or the data host.
+  amqpHosts =
+    if common.clustered
+    then map common.urlHost common.brokerAddresses
+    else [dataHostUrl];
   secretUnits = lib.optional (common.generatedSecrets != []) "pageviews-secrets.service";
 
   # Builds DATABASE_URL / AMQP_URL from credentials at start, then execs the binary:
@@ -56,7 +63,7 @@
       ${lib.optionalString amqp ''
         amqp_password="$(cat "$CREDENTIALS_DIRECTORY/amqp-password")"
         urlsafe "$amqp_password" "the ${role} RabbitMQ password"
-        export AMQP_URL="amqp://${role}:$amqp_password@${dataHostUrl}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}"
+        export AMQP_URL="${lib.concatMapStringsSep "," (host: "amqp://${role}:$amqp_password@${host}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}") amqpHosts}"
       ''}
       exec ${cfg.package}/bin/${name} ${args}
     '';
@@ -71,6 +78,7 @@
     owner = cfg.database.owner;
     inherit splitData splitApp;
     inherit (cfg.network) dataAddress proxyAddresses;
+    inherit (common) brokerAddresses;
     dbPasswordFiles = cfg.database.passwordFiles;
     amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
     execStart = {

@@ -2,6 +2,7 @@
 #   vm-split   client, proxy, app, data: the split deployment and its firewall isolation
 #   vm-single  client + one server running the whole stack (plain `services.pageviews.enable`)
 #   vm-images  the app and worker OCI images under podman against a data node
+#   vm-cluster proxy, two app hosts, a 3-node RabbitMQ cluster, a database host: failover
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
 # next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
@@ -20,4 +21,5 @@ in {
   vm-split = run ./vm-split.nix;
   vm-single = run ./vm-single.nix;
   vm-images = run ./vm-images.nix;
+  vm-cluster = run ./vm-cluster.nix;
 }

@@ -15,4 +15,6 @@ in {
     app = file "amqp-app";
     worker = file "amqp-worker";
   };
+  # vm-cluster: the Erlang cookie every broker shares.
+  erlangCookie = file "erlang-cookie";
 }

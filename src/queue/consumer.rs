@@ -4,7 +4,8 @@
 //! without requeue, which routes it to the dead-letter queue; an id naming no page view is
 //! dead-lettered on its own (a message of just that id), the rest of its message processed.
 
-use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
+use super::brokers::Brokers;
+use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,7 @@ const MAX_BATCH_IDS: usize = 2_000;
 
 /// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
 pub fn run(
-    url: &str,
+    brokers: &mut Brokers,
     prefetch: u16,
     batches: &mpsc::Sender<Batch>,
     stop: &Arc<AtomicBool>,
@@ -44,12 +45,12 @@ pub fn run(
 ) {
     let mut backoff = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
-        match session(url, prefetch, batches, stop, events, &mut backoff) {
+        match session(brokers, prefetch, batches, stop, events, &mut backoff) {
             Ok(()) => return,
             Err(e) => {
                 events.connected(false);
                 let delay = backoff.next_delay();
-                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
+                tracing::warn!(broker = %brokers.current(), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
                 // In slices, so a SIGTERM during a long wait is seen at once.
                 let until = Instant::now() + delay;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < until {
@@ -61,17 +62,17 @@ pub fn run(
 }
 
 fn session(
-    url: &str,
+    brokers: &mut Brokers,
     prefetch: u16,
     batches: &mpsc::Sender<Batch>,
     stop: &AtomicBool,
     events: &dyn ConsumerEvents,
     backoff: &mut Backoff,
 ) -> super::Result<()> {
-    let (connection, channel) = super::open(url)?;
+    let (connection, channel) = brokers.open()?;
     channel.qos(0, prefetch, false)?;
     let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
-    tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
+    tracing::info!(broker = %brokers.current(), prefetch, "consumer connected");
     events.connected(true);
     backoff.connected();
     let receiver = consumer.receiver();

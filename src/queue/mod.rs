@@ -1,6 +1,7 @@
 //! RabbitMQ: the topology, the task message, connecting with backoff. amiquip is synchronous,
 //! so everything here runs on dedicated threads, never on the tokio workers.
 
+pub mod brokers;
 pub mod consumer;
 pub mod outbox;
 
@@ -75,16 +76,51 @@ impl Task {
     }
 }
 
+/// The type of the task and dead-letter queues (`PAGEVIEWS_QUEUE_TYPE`). Quorum queues are
+/// replicated across a cluster's nodes (Raft); classic queues live on one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            _ => Err(()),
+        }
+    }
+}
+
 /// Declares exchanges and queues (idempotent; both the app and the worker do it, so tasks
-/// published before any worker ever ran are kept).
-pub fn declare_topology(channel: &Channel) -> amiquip::Result<()> {
+/// published before any worker ever ran are kept). Both queues are durable and not
+/// exclusive, as quorum queues require.
+pub fn declare_topology(channel: &Channel, queue_type: QueueType) -> amiquip::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
     channel.exchange_declare(ExchangeType::Direct, EXCHANGE, durable.clone())?;
     channel.exchange_declare(ExchangeType::Fanout, DEAD_LETTER_EXCHANGE, durable)?;
-    let mut arguments = FieldTable::default();
+    // Classic queues are declared without the argument, as before quorum queues existed, so
+    // queues declared by older versions stay equivalent.
+    let mut typed = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        typed.insert("x-queue-type".into(), AmqpValue::LongString("quorum".into()));
+    }
+    let mut arguments = typed.clone();
     arguments.insert(
         "x-dead-letter-exchange".into(),
         AmqpValue::LongString(DEAD_LETTER_EXCHANGE.into()),
@@ -102,6 +138,7 @@ pub fn declare_topology(channel: &Channel) -> amiquip::Result<()> {
         DEAD_LETTER_QUEUE,
         QueueDeclareOptions {
             durable: true,
+            arguments: typed,
             ..Default::default()
         },
     )?;
@@ -197,7 +234,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Opens a connection and a channel with the topology declared. The heartbeat notices a dead
 /// broker within seconds instead of at the next TCP timeout.
-pub fn open(url: &str) -> Result<(Connection, Channel)> {
+pub fn open(url: &str, queue_type: QueueType) -> Result<(Connection, Channel)> {
     let mut full = url.to_owned();
     for (name, value) in [
         ("heartbeat", 5),
@@ -210,7 +247,7 @@ pub fn open(url: &str) -> Result<(Connection, Channel)> {
     }
     let mut connection = Connection::insecure_open(&full).map_err(|e| Error::without_credentials(&e, url))?;
     let channel = connection.open_channel(None)?;
-    declare_topology(&channel)?;
+    declare_topology(&channel, queue_type)?;
     Ok((connection, channel))
 }
 
@@ -258,7 +295,7 @@ mod tests {
     #[test]
     fn connection_errors_hide_credentials() {
         let url = "amqp://app:S3CRET%2FPW@rabbitmq.invalid:5672/%2f";
-        let Err(e) = open(url) else {
+        let Err(e) = open(url, QueueType::Classic) else {
             panic!("rabbitmq.invalid resolved")
         };
         let e = e.to_string();

@@ -14,7 +14,8 @@
 //!   lost later (queue purged, deleted or lost with its node). A duplicate is harmless: the
 //!   worker marks each row processed once.
 
-use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
+use super::brokers::Brokers;
+use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Registry};
 use crate::shutdown::{self, Shutdown};
@@ -130,7 +131,7 @@ pub struct Outbox {
 impl Outbox {
     /// Starts the publisher thread and the sweep (every `sweep_interval`, which is also how old
     /// an unprocessed row must be to be offered again). Needs a tokio runtime.
-    pub fn start(url: String, pool: Pool, sweep_interval: Duration) -> Outbox {
+    pub fn start(mut brokers: Brokers, pool: Pool, sweep_interval: Duration) -> Outbox {
         // Hand-over slots are batches (one per INSERT); the id count is bounded by CAPACITY.
         let (tx, rx) = mpsc::sync_channel(4_096);
         let shared = Arc::new(Shared {
@@ -143,7 +144,7 @@ impl Outbox {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("amqp-publisher".into())
-            .spawn(move || run(&url, &rx, &thread_shared))
+            .spawn(move || run(&mut brokers, &rx, &thread_shared))
             .expect("spawning a thread only fails when the system is out of resources");
         let handle = Handle { tx, shared };
         let (stop_sweep, stopping) = shutdown::channel();
@@ -231,14 +232,14 @@ async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdow
 }
 
 /// The thread: connects, publishes, reconnects with backoff, until shutdown.
-fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
+fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
     let mut pending: VecDeque<i64> = VecDeque::new();
     let mut backoff = Backoff::default();
     let mut closed_at: Option<Instant> = None;
     loop {
-        let delay = match connect(url) {
+        let delay = match connect(brokers) {
             Ok((connection, channel)) => {
-                tracing::info!(broker = %redacted(url), "publisher connected");
+                tracing::info!(broker = %brokers.current(), "publisher connected");
                 shared.connected.store(true, Ordering::Relaxed);
                 let result = session(&channel, rx, shared, &mut pending, &mut backoff, &mut closed_at);
                 shared.connected.store(false, Ordering::Relaxed);
@@ -251,14 +252,14 @@ fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
                     Err(e) => {
                         shared.metrics.failures.inc();
                         let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, unconfirmed = pending.len(), retry_in_ms = delay.as_millis() as u64, "publisher lost the broker; reconnecting");
+                        tracing::warn!(broker = %brokers.current(), error = %e, unconfirmed = pending.len(), retry_in_ms = delay.as_millis() as u64, "publisher lost the broker; reconnecting");
                         delay
                     }
                 }
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
+                tracing::warn!(broker = %brokers, error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
                 delay
             }
         };
@@ -290,8 +291,8 @@ fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
     }
 }
 
-fn connect(url: &str) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
-    let (connection, channel) = super::open(url)?;
+fn connect(brokers: &mut Brokers) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
+    let (connection, channel) = brokers.open()?;
     channel.enable_publisher_confirms()?;
     Ok((connection, channel))
 }

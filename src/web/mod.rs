@@ -11,6 +11,7 @@ mod stats;
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
+use crate::queue::brokers::Brokers;
 use crate::queue::outbox::Outbox;
 use crate::shutdown;
 use axum::Router;
@@ -172,7 +173,7 @@ fn operations_router(app: AppState) -> Router {
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let pool = db::request_pool(&config.database);
     let outbox = Outbox::start(
-        config.broker.url.expose().to_owned(),
+        Brokers::from_config(&config.broker),
         pool.clone(),
         config.sweep_interval,
     );

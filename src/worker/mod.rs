@@ -36,11 +36,11 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let (batches_tx, batches_rx) = mpsc::channel(4);
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let consumer = {
-        let url = config.broker.url.expose().to_owned();
+        let mut brokers = crate::queue::brokers::Brokers::from_config(&config.broker);
         let (stop, events, prefetch) = (stop_consumer.clone(), metrics.clone(), config.prefetch);
         std::thread::Builder::new()
             .name("amqp-consumer".into())
-            .spawn(move || crate::queue::consumer::run(&url, prefetch, &batches_tx, &stop, events.as_ref()))?
+            .spawn(move || crate::queue::consumer::run(&mut brokers, prefetch, &batches_tx, &stop, events.as_ref()))?
     };
     let processor = tokio::spawn(tasks::process_batches(
         pool.clone(),

@@ -188,7 +188,7 @@ async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going(
     let _worker = env.worker("worker", &[])?;
     let url = env.urls.amqp.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let (connection, channel) = pageviews::queue::open(&url)?;
+        let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;
         for body in [
             &b"not json"[..],
             br#"{"page_view_id": 424242}"#,

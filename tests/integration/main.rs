@@ -2,6 +2,7 @@
 //! the same launcher code as `pageviews-stack`, and runs the real built binaries.
 
 mod browser;
+mod cluster;
 mod config_errors;
 mod failures;
 mod faults;

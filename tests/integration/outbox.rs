@@ -14,7 +14,7 @@ async fn on_channel(
 ) -> anyhow::Result<()> {
     let url = env.urls.amqp.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let (connection, channel) = pageviews::queue::open(&url)?;
+        let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;
         f(&channel)?;
         connection.close()?;
         Ok(())

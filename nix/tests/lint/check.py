@@ -61,17 +61,20 @@ VLANS = ["vlan1"]
 
 RUFF_SELECT = "F,E,W,B,UP,PLE"
 
-# Units of nixpkgs services that our modules enable: unit -> (role, file of ours, needle).
+# Units of nixpkgs services that our modules enable: unit -> (roles, file of ours, needle).
+PG_ENABLED = "services.postgresql = lib.mkIf common.localData {\n      enable = true;"
+RABBITMQ_ENABLED = "services.rabbitmq = lib.mkIf common.localBroker {\n      enable = true;"
 NIXPKGS_UNITS = {
-    "postgresql.service": ("data", "data.nix", "services.postgresql = {\n      enable = true;"),
-    "postgresql.target": ("data", "data.nix", "services.postgresql = {\n      enable = true;"),
-    "postgresql-setup.service": ("data", "data.nix", "systemd.services.postgresql-setup"),
-    "rabbitmq.service": ("data", "data.nix", "services.rabbitmq = {\n      enable = true;"),
-    "nginx.service": ("proxy", "proxy.nix", "services.nginx = {\n      enable = true;"),
+    "postgresql.service": (("data",), "data.nix", PG_ENABLED),
+    "postgresql.target": (("data",), "data.nix", PG_ENABLED),
+    "postgresql-setup.service": (("data",), "data.nix", "systemd.services.postgresql-setup"),
+    # the data host's single broker, or a broker host's cluster node
+    "rabbitmq.service": (("data", "broker"), "data.nix", RABBITMQ_ENABLED),
+    "nginx.service": (("proxy",), "proxy.nix", "services.nginx = {\n      enable = true;"),
 }
 GENERIC_UNITS = {"multi-user.target", "network-online.target", "network.target"}
 UNIT_RE = re.compile(r"\b([A-Za-z0-9@_.-]+\.(?:service|target|socket|timer))\b")
-ROLES = ("proxy", "app", "data")
+ROLES = ("proxy", "app", "data", "broker")
 
 failures: list[str] = []
 warnings: list[str] = []
@@ -236,12 +239,17 @@ def module_units_by_role() -> dict[str, set[str]]:
         src = path.read_text()
         m = re.search(r"config = lib\.mkIf \(cfg\.enable && common\.local(\w+)\)", src)
         roles = [m.group(1).lower()] if m else ["app", "data"]  # default.nix: secrets
+        if path.name == "data.nix":  # PostgreSQL for "data", RabbitMQ for "broker" (or both)
+            roles = ["data", "broker"]
+        if path.name == "cluster.nix":  # the broker side of a cluster
+            roles = ["broker"]
         for unit in services_defined(parsed(path)):
             for role in roles:
                 units[role].add(unit)
-    for unit, (role, file, needle) in NIXPKGS_UNITS.items():
+    for unit, (roles, file, needle) in NIXPKGS_UNITS.items():
         if needle in (MODULES / file).read_text():
-            units[role].add(unit)
+            for role in roles:
+                units[role].add(unit)
         else:
             fail(f"{unit}: nix/modules/{file} no longer enables its nixpkgs service")
     return units
@@ -250,7 +258,10 @@ def module_units_by_role() -> dict[str, set[str]]:
 def node_roles_and_units(nix_file: Path, nodes: list[str], by_role: dict[str, set[str]]):
     """Per node: the pageviews roles it runs and the units it has."""
     text = parsed(nix_file)
-    nodes_block = attr_block(text, text.index("nodes = "))
+    # the test's own `nodes = {`, not an option path ending in `.nodes` (vm-cluster)
+    nodes_at = re.search(r"(?<![.\w])nodes = \{", text)
+    assert nodes_at, nix_file
+    nodes_block = attr_block(text, nodes_at.start())
     result: dict[str, tuple[set[str], set[str]]] = {}
     # roles: `(pageviews [ "x" ])` (vm-split's helper), `roles = [ ... ]`, or the module
     # imported with services.pageviews set but no roles (= all three)

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 
 class Machine:
     name: str
+    booted: bool
 
     def log(self, msg: str) -> None:
         raise NotImplementedError
@@ -57,6 +58,13 @@ class Machine:
     def sleep(self, secs: int) -> None:
         raise NotImplementedError
 
+    def start(self, allow_reboot: bool = False) -> None:
+        raise NotImplementedError
+
+    def crash(self) -> None:
+        raise NotImplementedError
+
 
 start_all: Callable[[], None]
+retry: Callable[..., None]
 subtest: Callable[[str], AbstractContextManager[None]]

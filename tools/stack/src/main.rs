@@ -6,7 +6,7 @@
 
 use pageviews::config::{Environment, parsed};
 use pageviews_testbed::nginx::NginxOptions;
-use pageviews_testbed::{Binaries, ScratchDir, Stack};
+use pageviews_testbed::{Binaries, ClusterStack, Deployment, ScratchDir, Stack};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -39,7 +39,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn options() -> Result<NginxOptions, pageviews::config::ConfigError> {
+/// Nodes in the RabbitMQ cluster; 1 is a single broker.
+fn brokers() -> Result<usize, pageviews::config::ConfigError> {
+    const NAME: &str = "PAGEVIEWS_STACK_BROKERS";
+    match parsed(&Environment, NAME, 1usize, "a number of broker nodes")? {
+        0 => Err(pageviews::config::ConfigError::new(NAME, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+enum Running {
+    Single(Stack),
+    Cluster(ClusterStack),
+}
+
+impl Running {
+    fn deployment(&mut self) -> &mut Deployment {
+        match self {
+            Running::Single(s) => &mut s.deployment,
+            Running::Cluster(c) => &mut c.deployment,
+        }
+    }
+}
+
+fn options() -> Result<(NginxOptions, usize), pageviews::config::ConfigError> {
     let src = &Environment;
     let mut options = NginxOptions::new(
         parsed(src, "PAGEVIEWS_HTTPS_PORT", 8443, "a port number")?,
@@ -59,10 +82,10 @@ fn options() -> Result<NginxOptions, pageviews::config::ConfigError> {
     )?;
     options.burst = parsed(src, "PAGEVIEWS_RATE_BURST", options.burst, "a whole number")?;
     options.conn_limit = parsed(src, "PAGEVIEWS_CONN_LIMIT", options.conn_limit, "a whole number")?;
-    Ok(options)
+    Ok((options, brokers()?))
 }
 
-async fn run(options: NginxOptions) -> anyhow::Result<()> {
+async fn run((options, brokers): (NginxOptions, usize)) -> anyhow::Result<()> {
     for (port, variable) in [
         (options.https_port, "PAGEVIEWS_HTTPS_PORT"),
         (options.http_port, "PAGEVIEWS_HTTP_PORT"),
@@ -73,12 +96,21 @@ async fn run(options: NginxOptions) -> anyhow::Result<()> {
     }
     let dir = ScratchDir::new("pageviews-stack")?;
     let binaries = Binaries::this_executable()?;
+    let rabbitmq = if brokers == 1 {
+        "RabbitMQ".to_owned()
+    } else {
+        format!("a {brokers}-node RabbitMQ cluster")
+    };
     eprintln!(
-        "{PROGRAM}: starting PostgreSQL, RabbitMQ, app, worker and nginx under {}",
+        "{PROGRAM}: starting PostgreSQL, {rabbitmq}, app, worker and nginx under {}",
         dir.path().display()
     );
-    let mut stack = Stack::start(dir.path(), &binaries, options, &[]).await?;
-    let d = &stack.deployment;
+    let mut stack = if brokers == 1 {
+        Running::Single(Stack::start(dir.path(), &binaries, options, &[]).await?)
+    } else {
+        Running::Cluster(ClusterStack::start(dir.path(), &binaries, options, &[], brokers).await?)
+    };
+    let d = stack.deployment();
     println!(
         "\npageviews is up: {}\n  (HTTP {} redirects there; self-signed certificate, CA at {})\n  logs: {}/{{app,worker}}.log, nginx/error.log\n  Ctrl-C stops everything.\n",
         d.https_url("/"),
@@ -91,7 +123,7 @@ async fn run(options: NginxOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = pageviews::shutdown::signal() => break None,
             _ = ticks.tick() => {
-                let d = &mut stack.deployment;
+                let d = stack.deployment();
                 let exited = [("app", &mut d.app), ("worker", &mut d.worker), ("nginx", &mut d.nginx.process)]
                     .into_iter()
                     .find_map(|(name, process)| process.try_wait().map(|status| format!("{name} exited unexpectedly ({status})")));

@@ -6,6 +6,7 @@ pub mod nginx;
 pub mod postgres;
 pub mod process;
 pub mod rabbitmq;
+pub mod rabbitmq_cluster;
 pub mod tls;
 
 use anyhow::Context;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 pub use postgres::Postgres;
 pub use rabbitmq::RabbitMq;
+pub use rabbitmq_cluster::{ClusterStack, RabbitMqCluster};
 
 /// A directory under the system temp dir, removed on drop: a fresh random name made with
 /// mode 0700 in one step (mkdtemp), so nobody else on the machine can read or pre-create it.
@@ -236,7 +238,7 @@ impl Deployment {
         let app = start_app(binaries, urls, app_port, app_env, &dir.join("app.log")).await?;
         let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log"))?;
         let certificates = tls::generate(dir)?;
-        options.upstream = format!("127.0.0.1:{app_port}");
+        options.upstreams = vec![format!("127.0.0.1:{app_port}")];
         let nginx = nginx::Nginx::start(&dir.join("nginx"), &options, &certificates).await?;
         Ok(Deployment {
             nginx,

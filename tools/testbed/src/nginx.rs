@@ -28,8 +28,8 @@ pub const STATIC_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../static
 pub struct NginxOptions {
     pub https_port: u16,
     pub http_port: u16,
-    /// Where the app listens, as nginx's `server` takes it; set by `Deployment::start`.
-    pub upstream: String,
+    /// Where the app processes listen, as nginx's `server` takes them; set by `Deployment::start`.
+    pub upstreams: Vec<String>,
     pub static_root: PathBuf,
     /// `modern` (TLS 1.3 only) or `intermediate` (TLS 1.2 + 1.3).
     pub tls_profile: String,
@@ -44,7 +44,7 @@ impl NginxOptions {
         NginxOptions {
             https_port,
             http_port,
-            upstream: String::new(),
+            upstreams: Vec::new(),
             static_root: PathBuf::from(STATIC_ROOT),
             tls_profile: "modern".into(),
             rate: 10,
@@ -164,12 +164,24 @@ fn placeholders(
         ("key", path(&certificates.key)),
         ("tls_profile", options.tls_profile.clone()),
         ("ecdh_curve", ecdh_curve.into()),
-        ("upstream", options.upstream.clone()),
+        ("upstream_servers", upstream_servers(&options.upstreams)),
         ("static_root", path(&options.static_root)),
         ("rate", format!("{}r/s", options.rate)),
         ("burst", options.burst.to_string()),
         ("conn_limit", options.conn_limit.to_string()),
     ]
+}
+
+/// Passive failover: after one failed attempt an app is left out for 10 s. The NixOS module
+/// (nix/modules/proxy.nix) writes the same parameters.
+pub const UPSTREAM_PARAMETERS: &str = "max_fails=1 fail_timeout=10s";
+
+fn upstream_servers(addresses: &[String]) -> String {
+    addresses
+        .iter()
+        .map(|a| format!("server {a} {UPSTREAM_PARAMETERS};"))
+        .collect::<Vec<_>>()
+        .join("\n    ")
 }
 
 /// Replaces every `@name@`; a placeholder without a value is an error, as with nixpkgs'

@@ -1,0 +1,154 @@
+//! Several broker nodes: `AMQP_URL` may list the nodes of a RabbitMQ cluster as
+//! comma-separated full URLs. A client connects to the first node that answers and, after
+//! losing it, tries the others first, so it fails over instead of waiting for the lost node.
+
+use super::{QueueType, redacted};
+use amiquip::{Channel, Connection};
+
+/// Splits an `AMQP_URL` value into its node URLs. The error says which entry (1-based) was
+/// wrong and never quotes an entry, since it may hold a password.
+pub fn parse_list(raw: &str) -> Result<Vec<String>, String> {
+    let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
+    let count = entries.len();
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let which = if count == 1 {
+                String::new()
+            } else {
+                format!("entry {} of {count}: ", i + 1)
+            };
+            if entry.is_empty() {
+                return Err(format!("{which}is empty (separate full amqp:// URLs with commas)"));
+            }
+            let url = url::Url::parse(entry).map_err(|e| format!("{which}not a URL: {e}"))?;
+            match url.scheme() {
+                "amqp" if url.host_str().is_some_and(|h| !h.is_empty()) => Ok((*entry).to_owned()),
+                "amqp" => Err(format!("{which}has no host")),
+                "amqps" => Err(format!(
+                    "{which}amqps:// is not supported by this build; use amqp:// on a private network"
+                )),
+                other => Err(format!("{which}scheme {other:?} is not amqp")),
+            }
+        })
+        .collect()
+}
+
+/// The nodes of one broker (a cluster or a single node) and which one this client used last.
+pub struct Brokers {
+    nodes: Vec<String>,
+    queue_type: QueueType,
+    /// Index of the node last tried: the connected one after a success.
+    current: Option<usize>,
+}
+
+impl Brokers {
+    pub fn new(nodes: Vec<String>, queue_type: QueueType) -> Brokers {
+        assert!(!nodes.is_empty(), "config guarantees at least one broker node");
+        Brokers {
+            nodes,
+            queue_type,
+            current: None,
+        }
+    }
+
+    pub fn from_config(config: &crate::config::BrokerConfig) -> Brokers {
+        let nodes = config.nodes.iter().map(|n| n.expose().to_owned()).collect();
+        Brokers::new(nodes, config.queue_type)
+    }
+
+    /// Tries every node once, the one after the last connected first (the first node at
+    /// start), and returns the connection of the first that answers with the topology
+    /// declared; the error of the last node tried when none does.
+    pub fn open(&mut self) -> super::Result<(Connection, Channel)> {
+        let n = self.nodes.len();
+        let start = self.current.map_or(0, |i| (i + 1) % n);
+        let mut last_error = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            self.current = Some(i);
+            match super::open(&self.nodes[i], self.queue_type) {
+                Ok(pair) => return Ok(pair),
+                Err(e) => {
+                    explain_queue_type_mismatch(&e, self.queue_type);
+                    tracing::debug!(broker = %redacted(&self.nodes[i]), error = %e, "broker node did not answer");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("at least one node was tried"))
+    }
+
+    /// The node last tried (the connected one after a success), without credentials.
+    pub fn current(&self) -> String {
+        redacted(&self.nodes[self.current.unwrap_or(0)])
+    }
+}
+
+/// Every node, without credentials, for the log line when none answers.
+impl std::fmt::Display for Brokers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self.nodes.iter().map(|u| redacted(u)).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+/// A queue declared with another `x-queue-type` (a classic queue from before quorum queues
+/// were the default) makes the broker refuse the declaration; say what to do about it.
+fn explain_queue_type_mismatch(error: &super::Error, wanted: QueueType) {
+    // PRECONDITION_FAILED (406) naming the argument; the error is text by now (no credentials).
+    let message = error.to_string();
+    if message.contains("x-queue-type") {
+        tracing::error!(
+            queue_type = wanted.as_str(),
+            %message,
+            "the broker holds the queues as another queue type than PAGEVIEWS_QUEUE_TYPE; \
+             set PAGEVIEWS_QUEUE_TYPE to the existing type, or migrate the queues (README: \"Moving to quorum queues\")"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_urls_is_split_and_checked() {
+        assert_eq!(
+            parse_list("amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5672/%2f").unwrap(),
+            ["amqp://u:p@h1:5672/%2f", "amqp://u:p@h2:5672/%2f"]
+        );
+        assert_eq!(parse_list("amqp://u:p@h/v").unwrap(), ["amqp://u:p@h/v"]);
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_position_without_its_password() {
+        let error = parse_list("amqp://u:secret@h1/v,amqp://u:secret@h2:port/v").unwrap_err();
+        assert_eq!(error, "entry 2 of 2: not a URL: invalid port number");
+        assert_eq!(
+            parse_list("amqp://u:secret@h1/v,,amqp://h3").unwrap_err(),
+            "entry 2 of 3: is empty (separate full amqp:// URLs with commas)"
+        );
+        assert_eq!(
+            parse_list("amqp://u:secret@h1/v,http://u:secret@h2/").unwrap_err(),
+            "entry 2 of 2: scheme \"http\" is not amqp"
+        );
+        assert_eq!(parse_list("http://x").unwrap_err(), "scheme \"http\" is not amqp");
+        assert!(parse_list("amqps://u:secret@h1/v").unwrap_err().starts_with("amqps://"));
+    }
+
+    #[test]
+    fn after_a_loss_the_next_node_is_tried_first() {
+        // Nothing listens on port 1: the order in which nodes are tried shows in `current`.
+        let nodes = ["a", "b", "c"]
+            .map(|v| format!("amqp://u:secret@127.0.0.1:1/{v}"))
+            .to_vec();
+        let mut brokers = Brokers::new(nodes, QueueType::Quorum);
+        assert!(brokers.open().is_err());
+        assert_eq!(brokers.current(), "127.0.0.1:1/c", "a fresh client starts at the first");
+        brokers.current = Some(0); // as if connected to the first and then lost it
+        assert!(brokers.open().is_err());
+        assert_eq!(brokers.current(), "127.0.0.1:1/a", "tried b, c, then a last");
+        assert_eq!(brokers.to_string(), "127.0.0.1:1/a,127.0.0.1:1/b,127.0.0.1:1/c");
+    }
+}

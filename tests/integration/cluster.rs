@@ -1,0 +1,422 @@
+//! Scaling out: a 3-node RabbitMQ cluster with quorum queues and two app processes behind
+//! nginx, under steady load through nginx over TLS. In sequence, on one cluster (a cluster
+//! start takes seconds): the broker node the clients are connected to stops, then the node
+//! that leads the task queue stops, then one app process is SIGKILLed. Nothing may be lost or
+//! processed twice; failed requests and reconnection times are counted and printed.
+
+use crate::support::binaries;
+use pageviews::queue::{QUEUE, QueueType};
+use pageviews_testbed::nginx::{Nginx, NginxOptions};
+use pageviews_testbed::process::{Process, free_port, wait_until};
+use pageviews_testbed::{Postgres, RabbitMqCluster, ScratchDir, Urls, tls};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LOAD_CONCURRENCY: usize = 4;
+/// `worker_processes` in nix/nginx/local.conf: each worker finds a dead app on its own.
+const NGINX_WORKERS: usize = 2;
+const VHOST: &str = "cluster";
+
+/// Requests answered while the load runs: `Ok(status)` or the transport error, with the
+/// request id nginx gave the request (also stored in the page view's document).
+type Results = Arc<Mutex<Vec<(Result<u16, String>, Option<String>)>>>;
+
+/// GETs through nginx, `LOAD_CONCURRENCY` at a time, until `stop` is set.
+fn steady_load(
+    client: reqwest::Client,
+    url: String,
+    stop: Arc<AtomicBool>,
+    results: Results,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..LOAD_CONCURRENCY)
+        .map(|_| {
+            let (client, url, stop, results) = (client.clone(), url.clone(), stop.clone(), results.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = match client.get(&url).send().await {
+                        Ok(response) => {
+                            let id = response.headers().get("x-request-id");
+                            let id = id.and_then(|v| v.to_str().ok()).map(str::to_owned);
+                            (Ok(response.status().as_u16()), id)
+                        }
+                        Err(e) => (Err(format!("{e:#}")), None),
+                    };
+                    results.lock().unwrap().push(outcome);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+fn failures(results: &Results, from: usize) -> Vec<Result<u16, String>> {
+    results.lock().unwrap()[from..]
+        .iter()
+        .map(|(status, _)| status.clone())
+        .filter(|status| status != &Ok(200))
+        .collect()
+}
+
+/// Lines of a log containing `needle`.
+fn lines_with(log: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The broker port named by the last `<what> connected` line of a log.
+fn connected_port(log: &Path, what: &str) -> Option<u16> {
+    let line = lines_with(log, &format!("{what} connected")).pop()?;
+    let after = line.split("broker=127.0.0.1:").nth(1)?;
+    after.split('/').next()?.parse().ok()
+}
+
+/// Waits until every (log, what) has one more `<what> connected` line than `before`; the time
+/// from `since`.
+async fn reconnected(clients: &[(PathBuf, &str)], before: &[usize], since: Instant) -> anyhow::Result<Duration> {
+    wait_until(
+        "every client reconnected to another node",
+        Duration::from_secs(30),
+        || async {
+            for ((log, what), n) in clients.iter().zip(before) {
+                let now = lines_with(log, &format!("{what} connected")).len();
+                anyhow::ensure!(now > *n, "{} has not reconnected", log.display());
+            }
+            Ok(since.elapsed())
+        },
+    )
+    .await
+}
+
+fn connected_counts(clients: &[(PathBuf, &str)]) -> Vec<usize> {
+    clients
+        .iter()
+        .map(|(log, what)| lines_with(log, &format!("{what} connected")).len())
+        .collect()
+}
+
+async fn metric(url: &str, name: &str) -> anyhow::Result<u64> {
+    let text = reqwest::get(url).await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {name} in {url}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_dies() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = ScratchDir::new("pageviews-test-cluster")?;
+    let d = dir.path();
+    let (pg_dir, mq_dir) = (d.join("postgres"), d.join("rabbitmq"));
+    let (postgres, mut cluster) =
+        tokio::try_join!(Postgres::start(&pg_dir, false), RabbitMqCluster::start(&mq_dir, 3))?;
+    let urls = Urls {
+        database: postgres.create_database("cluster").await?,
+        amqp: cluster.create_vhost(VHOST)?,
+    };
+    // Declared from the last node, that node leads the task queue (client-local leader) while
+    // the clients, given the nodes in order, connect to the first: two different failures.
+    let last = urls.amqp.rsplit(',').next().unwrap().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let (connection, _) = pageviews::queue::open(&last, QueueType::Quorum)?;
+        connection.close()?;
+        anyhow::Ok(())
+    })
+    .await??;
+    let (leader, members) = cluster.queue_leader(VHOST, QUEUE)?;
+    assert_eq!(
+        (leader, members),
+        (2, 3),
+        "the task queue is a quorum queue on all three nodes"
+    );
+
+    pageviews_testbed::migrate(&binaries(), &urls, &d.join("migrate.log"))?;
+    let app_env = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1".to_owned())];
+    let mut apps = Vec::new();
+    for i in 0..2 {
+        let port = free_port()?;
+        let log = d.join(format!("app-{i}.log"));
+        apps.push((
+            pageviews_testbed::start_app(&binaries(), &urls, port, &app_env, &log).await?,
+            port,
+            log,
+        ));
+    }
+    let metrics_port = free_port()?;
+    let worker_log = d.join("worker.log");
+    let worker_env = [("PAGEVIEWS_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))];
+    let _worker: Process = pageviews_testbed::start_worker(&binaries(), &urls, &worker_env, &worker_log)?;
+    let mut options = NginxOptions::new(free_port()?, free_port()?);
+    (options.rate, options.burst, options.conn_limit) = (100_000, 100_000, 1000);
+    options.upstreams = apps.iter().map(|(_, port, _)| format!("127.0.0.1:{port}")).collect();
+    let certificates = tls::generate(d)?;
+    let nginx = Nginx::start(&d.join("nginx"), &options, &certificates).await?;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&certificates.ca)?)?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(15))
+        .build()?;
+
+    let mut clients: Vec<(PathBuf, &str)> = apps.iter().map(|(_, _, log)| (log.clone(), "publisher")).collect();
+    clients.push((worker_log.clone(), "consumer"));
+    wait_until("every client connected", Duration::from_secs(20), || async {
+        anyhow::ensure!(connected_counts(&clients).iter().all(|n| *n > 0), "not yet");
+        Ok(())
+    })
+    .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Results = Arc::default();
+    let load = steady_load(
+        client,
+        format!("https://localhost:{}/", options.https_port),
+        stop.clone(),
+        results.clone(),
+    );
+    let answered = || results.lock().unwrap().len();
+    wait_until("load flowing", Duration::from_secs(10), || async {
+        anyhow::ensure!(answered() > 50, "{} answered", answered());
+        Ok(())
+    })
+    .await?;
+    eprintln!("cluster test: up after {:.1} s", started.elapsed().as_secs_f64());
+
+    // 1. The node every client is connected to stops.
+    let port = connected_port(&apps[0].2, "publisher").expect("a connected line");
+    let connected = cluster.node_with_port(port).expect("a node of the cluster");
+    assert_eq!(connected, 0, "clients start at the first node");
+    assert!(
+        clients
+            .iter()
+            .all(|(log, what)| connected_port(log, what) == Some(port))
+    );
+    let (mark, before) = (answered(), connected_counts(&clients));
+    let t0 = Instant::now();
+    let measure = {
+        let clients = clients.clone();
+        tokio::spawn(async move { reconnected(&clients, &before, t0).await })
+    };
+    tokio::task::block_in_place(|| cluster.nodes[0].stop());
+    let reconnect = measure.await??;
+    for (log, what) in &clients {
+        let now = connected_port(log, what).expect("connected");
+        assert_ne!(now, port, "{} reconnected to the stopped node", log.display());
+    }
+    // Some traffic after the failover before judging it.
+    let after = answered();
+    wait_until("load after the failover", Duration::from_secs(10), || async {
+        anyhow::ensure!(answered() > after + 50, "waiting");
+        Ok(())
+    })
+    .await?;
+    let failed = failures(&results, mark);
+    eprintln!(
+        "cluster test: connected node stopped: every client on another node {:.2} s after the stop began; {} of {} requests failed",
+        reconnect.as_secs_f64(),
+        failed.len(),
+        answered() - mark
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed while the broker node stopped: {failed:?}"
+    );
+
+    // 2. One app process is SIGKILLed; each nginx worker leaves it out after one failed
+    // request, and it is started again (as systemd would). Meanwhile the stopped broker node
+    // comes back, so the cluster has three nodes again for the next step.
+    let (restarted, killed) = tokio::join!(cluster.nodes[0].start_again(), async {
+        let mark = answered();
+        let t2 = Instant::now();
+        apps[0].0.stop_with(libc::SIGKILL, Duration::from_secs(5));
+        let after = answered();
+        wait_until("load after the kill", Duration::from_secs(10), || async {
+            anyhow::ensure!(answered() > after + 100, "waiting");
+            Ok(())
+        })
+        .await?;
+        let failed = failures(&results, mark);
+        eprintln!(
+            "cluster test: app SIGKILLed: {} of {} requests failed in the {:.2} s after (at most {LOAD_CONCURRENCY} in flight, and one per nginx worker finding it dead)",
+            failed.len(),
+            answered() - mark,
+            t2.elapsed().as_secs_f64()
+        );
+        assert!(
+            failed.len() <= LOAD_CONCURRENCY + NGINX_WORKERS,
+            "more failures than requests in flight: {failed:?}"
+        );
+        let (_, port, log) = &apps[0];
+        apps[0].0 = pageviews_testbed::start_app(&binaries(), &urls, *port, &app_env, log).await?;
+        anyhow::Ok(())
+    });
+    restarted?;
+    killed?;
+    // Losing the leader now must leave a majority: all three nodes are members again.
+    cluster.wait_for_members(3).await?;
+
+    // 3. The node that leads the task queue (no client is connected to it) stops.
+    let (leader, _) = cluster.queue_leader(VHOST, QUEUE)?;
+    let on: Vec<u16> = clients
+        .iter()
+        .filter_map(|(log, what)| connected_port(log, what))
+        .collect();
+    assert!(
+        on.iter().all(|p| cluster.node_with_port(*p) != Some(leader)),
+        "a client is connected to the leader {leader}; the scenario would repeat the first"
+    );
+    let (mark, lost_before) = (answered(), lines_with(&apps[1].2, "lost the broker").len());
+    let confirmed = || async {
+        let mut total = 0;
+        for (_, port, _) in &apps {
+            total += metric(
+                &format!("http://127.0.0.1:{port}/metrics"),
+                "pageviews_publish_confirmed_total",
+            )
+            .await?;
+        }
+        anyhow::Ok(total)
+    };
+    let t1 = Instant::now();
+    tokio::task::block_in_place(|| cluster.nodes[leader].stop());
+    let stopped = t1.elapsed();
+    let confirmed_then = confirmed().await?;
+    let flowing = wait_until("confirms flowing again", Duration::from_secs(30), || async {
+        anyhow::ensure!(confirmed().await? > confirmed_then + 20, "not yet");
+        Ok(t1.elapsed())
+    })
+    .await?;
+    let (new_leader, _) = cluster.queue_leader(VHOST, QUEUE)?;
+    assert_ne!(new_leader, leader, "a running node leads");
+    let failed = failures(&results, mark);
+    eprintln!(
+        "cluster test: queue leader (node {leader}) stopped: stop took {:.2} s, new confirms {:.2} s after the stop began, node {new_leader} leads; {} of {} requests failed",
+        stopped.as_secs_f64(),
+        flowing.as_secs_f64(),
+        failed.len(),
+        answered() - mark
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed while the leader stopped: {failed:?}"
+    );
+    assert_eq!(
+        lines_with(&apps[1].2, "lost the broker").len(),
+        lost_before,
+        "a leader change is no connection loss"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await?;
+    }
+    let results = results.lock().unwrap().clone();
+    let answered_ids: Vec<&str> = results
+        .iter()
+        .filter(|(status, _)| status == &Ok(200))
+        .map(|(_, id)| id.as_deref().expect("nginx sends X-Request-Id"))
+        .collect();
+    let ok = answered_ids.len() as i64;
+    let failed = results.len() as i64 - ok;
+    let database = urls.database.clone();
+    let totals = wait_until("every page view processed", Duration::from_secs(60), || {
+        let database = database.clone();
+        async move {
+            use diesel_async::AsyncConnection;
+            let mut db = diesel_async::AsyncPgConnection::establish(&database).await?;
+            let totals = pageviews::db::page_views::totals(&mut db).await?;
+            anyhow::ensure!(
+                totals.recorded == totals.processed,
+                "{} of {}",
+                totals.processed,
+                totals.recorded
+            );
+            Ok(totals)
+        }
+    })
+    .await?;
+    let worker_metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let processed = metric(&worker_metrics, "pageviews_tasks_processed_total").await?;
+    let duplicates = metric(&worker_metrics, "pageviews_tasks_duplicate_total").await?;
+    eprintln!(
+        "cluster test: {ok} answered 200, {failed} failed, {} stored, {processed} processed ({duplicates} redelivered duplicates ignored); {:.1} s in all",
+        totals.recorded,
+        started.elapsed().as_secs_f64()
+    );
+    // Every answered request is exactly one row (nginx's request id is in its data); a
+    // failed one (in flight on the killed app) may have been stored without an answer.
+    let stored_ids = request_ids(&database).await?;
+    let twice: Vec<_> = stored_ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "requests stored more than once (retried by nginx?): {twice:?}"
+    );
+    let missing: Vec<_> = answered_ids
+        .iter()
+        .filter(|id| !stored_ids.contains_key(**id))
+        .collect();
+    assert!(missing.is_empty(), "answered but not stored: {missing:?}");
+    assert!(
+        totals.recorded <= ok + failed,
+        "{} stored, but only {ok} answered and {failed} failed",
+        totals.recorded
+    );
+    assert_eq!(processed as i64, totals.recorded, "every row processed exactly once");
+    drop(nginx);
+    Ok(())
+}
+
+/// How many rows each request id has.
+async fn request_ids(database: &str) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+    use diesel::prelude::*;
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut db = diesel_async::AsyncPgConnection::establish(database).await?;
+    let rows: Vec<Row> =
+        diesel::sql_query("SELECT data->>'request_id' AS id, count(*) AS n FROM page_views GROUP BY 1")
+            .load(&mut db)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.n)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_of_another_type_are_named_and_that_type_can_be_chosen() -> anyhow::Result<()> {
+    let env = crate::support::TestEnv::new().await?;
+    env.migrate()?;
+    // What a deployment from before quorum queues has: classic queues of the same names.
+    let url = env.urls.amqp.clone();
+    tokio::task::spawn_blocking(move || {
+        let (connection, _) = pageviews::queue::open(&url, QueueType::Classic)?;
+        connection.close()?;
+        anyhow::Ok(())
+    })
+    .await??;
+    let quorum = env.app(&[]).await?;
+    let log = env.log(&format!("app-{}", quorum.port));
+    wait_until("the app to name the queue type", Duration::from_secs(20), || async {
+        let found = lines_with(&log, "another queue type than PAGEVIEWS_QUEUE_TYPE");
+        anyhow::ensure!(!found.is_empty(), "not yet");
+        anyhow::ensure!(found[0].contains("inequivalent arg 'x-queue-type'"), "{found:?}");
+        Ok(())
+    })
+    .await?;
+    let client = crate::support::client();
+    assert_eq!(client.get(quorum.url("/readyz")).send().await?.status(), 503);
+    let classic = env.app(&[("PAGEVIEWS_QUEUE_TYPE", "classic")]).await?;
+    wait_until("the classic app ready", Duration::from_secs(20), || async {
+        let status = client.get(classic.url("/readyz")).send().await?.status();
+        anyhow::ensure!(status == 200, "{status}");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

@@ -26,9 +26,11 @@ async fn seed_history(env: &TestEnv) -> anyhow::Result<i64> {
         total += n;
         diesel_async::RunQueryDsl::execute(
             diesel::sql_query(
-                "INSERT INTO page_views (created_at, data) \
+                // Counted like the app counts them (page_view_counts), so the figures agree.
+                "WITH inserted AS (INSERT INTO page_views (created_at, data) \
                  SELECT date_trunc('minute', now()) - make_interval(mins => $1) + interval '30 seconds', '{}' \
-                 FROM generate_series(1, $2)",
+                 FROM generate_series(1, $2)) \
+                 UPDATE page_view_counts SET recorded = recorded + $2 WHERE shard = 0",
             )
             .bind::<diesel::sql_types::Integer, _>(minutes_ago as i32)
             .bind::<diesel::sql_types::Integer, _>(n as i32),

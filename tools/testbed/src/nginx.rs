@@ -1,7 +1,7 @@
 //! nginx for the local stack: the snippets under nix/nginx (the same files the NixOS module
 //! uses) rendered into a runtime directory with this run's values.
 
-use super::process::{Process, find_program, tail, wait_until};
+use super::process::{Process, find_program, is_root, tail, user_ids, wait_until};
 use super::tls::Certificates;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -57,6 +57,21 @@ impl NginxOptions {
 pub struct Nginx {
     pub process: Process,
     pub dir: PathBuf,
+    /// The `/stats` cache's own directory when it cannot live under `dir` (see `cache_dir`).
+    _cache: Option<tempfile::TempDir>,
+}
+
+/// Where nginx's workers keep the `/stats` cache. As root they run as nginx's compiled-in
+/// user (`nobody`), which cannot enter the private (0700) scratch directory: the cache then
+/// gets a private directory of its own in the temp dir, owned by that user.
+fn cache_dir(dir: &Path) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if !is_root() {
+        return Ok((dir.join("cache"), None));
+    }
+    let (uid, gid) = user_ids("nobody").context("running as root, and no `nobody` user exists for nginx's workers")?;
+    let cache = tempfile::Builder::new().prefix("pageviews-nginx-cache-").tempdir()?;
+    std::os::unix::fs::chown(cache.path(), Some(uid), Some(gid))?;
+    Ok((cache.path().to_owned(), Some(cache)))
 }
 
 impl Nginx {
@@ -71,7 +86,8 @@ impl Nginx {
         let version = Version::of(&nginx)?;
         let conf_dir = dir.join("conf");
         std::fs::create_dir_all(&conf_dir)?;
-        let values = placeholders(dir, &conf_dir, options, certificates, &version);
+        let (cache, cache_guard) = cache_dir(dir)?;
+        let values = placeholders(dir, &conf_dir, &cache, options, certificates, &version);
         for (name, text) in SNIPPETS {
             std::fs::write(conf_dir.join(name), render(text, &values)?)?;
         }
@@ -105,6 +121,7 @@ impl Nginx {
         Ok(Nginx {
             process,
             dir: dir.to_owned(),
+            _cache: cache_guard,
         })
     }
 
@@ -134,6 +151,7 @@ fn prefix_args(dir: &Path, main: &Path) -> Vec<std::ffi::OsString> {
 fn placeholders(
     dir: &Path,
     conf_dir: &Path,
+    cache: &Path,
     options: &NginxOptions,
     certificates: &Certificates,
     version: &Version,
@@ -155,7 +173,7 @@ fn placeholders(
         ("runtime_dir", path(dir)),
         ("conf_dir", path(conf_dir)),
         ("access_log", path(&dir.join("access.log"))),
-        ("cache_dir", path(&dir.join("cache"))),
+        ("cache_dir", path(cache)),
         ("http_port", options.http_port.to_string()),
         ("https_port", options.https_port.to_string()),
         ("listen_http2", listen_http2.into()),

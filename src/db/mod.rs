@@ -45,6 +45,22 @@ pub fn pool(config: &DatabaseConfig) -> Pool {
         .build_unchecked(manager)
 }
 
+/// Returns once a connection can be checked out, retrying with backoff (and saying so) until
+/// then: the app announces readiness only after this.
+pub async fn wait_until_reachable(pool: &Pool) {
+    let mut backoff = crate::queue::Backoff::default();
+    loop {
+        match pool.get().await {
+            Ok(_) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 /// A background task's database error: no connection, or the query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

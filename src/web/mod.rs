@@ -89,8 +89,11 @@ pub fn router(app: AppState) -> Router {
 }
 
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
-/// the remaining tasks to the broker, and returns.
+/// the remaining tasks to the broker, and returns. Tells the service manager it is ready once
+/// the database answers and the publisher runs.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
+    let mut stop = Box::pin(shutdown::signal());
+    crate::systemd::spawn_watchdog();
     let pool = db::pool(&config.database);
     let (confirmed_tx, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
     let (publisher, publisher_thread) = Publisher::start(config.broker.url.expose().to_owned(), confirmed_tx);
@@ -100,8 +103,18 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let sweep = tokio::spawn(publishing::sweep(app.clone(), config.sweep_interval, stopping));
 
     let listener = listener::bind(&config.listen).await?;
-    tracing::info!(listen = %config.listen, "app listening");
-    listener::serve(listener, router(app), shutdown::signal()).await?;
+    let address = listener.address();
+    let reachable = tokio::select! {
+        () = db::wait_until_reachable(&pool) => true,
+        () = &mut stop => false,
+    };
+    if reachable {
+        tracing::info!(listen = %address, "app listening");
+        crate::systemd::ready(&format!("serving on {address}"));
+        listener::serve(listener, router(app), stop).await?;
+    } else {
+        drop(app);
+    }
 
     // Requests are done. Stop the sweep, which drops the last publisher handle: the thread
     // publishes what it holds and ends; then the recorder writes the last confirms.

@@ -8,14 +8,37 @@ mod tasks;
 pub use metrics::WorkerMetrics;
 
 use crate::config::WorkerConfig;
+use crate::queue::consumer::ConsumerEvents;
 use crate::db;
 use crate::shutdown;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::mpsc;
 
+/// The consumer's events go to the metrics; the first time it consumes, the service manager is
+/// told the worker is ready.
+struct Events {
+    metrics: Arc<WorkerMetrics>,
+    ready: std::sync::Once,
+}
+
+impl ConsumerEvents for Events {
+    fn dead_lettered(&self) {
+        self.metrics.dead_lettered();
+    }
+
+    fn connected(&self, up: bool) {
+        self.metrics.connected(up);
+        if up {
+            self.ready.call_once(|| crate::systemd::ready("consuming"));
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT, then stops consuming, finishes the batch in hand and returns.
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    let stop = shutdown::signal();
+    crate::systemd::spawn_watchdog();
     let pool = db::pool(&config.database);
     let metrics = Arc::new(WorkerMetrics::default());
     let (trigger, stopping) = shutdown::channel();
@@ -37,10 +60,14 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let consumer = {
         let url = config.broker.url.expose().to_owned();
-        let (stop, events, prefetch) = (stop_consumer.clone(), metrics.clone(), config.prefetch);
+        let events = Events {
+            metrics: metrics.clone(),
+            ready: std::sync::Once::new(),
+        };
+        let (stop, prefetch) = (stop_consumer.clone(), config.prefetch);
         std::thread::Builder::new()
             .name("amqp-consumer".into())
-            .spawn(move || crate::queue::consumer::run(&url, prefetch, &batches_tx, &stop, events.as_ref()))?
+            .spawn(move || crate::queue::consumer::run(&url, prefetch, &batches_tx, &stop, &events))?
     };
     let processor = tokio::spawn(tasks::process_batches(
         pool.clone(),
@@ -60,7 +87,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         "worker started"
     );
 
-    shutdown::signal().await;
+    stop.await;
     // The consumer stops taking deliveries; the processor finishes the batch in hand (its
     // verdict is awaited by the consumer thread) and then sees the flag.
     stop_consumer.store(true, std::sync::atomic::Ordering::Relaxed);

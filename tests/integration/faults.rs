@@ -11,7 +11,7 @@ async fn a_broker_restart_under_load_loses_no_page_view() -> anyhow::Result<()> 
     let mut env = TestEnv::dedicated().await?;
     env.migrate()?;
     let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     let url = app.url("/");
 
     let load = tokio::spawn({
@@ -100,7 +100,7 @@ async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyho
     .await?;
 
     // Prefetch 1 makes the first worker slow enough to be killed half-way.
-    let mut first = env.worker("worker-1", &[("PAGEVIEWS_PREFETCH", "1")])?;
+    let mut first = env.worker("worker-1", &[("PAGEVIEWS_PREFETCH", "1")]).await?;
     wait_until("some tasks processed", Duration::from_secs(30), || async {
         let (_, processed) = env.counts().await?;
         anyhow::ensure!(processed >= 100, "{processed}");
@@ -118,7 +118,7 @@ async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyho
                        FROM page_views WHERE processed_at IS NOT NULL";
     let before = env.sql_count(fingerprint).await?;
 
-    let _second = env.worker("worker-2", &[])?;
+    let _second = env.worker("worker-2", &[]).await?;
     env.all_processed(Duration::from_secs(60)).await?;
     // Rows processed before the kill kept their processed_at: none was processed twice.
     let again =
@@ -139,7 +139,7 @@ async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going(
     let env = TestEnv::new().await?;
     env.migrate()?;
     let app = env.app(&[]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     let url = env.urls.amqp.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let (connection, channel) = pageviews::queue::open(&url)?;

@@ -2,6 +2,7 @@
 //! the same launcher code as `pageviews-stack`, and runs the real built binaries.
 
 mod config_errors;
+mod deploys;
 mod faults;
 mod migrations;
 mod pipeline;

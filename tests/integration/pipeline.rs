@@ -9,7 +9,7 @@ async fn a_page_view_is_recorded_published_and_processed() -> anyhow::Result<()>
     let env = TestEnv::new().await?;
     env.migrate()?;
     let app = env.app(&[]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
 
     let response = client()
         .get(app.url("/"))
@@ -88,8 +88,8 @@ async fn the_rollup_runs_once_per_interval_with_two_workers() -> anyhow::Result<
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
     let fast = [("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1")];
     let started = std::time::Instant::now();
-    let mut one = env.worker("worker-1", &fast)?;
-    let mut two = env.worker("worker-2", &fast)?;
+    let mut one = env.worker("worker-1", &fast).await?;
+    let mut two = env.worker("worker-2", &fast).await?;
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let runs = env
         .sql_count("SELECT runs AS n FROM scheduled_jobs WHERE name = 'rollup'")
@@ -119,7 +119,7 @@ async fn sigterm_drains_and_exits_zero() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     env.migrate()?;
     let mut app = env.app(&[]).await?;
-    let mut worker = env.worker("worker", &[])?;
+    let mut worker = env.worker("worker", &[]).await?;
     let results = hammer(&app.url("/"), 50, 8).await;
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
     let app_status = app.process.stop().expect("app was running");

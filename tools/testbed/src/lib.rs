@@ -2,14 +2,16 @@
 //! RabbitMQ, the migration, app, worker and nginx. Used by `pageviews-stack` and by the
 //! integration tests, so both run the same code.
 
+pub mod activation;
 pub mod nginx;
 pub mod postgres;
 pub mod process;
 pub mod rabbitmq;
 pub mod tls;
 
+use activation::ListenSocket;
 use anyhow::Context;
-use process::{Process, tail, wait_until};
+use process::Process;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,39 +140,29 @@ pub fn migrate(binaries: &Binaries, urls: &Urls, log: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-/// Starts the app listening on `listen` and waits until `/healthz` answers.
+/// How long a service may take to send READY=1 (systemd's default TimeoutStartSec is 90 s).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts the app on `socket`, passed the way systemd passes it, and waits for READY=1.
+/// Notify sockets go next to the log.
 pub async fn start_app(
     binaries: &Binaries,
     urls: &Urls,
-    port: u16,
+    socket: &ListenSocket,
     extra_env: &[(&str, String)],
     log: &Path,
 ) -> anyhow::Result<Process> {
     let mut command = binaries.app_command();
-    command
-        .env("DATABASE_URL", &urls.database)
-        .env("AMQP_URL", &urls.amqp)
-        .env("PAGEVIEWS_LISTEN", format!("127.0.0.1:{port}"));
+    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
     for (k, v) in extra_env {
         command.env(k, v);
     }
-    let mut process = Process::spawn("pageviews-app", &mut command, log)?;
-    let url = format!("http://127.0.0.1:{port}/healthz");
-    let client = reqwest::Client::new();
-    let ready = wait_until("pageviews-app", Duration::from_secs(30), || {
-        let request = client.get(&url).send();
-        async move { Ok(request.await?.error_for_status()?) }
-    })
-    .await;
-    if let Err(e) = ready {
-        let exited = process.try_wait();
-        anyhow::bail!("{e:#} (exit: {exited:?}); log:\n{}", tail(log, 20));
-    }
-    Ok(process)
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::start("pageviews-app", command, Some(socket), dir, log, START_TIMEOUT).await
 }
 
-/// Starts a worker.
-pub fn start_worker(
+/// Starts a worker and waits for READY=1 (it consumes).
+pub async fn start_worker(
     binaries: &Binaries,
     urls: &Urls,
     extra_env: &[(&str, String)],
@@ -181,7 +173,8 @@ pub fn start_worker(
     for (k, v) in extra_env {
         command.env(k, v);
     }
-    Process::spawn("pageviews-worker", &mut command, log)
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::start("pageviews-worker", command, None, dir, log, START_TIMEOUT).await
 }
 
 /// App, worker and nginx in front, on given database and broker URLs.
@@ -190,10 +183,29 @@ pub struct Deployment {
     pub nginx: nginx::Nginx,
     pub app: Process,
     pub worker: Process,
+    /// The app's listening socket, held here as systemd's `pageviews-app.socket` holds it.
+    pub app_socket: ListenSocket,
     pub app_port: u16,
     pub certificates: tls::Certificates,
     pub options: nginx::NginxOptions,
+    launch: Launch,
 }
+
+/// What restarting the app or the worker needs.
+struct Launch {
+    dir: PathBuf,
+    binaries: Binaries,
+    urls: Urls,
+    app_env: Vec<(String, String)>,
+    worker_env: Vec<(String, String)>,
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, String)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
+}
+
+/// How long a stopping app or worker may take to drain (the units' TimeoutStopSec).
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Deployment {
     /// Migrates, then starts the app, the worker and nginx; logs and configuration go to `dir`.
@@ -205,10 +217,19 @@ impl Deployment {
         app_env: &[(&str, String)],
         worker_env: &[(&str, String)],
     ) -> anyhow::Result<Deployment> {
+        let owned = |env: &[(&str, String)]| env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let launch = Launch {
+            dir: dir.to_owned(),
+            binaries: binaries.clone(),
+            urls: urls.clone(),
+            app_env: owned(app_env),
+            worker_env: owned(worker_env),
+        };
         migrate(binaries, urls, &dir.join("migrate.log"))?;
-        let app_port = process::free_port()?;
-        let app = start_app(binaries, urls, app_port, app_env, &dir.join("app.log")).await?;
-        let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log"))?;
+        let app_socket = ListenSocket::loopback()?;
+        let app_port = app_socket.port();
+        let app = start_app(binaries, urls, &app_socket, app_env, &dir.join("app.log")).await?;
+        let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log")).await?;
         let certificates = tls::generate(dir)?;
         options.upstream = format!("127.0.0.1:{app_port}");
         let nginx = nginx::Nginx::start(&dir.join("nginx"), &options, &certificates).await?;
@@ -216,10 +237,37 @@ impl Deployment {
             nginx,
             app,
             worker,
+            app_socket,
             app_port,
             certificates,
             options,
+            launch,
         })
+    }
+
+    /// `systemctl restart pageviews-app`: SIGTERM, wait for the exit (requests in flight
+    /// finish), start a new app on the same socket and wait for its READY=1. Returns how the
+    /// old one exited.
+    pub async fn restart_app(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = self.app.stop_async(libc::SIGTERM, STOP_TIMEOUT).await;
+        let l = &self.launch;
+        self.app = start_app(
+            &l.binaries,
+            &l.urls,
+            &self.app_socket,
+            &borrowed(&l.app_env),
+            &l.dir.join("app.log"),
+        )
+        .await?;
+        status.context("the app was not running")
+    }
+
+    /// `systemctl restart pageviews-worker`, the same way.
+    pub async fn restart_worker(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = self.worker.stop_async(libc::SIGTERM, STOP_TIMEOUT).await;
+        let l = &self.launch;
+        self.worker = start_worker(&l.binaries, &l.urls, &borrowed(&l.worker_env), &l.dir.join("worker.log")).await?;
+        status.context("the worker was not running")
     }
 
     pub fn https_url(&self, path: &str) -> String {

@@ -57,8 +57,16 @@ impl StatsCache {
         let _refreshing = match (self.refreshing.try_lock(), latest) {
             (Ok(guard), _) => guard,
             (Err(_), Some((_, stats))) => return Ok(stats),
-            // Nothing to show yet: wait for the first refresh, then make one's own.
-            (Err(_), None) => self.refreshing.lock().await,
+            // Nothing to show yet: wait for the first refresh and show its figures; refresh
+            // again only if it failed. (A restarted app takes the whole backlog at once: one
+            // refresh each, in turn, made the last of them wait for seconds.)
+            (Err(_), None) => {
+                let guard = self.refreshing.lock().await;
+                if let Some((_, stats)) = self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                    return Ok(stats);
+                }
+                guard
+            }
         };
         let mut conn = pool.get().await?;
         let totals = db::page_views::totals(&mut conn).await?;

@@ -69,6 +69,13 @@
 
   # IP allow-list: loopback, plus the data host and (for the app) the proxies when split.
   ipAllow = extra: ["localhost"] ++ lib.optional splitData cfg.network.dataAddress ++ extra;
+  appIpAllow = ipAllow (lib.optionals splitApp cfg.network.proxyAddresses);
+
+  # The app's socket (pageviews-app.socket); the app itself ignores PAGEVIEWS_LISTEN when
+  # the socket is passed.
+  appListen = cfg.settings.PAGEVIEWS_LISTEN;
+  # Both binaries ping at half of it (WATCHDOG_USEC); a wedged runtime is restarted.
+  watchdogSec = "10s";
 
   mkUnit = {
     role,
@@ -139,18 +146,23 @@ in {
         amqpWho = "app";
         extra = {
           wantedBy = ["multi-user.target"];
-          requires = ["pageviews-migrate.service"];
-          after = ["pageviews-migrate.service"];
+          requires = ["pageviews-migrate.service" "pageviews-app.socket"];
+          after = ["pageviews-migrate.service" "pageviews-app.socket"];
+          # A changed unit is restarted, not stopped and started: for a socket-activated
+          # service, stop-and-start makes switch-to-configuration stop the socket too,
+          # refusing connections during the deploy.
+          stopIfChanged = false;
           serviceConfig = {
-            Type = "exec";
+            # READY=1 once the database answers; WATCHDOG=1 from the async runtime.
+            Type = "notify";
+            WatchdogSec = watchdogSec;
             ExecStart = mkStart {
               name = "pageviews-app";
               role = users.app;
             };
-            # The Unix socket lives here; nginx reaches it through the group.
-            RuntimeDirectory = "pageviews-app";
-            RuntimeDirectoryMode = "0750";
-            IPAddressAllow = ipAllow (lib.optionals splitApp cfg.network.proxyAddresses);
+            # No RuntimeDirectory: removed at every stop, it would take the socket file
+            # (owned by pageviews-app.socket) with it.
+            IPAddressAllow = appIpAllow;
             Restart = "always";
             RestartSec = "2s";
           };
@@ -167,7 +179,9 @@ in {
           requires = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service"];
           serviceConfig = {
-            Type = "exec";
+            # READY=1 once it consumes; WATCHDOG=1 from the async runtime.
+            Type = "notify";
+            WatchdogSec = watchdogSec;
             ExecStart = mkStart {
               name = "pageviews-worker";
               role = users.worker;
@@ -178,6 +192,34 @@ in {
           };
         };
       };
+    };
+
+    # Owns the app's listening socket, passed to each app process (LISTEN_FDS): it outlives
+    # the app, so a restart or a deploy makes connections wait in its backlog (Backlog=
+    # defaults to SOMAXCONN) instead of being refused.
+    systemd.sockets.pageviews-app = {
+      description = "pageviews: the app's listening socket";
+      wantedBy = ["sockets.target"];
+      listenStreams = [appListen];
+      socketConfig =
+        {
+          # A passed socket is filtered by the socket unit's list, not the service's.
+          IPAddressDeny = "any";
+          IPAddressAllow = appIpAllow;
+        }
+        // (
+          if lib.hasPrefix "/" appListen
+          then {
+            # nginx reaches it through the app's group; the directory is created 0755.
+            SocketUser = users.app;
+            SocketGroup = users.app;
+            SocketMode = "0660";
+          }
+          else {
+            # The private address may not be configured yet when sockets are bound.
+            FreeBind = true;
+          }
+        );
     };
 
     # Operators and tests can run the end-to-end probe: pageviews-probe https://DOMAIN/

@@ -231,11 +231,12 @@ def blocks_at(text: str, path: list[str]) -> list[str]:
 
 
 def services_defined(text: str) -> set[str]:
-    """systemd.services names defined in parse output."""
-    names: set[str] = set()
-    for block in blocks_at(text, ["systemd", "services"]):
-        names.update(top_level_keys(block))
-    return {f"{n}.service" for n in names}
+    """systemd.services and systemd.sockets names defined in parse output, as unit names."""
+    units: set[str] = set()
+    for kind, suffix in (("services", "service"), ("sockets", "socket")):
+        for block in blocks_at(text, ["systemd", kind]):
+            units.update(f"{n}.{suffix}" for n in top_level_keys(block))
+    return units
 
 
 def module_units_by_role() -> dict[str, set[str]]:

@@ -135,3 +135,35 @@ async fn sigterm_drains_and_exits_zero() -> anyhow::Result<()> {
     assert!(env.log_text("worker").contains("worker stopped"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn app_and_worker_ping_the_watchdog_and_announce_stopping() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    // 300 ms: a ping every 150 ms, from a task on each binary's runtime.
+    let watchdog = [("WATCHDOG_USEC", "300000")];
+    let mut app = env.app(&watchdog).await?;
+    let mut worker = env.worker("worker", &watchdog).await?;
+    for process in [&app.process, &worker] {
+        let ready = process.notified().expect("started by the launcher");
+        assert!(ready.ready && !ready.stopping, "{ready:?}");
+        wait_until("three watchdog pings", Duration::from_secs(10), || async {
+            let pings = process.notified().unwrap().watchdog_pings;
+            anyhow::ensure!(pings >= 3, "{pings} pings");
+            Ok(())
+        })
+        .await?;
+    }
+    assert!(app.process.notified().unwrap().status.starts_with("serving on 127.0.0.1:"));
+    for process in [&mut app.process, &mut worker] {
+        let status = process.stop_async(libc::SIGTERM, Duration::from_secs(20)).await;
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        // Sent before the exit; the launcher's reader may still be handling it.
+        wait_until("STOPPING=1", Duration::from_secs(5), || async {
+            anyhow::ensure!(process.notified().unwrap().stopping, "not yet");
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}

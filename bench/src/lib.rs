@@ -126,7 +126,10 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     // A deploy under load: the app restarted half-way through a step, on the socket the
     // launcher holds (what `systemctl restart pageviews-app` does with its socket unit).
     let (key, c) = TARGET_STEP;
-    eprintln!("GET / nginx+TLS, {c} connections, {} s, the app restarted half-way", settings.secs);
+    eprintln!(
+        "GET / nginx+TLS, {c} connections, {} s, the app restarted half-way",
+        settings.secs
+    );
     let url = stack.deployment.https_url("/");
     let restart = async {
         tokio::time::sleep(Duration::from_secs(settings.secs) / 2).await;

@@ -9,8 +9,8 @@ use axum::extract::Request;
 use axum::http;
 use axum::middleware::Next;
 use std::future::Future;
-use std::time::Duration;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
 
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
@@ -63,9 +63,10 @@ impl Listener {
     pub fn address(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
-            Listener::Unix(l) => l
-                .local_addr()
-                .map(|a| a.as_pathname().map_or("unix:(unnamed)".into(), |p| format!("unix:{}", p.display()))),
+            Listener::Unix(l) => l.local_addr().map(|a| {
+                a.as_pathname()
+                    .map_or("unix:(unnamed)".into(), |p| format!("unix:{}", p.display()))
+            }),
         }
         .unwrap_or_else(|e| format!("(unknown: {e})"))
     }

@@ -8,8 +8,8 @@ mod tasks;
 pub use metrics::WorkerMetrics;
 
 use crate::config::WorkerConfig;
-use crate::queue::consumer::ConsumerEvents;
 use crate::db;
+use crate::queue::consumer::ConsumerEvents;
 use crate::shutdown;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -62,7 +62,12 @@ impl Load {
                         let sent = started.elapsed();
                         let (result, retried) = send(&client, &url).await;
                         let done = started.elapsed();
-                        outcomes.lock().unwrap().push(Outcome { sent, done, result, retried });
+                        outcomes.lock().unwrap().push(Outcome {
+                            sent,
+                            done,
+                            result,
+                            retried,
+                        });
                         drop(permit);
                     });
                 }
@@ -96,7 +101,10 @@ async fn send(client: &reqwest::Client, url: &str) -> (Result<u16, String>, bool
     let status = |r: reqwest::Response| r.status().as_u16();
     match client.get(url).send().await {
         Ok(response) => (Ok(status(response)), false),
-        Err(e) if closed_before_answer(&e) => (client.get(url).send().await.map(status).map_err(|e| format!("{e:?}")), true),
+        Err(e) if closed_before_answer(&e) => (
+            client.get(url).send().await.map(status).map_err(|e| format!("{e:?}")),
+            true,
+        ),
         Err(e) => (Err(format!("{e:?}")), false),
     }
 }
@@ -105,7 +113,9 @@ async fn send(client: &reqwest::Client, url: &str) -> (Result<u16, String>, bool
 fn closed_before_answer(error: &reqwest::Error) -> bool {
     let mut source: Option<&dyn std::error::Error> = Some(error);
     while let Some(e) = source {
-        if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message()) {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+        {
             return true;
         }
         source = e.source();
@@ -118,7 +128,12 @@ fn https_client(d: &Deployment, http1: bool) -> anyhow::Result<reqwest::Client> 
     let builder = reqwest::Client::builder()
         .add_root_certificate(ca)
         .timeout(Duration::from_secs(20));
-    Ok(if http1 { builder.http1_only() } else { builder.http2_prior_knowledge() }.build()?)
+    Ok(if http1 {
+        builder.http1_only()
+    } else {
+        builder.http2_prior_knowledge()
+    }
+    .build()?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,9 +213,15 @@ async fn restarts_and_reloads_under_load_drop_no_request() -> anyhow::Result<()>
             o.sent
         );
     }
-    assert!(elapsed >= MIN_LOAD && rate >= 200.0, "only {rate:.0} req/s over {elapsed:?}");
+    assert!(
+        elapsed >= MIN_LOAD && rate >= 200.0,
+        "only {rate:.0} req/s over {elapsed:?}"
+    );
     let rows = env.all_processed(Duration::from_secs(30)).await?;
-    assert_eq!(rows as usize, ok, "every 200 is exactly one stored, processed page view");
+    assert_eq!(
+        rows as usize, ok,
+        "every 200 is exactly one stored, processed page view"
+    );
     // Every app process served the socket the launcher bound, not one of its own.
     let log = std::fs::read_to_string(env.dir.path().join("app.log"))?;
     let listening = format!("listen=127.0.0.1:{}", d.app_port);

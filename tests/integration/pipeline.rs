@@ -154,7 +154,13 @@ async fn app_and_worker_ping_the_watchdog_and_announce_stopping() -> anyhow::Res
         })
         .await?;
     }
-    assert!(app.process.notified().unwrap().status.starts_with("serving on 127.0.0.1:"));
+    assert!(
+        app.process
+            .notified()
+            .unwrap()
+            .status
+            .starts_with("serving on 127.0.0.1:")
+    );
     for process in [&mut app.process, &mut worker] {
         let status = process.stop_async(libc::SIGTERM, Duration::from_secs(20)).await;
         assert!(status.is_some_and(|s| s.success()), "{status:?}");
@@ -165,5 +171,47 @@ async fn app_and_worker_ping_the_watchdog_and_announce_stopping() -> anyhow::Res
         })
         .await?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_passed_socket_the_app_binds_its_own_unix_socket() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let socket = env.dir.path().join("app.sock");
+    let mut command = crate::support::binaries().app_command();
+    command
+        .env("DATABASE_URL", &env.urls.database)
+        .env("AMQP_URL", &env.urls.amqp)
+        .env("PAGEVIEWS_LISTEN", &socket);
+    let mut app = pageviews_testbed::activation::start(
+        "pageviews-app",
+        command,
+        None,
+        env.dir.path(),
+        &env.log("app-unix"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let meta = std::fs::symlink_metadata(&socket)?;
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(
+        env.log_text("app-unix")
+            .contains(&format!("listen=unix:{}", env.dir.path().join("app.sock").display()))
+    );
+    let status = app.stop_async(libc::SIGTERM, Duration::from_secs(20)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     Ok(())
 }

@@ -187,7 +187,13 @@ impl Exec {
         let cstring = |s: &OsStr| CString::new(s.as_bytes()).context("a NUL byte in an argument or variable");
         // The launcher's environment, what the command sets, then what the manager sets; the
         // manager's own variables are never inherited from the launcher's environment.
-        let managed = ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"];
+        let managed = [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "WATCHDOG_PID",
+        ];
         let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !managed.iter().any(|m| k == m))
             .collect();

@@ -266,7 +266,13 @@ impl Deployment {
     pub async fn restart_worker(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let status = self.worker.stop_async(libc::SIGTERM, STOP_TIMEOUT).await;
         let l = &self.launch;
-        self.worker = start_worker(&l.binaries, &l.urls, &borrowed(&l.worker_env), &l.dir.join("worker.log")).await?;
+        self.worker = start_worker(
+            &l.binaries,
+            &l.urls,
+            &borrowed(&l.worker_env),
+            &l.dir.join("worker.log"),
+        )
+        .await?;
         status.context("the worker was not running")
     }
 

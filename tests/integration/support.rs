@@ -53,7 +53,7 @@ pub fn binaries() -> Binaries {
 
 enum Servers {
     Shared(&'static Services),
-    Dedicated(Services),
+    Dedicated(Box<Services>),
 }
 
 pub struct TestEnv {
@@ -86,7 +86,7 @@ impl TestEnv {
     pub async fn dedicated() -> anyhow::Result<TestEnv> {
         let dir = ScratchDir::new("pageviews-test-dedicated")?;
         let services = Services::start(dir.path(), false).await?;
-        let mut env = Self::on(Servers::Dedicated(services)).await?;
+        let mut env = Self::on(Servers::Dedicated(Box::new(services))).await?;
         // Keep the servers' directory alive as long as the env.
         env.dir = dir;
         Ok(env)

@@ -136,7 +136,7 @@ pub async fn start(
     }
     let mut process = Process::spawn(name, &mut command, log)?;
     let mut state = notify.state.clone();
-    process.notify = Some(notify);
+    process.notify = Some(Box::new(notify));
     let ready = tokio::time::timeout(timeout, async {
         loop {
             if state.borrow_and_update().ready {

@@ -14,7 +14,7 @@ pub struct Process {
     name: String,
     child: Option<Child>,
     /// Set for processes started by `activation::start`.
-    pub(crate) notify: Option<crate::activation::NotifySocket>,
+    pub(crate) notify: Option<Box<crate::activation::NotifySocket>>,
 }
 
 impl Process {

@@ -45,19 +45,32 @@ pub fn pool(config: &DatabaseConfig) -> Pool {
         .build_unchecked(manager)
 }
 
-/// Returns once a connection can be checked out, retrying with backoff (and saying so) until
-/// then: the app announces readiness only after this.
-pub async fn wait_until_reachable(pool: &Pool) {
+/// Returns once `connections` connections are open (checked out together, then returned to
+/// the pool), retrying with backoff (and saying so) until then. The app announces readiness
+/// only after this: a restarted app takes the whole backlog at once, and a cold pool made
+/// some of it wait past `PAGEVIEWS_DB_TIMEOUT_MS` (503).
+pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
     let mut backoff = crate::queue::Backoff::default();
     loop {
-        match pool.get().await {
-            Ok(_) => return,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
-                tokio::time::sleep(delay).await;
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let pool = pool.clone();
+            opening.spawn(async move { pool.get_owned().await });
+        }
+        let mut held = Vec::new();
+        let mut failure = None;
+        while let Some(opened) = opening.join_next().await {
+            match opened {
+                Ok(Ok(conn)) => held.push(conn),
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(e) => failure = Some(e.to_string()),
             }
         }
+        let Some(error) = failure else { return };
+        drop(held);
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -77,7 +77,7 @@ impl Listener {
 /// closed. A connection accepted just before the stop has its request read, not dropped
 /// (Go's net/http gives new connections 5 s for the same reason), and nginx moves to new
 /// connections after a response instead of finding an idle one closed under it.
-const DRAIN: Duration = Duration::from_millis(1000);
+const DRAIN: Duration = Duration::from_millis(500);
 
 /// Serves until `stop` resolves; then stops accepting (with socket activation, connections
 /// wait in the socket's backlog for the next process), drains for `DRAIN`, and lets requests

@@ -105,7 +105,7 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let listener = listener::bind(&config.listen).await?;
     let address = listener.address();
     let reachable = tokio::select! {
-        () = db::wait_until_reachable(&pool) => true,
+        () = db::wait_until_reachable(&pool, config.database.pool_size) => true,
         () = &mut stop => false,
     };
     if reachable {

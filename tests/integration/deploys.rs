@@ -138,6 +138,7 @@ fn https_client(d: &Deployment, http1: bool) -> anyhow::Result<reqwest::Client> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarts_and_reloads_under_load_drop_no_request() -> anyhow::Result<()> {
+    let _alone = crate::support::load_alone().await;
     let env = TestEnv::new().await?;
     let mut options = NginxOptions::new(free_port()?, free_port()?);
     // One client sends it all: the per-client limits would answer 429.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_restart_under_load_loses_no_page_view() -> anyhow::Result<()> {
+    let _alone = crate::support::load_alone().await;
     let mut env = TestEnv::dedicated().await?;
     env.migrate()?;
     let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
@@ -87,6 +88,7 @@ async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyhow::Result<()> {
+    let _alone = crate::support::load_alone().await;
     let env = TestEnv::dedicated().await?;
     env.migrate()?;
     let app = env.app(&[]).await?;

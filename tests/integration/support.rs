@@ -44,6 +44,13 @@ async fn shared() -> anyhow::Result<&'static Services> {
         .await
 }
 
+/// Held by the tests that put the machine under load (their figures mean something only if
+/// they do not share its cores with each other).
+pub async fn load_alone() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOAD.lock().await
+}
+
 pub fn binaries() -> Binaries {
     Binaries::new(
         env!("CARGO_BIN_EXE_pageviews-app"),

@@ -34,7 +34,7 @@
         # NixOS VM tests: vm-split, vm-single, vm-images (need a builder with KVM).
         // import ./nix/tests {
           inherit pkgs images;
-          inherit (build) package;
+          inherit (build) probe;
           module = self.nixosModules.default;
         };
     in {
@@ -56,6 +56,7 @@
       {
         default = s.build.package;
         pageviews = s.build.package;
+        pageviews-probe = s.build.probe;
       }
       // s.images)
     perSystem;
@@ -87,12 +88,26 @@
         vm = {
           type = "app";
           program = lib.getExe s.example.config.system.build.vm;
-          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443";
+          meta.description = "Boot the whole stack in QEMU; HTTPS on https://localhost:8443, http://localhost:8080 redirects there";
         };
       })
       perSystem;
 
-    # services.pageviews, with `package` defaulting to this flake's build for the host.
+    # `pkgs.pageviews`, built with the nixpkgs it is applied to: the default of
+    # services.pageviews.package when nix/modules/default.nix is imported on its own.
+    overlays.default = final: _prev: {
+      pageviews =
+        (import ./nix/package.nix {
+          inherit (final) lib;
+          craneLib = crane.mkLib final;
+          root = ./.;
+        })
+        .package;
+    };
+
+    # services.pageviews, with `package` defaulting to this flake's build for the host. It
+    # sets the package instead of applying overlays.default: runNixOSTest (and any host that
+    # passes its own pkgs) makes nixpkgs.* read-only.
     nixosModules.default = {pkgs, ...}: {
       imports = [./nix/modules/default.nix];
       services.pageviews.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;

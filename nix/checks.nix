@@ -1,6 +1,7 @@
 # `nix flake check` for one system: clippy (warnings denied), rustfmt, the cargo tests
 # with real PostgreSQL/RabbitMQ/nginx binaries inside the sandbox, alejandra and deadnix
-# over the Nix files. The NixOS VM tests live in nix/tests/ and are added by flake.nix.
+# over the Nix files, and what the package source must not contain. The NixOS VM tests
+# live in nix/tests/ and are added by flake.nix.
 {
   pkgs,
   craneLib,
@@ -10,12 +11,30 @@
   inherit (pkgs) lib;
   inherit (build) commonArgs cargoArtifacts;
 
+  # Files that must stay out of the package source (tools/nixfmt-check, scripts/, .ci/, nix/ but nix/nginx/).
+  srcCheck = import ./package-src-check.nix {
+    inherit lib root;
+    inherit (build) srcFileset;
+  };
+
   nixFiles = lib.fileset.toSource {
     inherit root;
     fileset = lib.fileset.fileFilter (file: file.hasExt "nix") root;
   };
 in {
   package = build.package;
+
+  package-source = pkgs.runCommand "pageviews-package-source-check" {} (
+    if srcCheck.offending == []
+    then ''
+      touch "$out"
+    ''
+    else ''
+      echo "nix/package.nix: the package source holds files that are not part of the build:" >&2
+      printf '  %s\n' ${lib.escapeShellArgs srcCheck.offending} >&2
+      exit 1
+    ''
+  );
 
   clippy = craneLib.cargoClippy (commonArgs
     // {
@@ -38,6 +57,10 @@ in {
         pkgs.nginx
         pkgs.openssl
         pkgs.curl
+        # the browser test (tests/integration/page.rs) and promtool (ops.rs)
+        pkgs.chromium
+        pkgs.chromedriver
+        pkgs.prometheus.cli
       ];
       preCheck = ''
         # rabbitmq-server installs its launchers under sbin/, which stdenv does not put on PATH.

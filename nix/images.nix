@@ -20,10 +20,18 @@
     "org.opencontainers.image.source" = "https://example.invalid/pageviews";
   };
 
+  # Only the image's own binary, not the whole package (the other binary, static files):
+  # the build fails if the copy still refers to the package.
+  binary = component:
+    pkgs.runCommand "pageviews-${component}-${version}" {disallowedReferences = [package];} ''
+      install -D -m 0555 ${package}/bin/pageviews-${component} "$out/bin/pageviews-${component}"
+    '';
+
+  # `port`: where the image listens (passthru, so the VM test reads it from here).
   mkImage = {
     component,
-    env,
-    ports,
+    listenVariable,
+    port,
   }:
     pkgs.dockerTools.buildLayeredImage {
       name = "pageviews-${component}";
@@ -36,7 +44,7 @@
         mkdir -m 1777 tmp
       '';
       config = {
-        Entrypoint = ["${package}/bin/pageviews-${component}"];
+        Entrypoint = ["${binary component}/bin/pageviews-${component}"];
         User = user;
         WorkingDir = "/tmp";
         Env =
@@ -45,26 +53,23 @@
             "RUST_LOG=info"
             "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
           ]
-          ++ env;
-        ExposedPorts = builtins.listToAttrs (map (p: {
-            name = "${toString p}/tcp";
-            value = {};
-          })
-          ports);
+          # Inside a container it must listen on all interfaces of its network namespace.
+          ++ ["${listenVariable}=0.0.0.0:${toString port}"];
+        ExposedPorts."${toString port}/tcp" = {};
         Labels = labels component;
       };
+      passthru = {inherit port;};
     };
 in {
   app-image = mkImage {
     component = "app";
-    # Inside a container the app must listen on all interfaces of its network namespace.
-    env = ["PAGEVIEWS_LISTEN=0.0.0.0:8000"];
-    ports = [8000];
+    listenVariable = "PAGEVIEWS_LISTEN";
+    port = 8000;
   };
 
   worker-image = mkImage {
     component = "worker";
-    env = ["PAGEVIEWS_METRICS_LISTEN=0.0.0.0:9100"];
-    ports = [9100];
+    listenVariable = "PAGEVIEWS_METRICS_LISTEN";
+    port = 9100;
   };
 }

@@ -1,6 +1,7 @@
-# The crane build of the `pageviews` crate: dependencies once (cargoArtifacts), then the
-# package, which installs pageviews-app, pageviews-worker, pageviews-probe and
-# pageviews-stack plus the static files nginx serves.
+# The crane build of the workspace: dependencies once (cargoArtifacts), then what ships:
+# `package` is the service crate only (pageviews-app, pageviews-worker and the static files
+# nginx serves); `probe` is pageviews-probe, for the VM tests. The launcher
+# (pageviews-stack) and the benchmark are tools for a checkout, not packaged.
 {
   lib,
   craneLib,
@@ -10,19 +11,27 @@
 
   # cleanCargoSource would drop what the crate reads at compile time (askama templates,
   # diesel migrations) and the static files we install, so list them explicitly.
-  # Everything else (nix/, scripts/, docs) stays out, so editing it does not rebuild.
+  # Everything else (nix/, scripts/, docs) stays out, so editing it does not rebuild. The
+  # workspace members (tools/testbed, tools/stack, bench/, probe/) must be there for cargo to
+  # load the workspace; commonCargoSources would also take tools/nixfmt-check (a crate of its
+  # own, used only by scripts/check-nix), so that is cut out. nix/package-src-check.nix fails
+  # `nix flake check` and scripts/check-nix if a file of tools/nixfmt-check, nix/ (but
+  # nix/nginx/), scripts/ or .ci/ gets back in.
+  srcFileset = fileset.unions [
+    (fileset.difference (craneLib.fileset.commonCargoSources root) (fileset.maybeMissing (root + "/tools/nixfmt-check")))
+    (root + "/migrations")
+    (root + "/templates")
+    (root + "/static")
+    # Non-Rust test fixtures and the shared nginx snippets, if the crate reads them
+    # (the local launcher and the integration tests use the same nginx hardening).
+    (fileset.maybeMissing (root + "/tests"))
+    (fileset.maybeMissing (root + "/nix/nginx"))
+    # The alert rules and dashboard the ops tests check.
+    (fileset.maybeMissing (root + "/ops"))
+  ];
   src = fileset.toSource {
     inherit root;
-    fileset = fileset.unions [
-      (craneLib.fileset.commonCargoSources root)
-      (root + "/migrations")
-      (root + "/templates")
-      (root + "/static")
-      # Non-Rust test fixtures and the shared nginx snippets, if the crate reads them
-      # (the local launcher and the integration tests use the same nginx hardening).
-      (fileset.maybeMissing (root + "/tests"))
-      (fileset.maybeMissing (root + "/nix/nginx"))
-    ];
+    fileset = srcFileset;
   };
 
   crateName = craneLib.crateNameFromCargoToml {cargoToml = root + "/Cargo.toml";};
@@ -42,6 +51,7 @@
   package = craneLib.buildPackage (commonArgs
     // {
       inherit cargoArtifacts;
+      cargoExtraArgs = "--locked --package pageviews";
       # The tests need PostgreSQL, RabbitMQ and nginx: they run in checks.tests.
       doCheck = false;
       postInstall = ''
@@ -55,6 +65,20 @@
         platforms = lib.platforms.linux;
       };
     });
+
+  probe = craneLib.buildPackage (commonArgs
+    // {
+      inherit cargoArtifacts;
+      pname = "pageviews-probe";
+      cargoExtraArgs = "--locked --package pageviews-probe";
+      doCheck = false;
+      meta = {
+        description = "Checks a deployed pageviews stack from outside";
+        license = lib.licenses.mit;
+        mainProgram = "pageviews-probe";
+        platforms = lib.platforms.linux;
+      };
+    });
 in {
-  inherit src commonArgs cargoArtifacts package;
+  inherit srcFileset src commonArgs cargoArtifacts package probe;
 }

@@ -8,6 +8,7 @@
 //! | `AMQP_URL` | app, worker | required |
 //! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000`; unused when a socket is passed (`LISTEN_FDS`) |
 //! | `PAGEVIEWS_METRICS_LISTEN` | worker | unset (no metrics listener) |
+//! | `PAGEVIEWS_APP_METRICS_LISTEN` | app | unset (no second listener) |
 //! | `PAGEVIEWS_LOG_FORMAT` | all | `text` |
 //! | `PAGEVIEWS_DB_POOL_SIZE` | app, worker | 16 |
 //! | `PAGEVIEWS_DB_TIMEOUT_MS` | app, worker | 1500 |
@@ -40,34 +41,55 @@ impl ConfigError {
 
 /// Where settings come from: the process environment, or a map in tests.
 pub trait Source {
-    fn get(&self, name: &str) -> Option<String>;
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError>;
 }
 
 /// The process environment.
 pub struct Environment;
 
 impl Source for Environment {
-    fn get(&self, name: &str) -> Option<String> {
-        std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        match std::env::var_os(name).map(std::ffi::OsString::into_string) {
+            None => Ok(None),
+            Some(Ok(value)) => Ok(Some(value)),
+            // Never replaced by U+FFFD: a password changed that way would fail much later.
+            Some(Err(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
+        }
     }
 }
 
 impl Source for std::collections::HashMap<String, String> {
-    fn get(&self, name: &str) -> Option<String> {
-        std::collections::HashMap::get(self, name).cloned()
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        Ok(std::collections::HashMap::get(self, name).cloned())
+    }
+}
+
+/// No setting has a control character in it: a `\r` left by a CRLF file, or a second line,
+/// would otherwise end up inside a password or URL.
+fn checked(variable: &str, value: String, origin: &str) -> Result<String, ConfigError> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(value),
+        Some((_, '\r')) => Err(ConfigError::new(
+            variable,
+            format!("{origin} contains a carriage return (\\r): Windows (CRLF) line endings? Save it with plain \\n"),
+        )),
+        Some((at, c)) => Err(ConfigError::new(
+            variable,
+            format!("{origin} contains the control character {c:?} at byte {at}"),
+        )),
     }
 }
 
 /// `NAME`, or the contents of the file named by `NAME_FILE` (one trailing newline removed).
 pub fn optional(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigError> {
     let file_var = format!("{name}_FILE");
-    match (src.get(name), src.get(&file_var)) {
+    match (src.get(name)?, src.get(&file_var)?) {
         (Some(_), Some(_)) => Err(ConfigError::new(
             name,
             format!("both {name} and {file_var} are set; set one"),
         )),
         (Some(value), None) if value.is_empty() => Err(ConfigError::new(name, "is set but empty")),
-        (Some(value), None) => Ok(Some(value)),
+        (Some(value), None) => checked(name, value, "the value").map(Some),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError::new(&file_var, format!("cannot read {path}: {e}")))?;
@@ -75,7 +97,7 @@ pub fn optional(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigEr
             if value.is_empty() {
                 return Err(ConfigError::new(&file_var, format!("{path} is empty")));
             }
-            Ok(Some(value))
+            checked(&file_var, value, &path).map(Some)
         }
         (None, None) => Ok(None),
     }
@@ -263,6 +285,9 @@ pub struct AppConfig {
     pub broker: BrokerConfig,
     /// How often rows whose task was never confirmed by the broker are published again.
     pub sweep_interval: Duration,
+    /// A second listener with only `/metrics`, `/healthz`, `/readyz`: for Prometheus when the
+    /// app itself listens on a Unix socket that only nginx reaches.
+    pub metrics_listen: Option<Listen>,
 }
 
 impl AppConfig {
@@ -276,6 +301,7 @@ impl AppConfig {
             database: DatabaseConfig::from_source(src)?,
             broker: BrokerConfig::from_source(src)?,
             sweep_interval: positive_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,
+            metrics_listen: Listen::from_source(src, "PAGEVIEWS_APP_METRICS_LISTEN")?,
         })
     }
 }
@@ -349,6 +375,21 @@ mod tests {
         assert_eq!(config.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
         assert_eq!(config.database.pool_size, 16);
         assert_eq!(config.sweep_interval, Duration::from_secs(10));
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_app_metrics_listener_is_its_own_variable() {
+        let config = AppConfig::from_source(&env(&[("PAGEVIEWS_APP_METRICS_LISTEN", "127.0.0.1:9102")])).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some(Listen::Tcp("127.0.0.1:9102".parse().unwrap()))
+        );
+        assert!(
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")]).starts_with("PAGEVIEWS_APP_METRICS_LISTEN: "),
+            "{}",
+            app_error(&[("PAGEVIEWS_APP_METRICS_LISTEN", "9102")])
+        );
     }
 
     #[test]

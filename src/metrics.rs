@@ -1,76 +1,30 @@
-//! Prometheus counters and histograms, rendered by hand: a few atomics are all we need.
+//! Prometheus metrics through `prometheus-client` (OpenMetrics text exposition). Each part of
+//! the service owns a struct of metric handles and registers it; `/metrics` encodes the
+//! registry. Names get the `pageviews_` prefix here and counters their `_total` suffix from
+//! the library.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+pub use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+pub use prometheus_client::registry::Registry;
 
-#[derive(Default)]
-pub struct Counter(AtomicU64);
+/// Latency buckets in seconds, 1 ms to 60 s (README: Metrics).
+pub const SECONDS_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0];
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            self.get()
-        );
-    }
+pub fn registry() -> Registry {
+    Registry::with_prefix("pageviews")
 }
 
-/// Seconds, with buckets from 1 ms to 60 s.
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    sum_micros: AtomicU64,
-    count: AtomicU64,
+pub fn seconds_histogram() -> Histogram {
+    Histogram::new(SECONDS_BUCKETS)
 }
 
-const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0];
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            counts: Default::default(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Histogram {
-    pub fn observe(&self, seconds: f64) {
-        let seconds = seconds.max(0.0);
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            if seconds <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
-        );
-    }
+/// The body of `/metrics` with its content type.
+pub fn exposition(registry: &Registry) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], out)
 }
 
 #[cfg(test)]
@@ -78,15 +32,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
+    fn names_help_and_buckets_are_exposed() {
+        let mut registry = registry();
+        let h = seconds_histogram();
+        let c = Counter::<u64>::default();
+        registry.register("x_seconds", "Test latency", h.clone());
+        registry.register("things", "Things done", c.clone());
         h.observe(0.002);
         h.observe(0.2);
-        let mut out = String::new();
-        h.render(&mut out, "x_seconds", "test");
-        assert!(out.contains("x_seconds_bucket{le=\"0.001\"} 0\n"));
-        assert!(out.contains("x_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(out.contains("x_seconds_bucket{le=\"0.25\"} 2\n"));
-        assert!(out.contains("x_seconds_count 2\n"));
+        c.inc_by(3);
+        let (_, out) = exposition(&registry);
+        assert!(out.contains("# HELP pageviews_x_seconds Test latency.\n"), "{out}");
+        assert!(out.contains("pageviews_x_seconds_bucket{le=\"0.001\"} 0\n"), "{out}");
+        assert!(out.contains("pageviews_x_seconds_bucket{le=\"0.005\"} 1\n"), "{out}");
+        assert!(out.contains("pageviews_x_seconds_bucket{le=\"0.25\"} 2\n"), "{out}");
+        assert!(out.contains("pageviews_x_seconds_count 2\n"), "{out}");
+        assert!(out.contains("pageviews_things_total 3\n"), "{out}");
+        assert!(out.ends_with("# EOF\n"));
     }
 }

@@ -1,11 +1,23 @@
 //! Logging: readable lines on a terminal, one JSON object per line under systemd or in a
 //! container (`PAGEVIEWS_LOG_FORMAT=json`). `RUST_LOG` filters, default `info`.
 
-use crate::config::LogFormat;
+use crate::config::{ConfigError, LogFormat, Source};
 use tracing_subscriber::EnvFilter;
 
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// `RUST_LOG`, or `info` when unset. A filter that does not parse is an error: silently
+/// logging at another level would hide what the operator asked to see.
+pub fn log_filter(src: &dyn Source) -> Result<EnvFilter, ConfigError> {
+    const NAME: &str = "RUST_LOG";
+    let directives = crate::config::optional(src, NAME)?.unwrap_or_else(|| "info".into());
+    EnvFilter::builder().parse(&directives).map_err(|e| {
+        ConfigError::new(
+            NAME,
+            format!("{directives:?} is not a log filter (e.g. info,pageviews=debug): {e}"),
+        )
+    })
+}
+
+fn init(format: LogFormat, filter: EnvFilter) {
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -25,9 +37,10 @@ pub fn init(format: LogFormat) {
 
 /// Parses the logging settings, then starts logging; a bad value is reported on stderr.
 pub fn init_from_env(program: &str) -> Result<(), std::process::ExitCode> {
-    match LogFormat::from_source(&crate::config::Environment) {
-        Ok(format) => {
-            init(format);
+    let env = crate::config::Environment;
+    match LogFormat::from_source(&env).and_then(|format| Ok((format, log_filter(&env)?))) {
+        Ok((format, filter)) => {
+            init(format, filter);
             Ok(())
         }
         Err(e) => Err(config_error(program, &e)),

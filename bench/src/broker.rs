@@ -5,7 +5,7 @@
 
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use anyhow::{Context, bail};
-use pageviews::queue::publisher::MAX_BATCH;
+use pageviews::queue::outbox::MAX_BATCH;
 use pageviews::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ pub fn measure(url: &str, secs: f64, prefetch: u16) -> anyhow::Result<BrokerLimi
     let confirms = channel.listen_for_publisher_confirms()?;
     let mut smoother = ConfirmSmoother::new();
     let mut publish_for = |batch: usize, duration: f64| -> anyhow::Result<(u64, f64)> {
-        let body = Task { page_view_id: 1 }.to_bytes();
+        let body = Task { page_view_ids: vec![1] }.to_bytes();
         let properties = AmqpProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());

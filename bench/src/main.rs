@@ -4,7 +4,7 @@
 //!
 //! Run with `cargo run --release --bin pageviews-bench`. Settings (environment):
 //! `PAGEVIEWS_BENCH_SECS` (10) per step, `PAGEVIEWS_BENCH_CONCURRENCY` (`1,32,128`),
-//! `PAGEVIEWS_BENCH_OUT` (`bench/results/latest.json` in the source tree).
+//! `PAGEVIEWS_BENCH_ROWS` (10 000 000, the large-table step), `PAGEVIEWS_BENCH_OUT` (`bench/results/latest.json` in the source tree).
 
 use pageviews::config::{ConfigError, Environment, parsed};
 use pageviews_bench::{self as bench, Settings};
@@ -25,7 +25,9 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
     };
-    pageviews::telemetry::init(pageviews::config::LogFormat::Text);
+    if let Err(code) = pageviews::telemetry::init_from_env(PROGRAM) {
+        return code;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,8 +67,17 @@ fn settings() -> Result<Settings, ConfigError> {
     if secs == 0 {
         return Err(ConfigError::new("PAGEVIEWS_BENCH_SECS", "must be at least 1"));
     }
+    let large_rows = parsed(src, "PAGEVIEWS_BENCH_ROWS", 10_000_000i64, "a whole number of rows")?;
+    if large_rows < 0 {
+        return Err(ConfigError::new("PAGEVIEWS_BENCH_ROWS", "must not be negative"));
+    }
     let out = parsed(src, "PAGEVIEWS_BENCH_OUT", DEFAULT_OUT.to_owned(), "a path")?.into();
-    Ok(Settings { secs, concurrency, out })
+    Ok(Settings {
+        secs,
+        concurrency,
+        large_rows,
+        out,
+    })
 }
 
 async fn run(settings: &Settings) -> anyhow::Result<()> {

@@ -3,6 +3,9 @@
   lib,
   cfg,
 }: rec {
+  # The units' serviceConfig, users and secret paths (pure: scripts/systemd-score reads it too).
+  serviceConfig = import ./service-config.nix;
+
   hasRole = role: builtins.elem role cfg.roles;
   localApp = hasRole "app";
   localData = hasRole "data";
@@ -12,21 +15,14 @@
   # The proxy and the app live on different hosts: the app listens on TCP.
   splitApp = localApp != localProxy;
 
-  secretsDir = "/var/lib/pageviews-secrets";
+  inherit (serviceConfig) secretsDir;
   appSocket = "/run/pageviews-app/app.sock";
 
   # System users, which are also the PostgreSQL roles and the RabbitMQ users.
-  users = {
-    owner = cfg.database.owner;
-    app = "pageviews-app";
-    worker = "pageviews-worker";
-  };
+  users = serviceConfig.users cfg.database.owner;
 
   # Broker password files, the generated default filled in where the option is null.
-  amqpPasswordFile = who:
-    if cfg.rabbitmq.passwordFiles.${who} != null
-    then cfg.rabbitmq.passwordFiles.${who}
-    else "${secretsDir}/amqp-${who}";
+  amqpPasswordFile = serviceConfig.amqpPasswordFile cfg.rabbitmq.passwordFiles;
   generatedSecrets = lib.filter (who: cfg.rabbitmq.passwordFiles.${who} == null) ["app" "worker"];
 
   isIPv6 = addr: lib.hasInfix ":" addr;
@@ -35,7 +31,11 @@
     if isIPv6 addr
     then "${addr}/128"
     else "${addr}/32";
-  # An nftables rule accepting TCP ports from a list of addresses (IPv4 and IPv6 apart).
+  # Rules accepting TCP ports from a list of addresses only, for the firewall backend the host
+  # uses (firewall.nix): nftables lines for networking.firewall.extraInputRules (appended to
+  # the input-allow chain), or iptables commands for networking.firewall.extraCommands (run
+  # by firewall-start before its final refuse rule; the nixos-fw chain is flushed on every
+  # start, so nothing needs removing in extraStopCommands).
   nftAccept = addrs: ports: let
     v4 = lib.filter (a: !isIPv6 a) addrs;
     v6 = lib.filter isIPv6 addrs;
@@ -43,4 +43,15 @@
     rule = family: list: lib.optionalString (list != []) "${family} saddr { ${lib.concatStringsSep ", " list} } tcp dport ${portSet} accept\n";
   in
     rule "ip" v4 + rule "ip6" v6;
+  iptablesAccept = addrs: ports:
+    lib.concatMapStrings (addr:
+      lib.concatMapStrings (port: ''
+        ${
+          if isIPv6 addr
+          then "ip6tables"
+          else "iptables"
+        } -w -A nixos-fw -p tcp -s ${addr} --dport ${toString port} -j nixos-fw-accept
+      '')
+      ports)
+    addrs;
 }

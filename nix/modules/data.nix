@@ -21,8 +21,11 @@ in {
   config = lib.mkIf (cfg.enable && common.localData) {
     services.postgresql = {
       enable = true;
-      # Chosen explicitly rather than by system.stateVersion.
-      package = lib.mkDefault pkgs.postgresql_17;
+      # `package` is left to nixpkgs: its postgresql module picks the major version from
+      # system.stateVersion (PostgreSQL 17 for 25.11 and later) with mkDefault, so that an
+      # existing host keeps the version its data directory was made with. A second mkDefault
+      # here would be "defined multiple times"; a higher priority would move old hosts to a
+      # new, empty data directory. Pin it on the host (services.postgresql.package) if wanted.
       ensureDatabases = [db];
       ensureUsers =
         [

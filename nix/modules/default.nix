@@ -6,6 +6,7 @@
 # nix/OPTIONS.md.
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -20,16 +21,18 @@ in {
     ./data.nix
     ./proxy.nix
     ./firewall.nix
+    ./prometheus.nix
   ];
 
   options.services.pageviews = {
     enable = lib.mkEnableOption "pageviews (page view recorder: app, worker, nginx, PostgreSQL, RabbitMQ)";
 
-    package = mkOption {
-      type = types.package;
-      description = ''
-        The pageviews package (binaries in bin/, static files in share/pageviews/static).
-        The flake's `nixosModules.default` sets it to the flake's own build.
+    package = lib.mkPackageOption pkgs "pageviews" {
+      extraDescription = ''
+        Binaries in bin/, static files in share/pageviews/static. The flake's
+        `nixosModules.default` sets it to the flake's own build; when this file is imported
+        directly, add the flake's `overlays.default` to `nixpkgs.overlays` (which provides
+        `pkgs.pageviews`) or set this option.
       '';
     };
 
@@ -223,6 +226,12 @@ in {
             default = "127.0.0.1:9101";
             description = "Worker /metrics and /healthz listen address (null: off).";
           };
+          PAGEVIEWS_APP_METRICS_LISTEN = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            defaultText = lib.literalExpression ''null, or "127.0.0.1:9102" with prometheus.enable'';
+            description = "A second app listener with only /metrics, /healthz and /readyz, HOST:PORT (null: off).";
+          };
           PAGEVIEWS_DB_POOL_SIZE = mkOption {
             type = types.ints.positive;
             default = 16;
@@ -250,6 +259,16 @@ in {
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        # mkPackageOption's default is pkgs.pageviews; without the overlay that attribute
+        # is missing and nothing else defines the option (priority 1500 = the default only).
+        assertion = pkgs ? pageviews || options.services.pageviews.package.highestPrio < 1500;
+        message = ''
+          services.pageviews.package has no value: pkgs has no `pageviews`. Import the flake's
+          `nixosModules.default` (it sets the package), or add the flake's `overlays.default` to
+          `nixpkgs.overlays`, or set services.pageviews.package yourself.
+        '';
+      }
       {
         assertion = cfg.roles != [];
         message = "services.pageviews.roles must name at least one role.";

@@ -1,9 +1,10 @@
 # systemd sandboxing shared by pageviews-app, pageviews-worker and pageviews-migrate.
 #
 # A pure attribute set of `serviceConfig` keys: it needs neither nixpkgs nor lib, so
-# `nix-instantiate --eval --strict --json nix/modules/hardening.nix` prints it and
-# scripts/systemd-score renders it into unit files for `systemd-analyze security --offline`.
-# The NixOS module merges it under each unit's own User=/Group=/directories/credentials.
+# `nix-instantiate --eval --strict --json nix/modules/hardening.nix` prints it.
+# ./service-config.nix merges it under each unit's own User=/Group=/directories/credentials;
+# units.nix deploys that, and scripts/systemd-score renders the same into unit files for
+# `systemd-analyze security --offline`.
 #
 # Not set here, on purpose:
 # - IPAddressAllow/IPAddressDeny: the module adds them per role (loopback on one host, the

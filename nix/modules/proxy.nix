@@ -37,6 +37,8 @@
     inherit upstream;
     rate = ncfg.rateLimit;
     access_log = "/var/log/nginx/pageviews.access.log";
+    # Under the nginx unit's CacheDirectory (/var/cache/nginx); nginx creates the last level.
+    cache_dir = "/var/cache/nginx/pageviews";
   };
   serverConf = pkgs.replaceVars (snippets + "/server.conf") {
     conf_dir = "${confDir}";

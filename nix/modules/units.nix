@@ -1,5 +1,6 @@
-# The app host: system users and the three units (migrate oneshot, app, worker), each
-# sandboxed by ./hardening.nix.
+# The app host: system users and the three units (migrate oneshot, app, worker). Their
+# serviceConfig comes whole from ./service-config.nix (pure; sandboxing from ./hardening.nix),
+# which scripts/systemd-score scores: nothing here adds to or overrides it.
 {
   config,
   lib,
@@ -9,7 +10,6 @@
   cfg = config.services.pageviews;
   common = import ./common.nix {inherit lib cfg;};
   inherit (common) users splitData splitApp localData;
-  hardening = import ./hardening.nix;
 
   dataHost =
     if splitData
@@ -67,21 +67,33 @@
     else toString v)
   (lib.filterAttrs (_: v: v != null) cfg.settings);
 
-  # IP allow-list: loopback, plus the data host and (for the app) the proxies when split.
-  ipAllow = extra: ["localhost"] ++ lib.optional splitData cfg.network.dataAddress ++ extra;
-  appIpAllow = ipAllow (lib.optionals splitApp cfg.network.proxyAddresses);
-
-  # The app's socket (pageviews-app.socket); the app itself ignores PAGEVIEWS_LISTEN when
-  # the socket is passed.
-  appListen = cfg.settings.PAGEVIEWS_LISTEN;
-  # Both binaries ping at half of it (WATCHDOG_USEC); a wedged runtime is restarted.
-  watchdogSec = "10s";
+  serviceConfigs = common.serviceConfig.units {
+    owner = cfg.database.owner;
+    inherit splitData splitApp;
+    inherit (cfg.network) dataAddress proxyAddresses;
+    dbPasswordFiles = cfg.database.passwordFiles;
+    amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
+    execStart = {
+      migrate = mkStart {
+        name = "pageviews-app";
+        role = users.owner;
+        args = "migrate";
+        amqp = false;
+      };
+      app = mkStart {
+        name = "pageviews-app";
+        role = users.app;
+      };
+      worker = mkStart {
+        name = "pageviews-worker";
+        role = users.worker;
+      };
+    };
+  };
 
   mkUnit = {
-    role,
+    name,
     description,
-    dbPasswordFile,
-    amqpWho ? null,
     extra ? {},
   }:
     lib.mkMerge [
@@ -89,16 +101,7 @@
         inherit description environment;
         wants = ["network-online.target"] ++ localDataUnits ++ secretUnits;
         after = ["network-online.target"] ++ localDataUnits ++ secretUnits;
-        serviceConfig =
-          hardening
-          // {
-            User = role;
-            Group = role;
-            LoadCredential =
-              lib.optional (splitData && dbPasswordFile != null) "db-password:${dbPasswordFile}"
-              ++ lib.optional (amqpWho != null) "amqp-password:${common.amqpPasswordFile amqpWho}";
-            IPAddressDeny = "any";
-          };
+        serviceConfig = serviceConfigs.${name};
         unitConfig.StartLimitIntervalSec = 0;
       }
       extra
@@ -113,37 +116,19 @@ in {
     users.groups = lib.genAttrs (lib.attrValues users) (_: {});
 
     systemd.services = {
-      # Applies pending diesel migrations as the schema owner, then exits.
       pageviews-migrate = mkUnit {
-        role = users.owner;
+        name = "pageviews-migrate";
         description = "pageviews: database migrations";
-        dbPasswordFile = cfg.database.passwordFiles.owner;
         extra = {
           # The database must be there; on one host wait for postgresql-setup's roles.
           requires = lib.optional localData "postgresql.target";
           after = lib.optional localData "postgresql.target";
-          serviceConfig = {
-            Type = "oneshot";
-            RemainAfterExit = true;
-            ExecStart = mkStart {
-              name = "pageviews-app";
-              role = users.owner;
-              args = "migrate";
-              amqp = false;
-            };
-            IPAddressAllow = ipAllow [];
-            # A remote database may not be up yet: retry instead of failing the boot.
-            Restart = "on-failure";
-            RestartSec = "5s";
-          };
         };
       };
 
       pageviews-app = mkUnit {
-        role = users.app;
+        name = "pageviews-app";
         description = "pageviews: HTTP app";
-        dbPasswordFile = cfg.database.passwordFiles.app;
-        amqpWho = "app";
         extra = {
           wantedBy = ["multi-user.target"];
           requires = ["pageviews-migrate.service" "pageviews-app.socket"];
@@ -152,74 +137,34 @@ in {
           # service, stop-and-start makes switch-to-configuration stop the socket too,
           # refusing connections during the deploy.
           stopIfChanged = false;
-          serviceConfig = {
-            # READY=1 once the database answers; WATCHDOG=1 from the async runtime.
-            Type = "notify";
-            WatchdogSec = watchdogSec;
-            ExecStart = mkStart {
-              name = "pageviews-app";
-              role = users.app;
-            };
-            # No RuntimeDirectory: removed at every stop, it would take the socket file
-            # (owned by pageviews-app.socket) with it.
-            IPAddressAllow = appIpAllow;
-            Restart = "always";
-            RestartSec = "2s";
-          };
         };
       };
 
       pageviews-worker = mkUnit {
-        role = users.worker;
+        name = "pageviews-worker";
         description = "pageviews: background worker";
-        dbPasswordFile = cfg.database.passwordFiles.worker;
-        amqpWho = "worker";
         extra = {
           wantedBy = ["multi-user.target"];
           requires = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service"];
-          serviceConfig = {
-            # READY=1 once it consumes; WATCHDOG=1 from the async runtime.
-            Type = "notify";
-            WatchdogSec = watchdogSec;
-            ExecStart = mkStart {
-              name = "pageviews-worker";
-              role = users.worker;
-            };
-            IPAddressAllow = ipAllow [];
-            Restart = "always";
-            RestartSec = "2s";
-          };
         };
       };
     };
 
     # Owns the app's listening socket, passed to each app process (LISTEN_FDS): it outlives
     # the app, so a restart or a deploy makes connections wait in its backlog (Backlog=
-    # defaults to SOMAXCONN) instead of being refused.
+    # defaults to SOMAXCONN) instead of being refused. The app ignores PAGEVIEWS_LISTEN when
+    # the socket is passed.
     systemd.sockets.pageviews-app = {
       description = "pageviews: the app's listening socket";
       wantedBy = ["sockets.target"];
-      listenStreams = [appListen];
+      listenStreams = [cfg.settings.PAGEVIEWS_LISTEN];
       socketConfig =
-        {
-          # A passed socket is filtered by the socket unit's list, not the service's.
-          IPAddressDeny = "any";
-          IPAddressAllow = appIpAllow;
+        common.serviceConfig.appSocket {
+          inherit splitData splitApp;
+          inherit (cfg.network) dataAddress proxyAddresses;
         }
-        // (
-          if lib.hasPrefix "/" appListen
-          then {
-            # nginx reaches it through the app's group; the directory is created 0755.
-            SocketUser = users.app;
-            SocketGroup = users.app;
-            SocketMode = "0660";
-          }
-          else {
-            # The private address may not be configured yet when sockets are bound.
-            FreeBind = true;
-          }
-        );
+        cfg.settings.PAGEVIEWS_LISTEN;
     };
 
     # Operators and tests can run the end-to-end probe: pageviews-probe https://DOMAIN/

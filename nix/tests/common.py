@@ -1,27 +1,16 @@
-# Helpers shared by the pageviews VM test scripts. The .nix file of each test prepends this
-# file to the test's own script, so everything here runs in the NixOS test driver's
-# namespace. Machine arguments are left unannotated on purpose: the driver's class name
-# differs between nixpkgs releases (Machine / QemuMachine), and an annotation naming the
+# Helpers shared by the pageviews VM test scripts. nodes.nix `script` puts this file between
+# the generated constants and the test's own script, so everything here runs in the NixOS
+# test driver's namespace. Machine arguments are left unannotated on purpose: the driver's
+# class name differs between nixpkgs releases (Machine / QemuMachine), and an annotation naming the
 # wrong one would break the build-time type check or the script itself.
 import re
 import shlex
 from collections.abc import Callable
 
-# Values fixed on the Nix side; scripts/check-vm-tests checks each against nix/.
-DOMAIN = "pageviews.test"  # nix/tests/tls.nix
+# The values of the Nix side (DOMAIN, CA_FILE, ports, listen addresses, SECURITY_THRESHOLD)
+# stand before this file as constants, written by `script` in nodes.nix from the nodes'
+# own configuration.
 ORIGIN = f"https://{DOMAIN}"
-CA_FILE = "/etc/pageviews-test/ca.pem"  # nix/tests/nodes.nix
-HTTP_PORT = 80  # nix/modules/firewall.nix
-HTTPS_PORT = 443  # nix/modules/firewall.nix
-APP_PORT = 8000  # services.pageviews.network.appPort
-PG_PORT = 5432  # services.pageviews.database.port
-AMQP_PORT = 5672  # services.pageviews.rabbitmq.port
-EPMD_PORT = 4369  # nixpkgs services.epmd (enabled by services.rabbitmq)
-ERLANG_DIST_PORT = 25672  # RabbitMQ inter-node port (AMQP port + 20000)
-WORKER_METRICS_PORT = 9101  # services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN
-IMAGE_WORKER_METRICS_PORT = 9100  # nix/images.nix: worker-image PAGEVIEWS_METRICS_LISTEN
-SECURITY_THRESHOLD = 15  # scripts/systemd-score: 1.5 on systemd-analyze's 0-10 scale
-WATCHDOG = "10s"  # nix/modules/units.nix: watchdogSec
 
 CURL = "curl -sS --max-time 20"
 VISIT_RE = re.compile(r'<strong id="visit">#(\d+)</strong>')
@@ -189,10 +178,10 @@ def restart_broker_under_traffic(client, broker, data) -> None:
     traffic_across(client, data, "pageviews-restart-traffic", disrupt)
 
 
-def check_notify_unit(machine, unit: str) -> None:
-    """`unit` is Type=notify with the module's watchdog."""
+def check_notify_unit(machine, unit: str, watchdog: str) -> None:
+    """`unit` is Type=notify with the module's watchdog (`watchdog`: its WatchdogSec)."""
     shown = machine.succeed(f"systemctl show -p Type,WatchdogUSec {unit}").split()
-    assert sorted(shown) == ["Type=notify", f"WatchdogUSec={WATCHDOG}"], f"{unit}: {shown}"
+    assert sorted(shown) == ["Type=notify", f"WatchdogUSec={watchdog}"], f"{unit}: {shown}"
 
 
 def restart_unit(machine, unit: str) -> None:
@@ -202,6 +191,24 @@ def restart_unit(machine, unit: str) -> None:
     machine.succeed(f"systemctl restart {unit}")
     after = machine.succeed(f"systemctl show -p MainPID --value {unit}")
     assert before != after, f"{unit} kept its main PID {before.strip()}"
+def check_stack(client, app, data) -> None:
+    """What every deployment of the module must do, seen from `client`: `app` runs the app
+    and the worker, `data` PostgreSQL and RabbitMQ (the same node on one host)."""
+    with subtest("a page view is recorded and processed by the worker"):
+        check_page_view(client, data, ORIGIN)
+
+    with subtest("the worker runs its scheduled rollup"):
+        wait_sql(data, "SELECT runs > 0 FROM scheduled_jobs WHERE name = 'rollup'", "t", 180)
+        app.succeed(f"curl -sS --fail http://{WORKER_METRICS}/metrics")
+
+    with subtest("the end-to-end probe passes from the client"):
+        client.succeed(f"pageviews-probe {ORIGIN} --ca-file {CA_FILE}", timeout=600)
+
+    with subtest("HTTPS edge: redirect, headers, dropped methods, private endpoints"):
+        check_https_edge(client)
+
+    with subtest("a burst from one client gets 429"):
+        check_burst(client)
 
 
 def check_sandbox(machine, units: list[str]) -> None:

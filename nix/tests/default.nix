@@ -4,17 +4,17 @@
 #   vm-images  the app and worker OCI images under podman against a data node
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
-# next to it (common.py is prepended) so scripts/check-vm-tests can lint exactly the text
-# the driver runs.
+# next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
+# configuration, then common.py, before it. scripts/check-vm-tests lints the Python here.
 {
   pkgs,
   module,
-  package,
+  probe,
   images,
 }: let
   tls = import ./tls.nix {inherit pkgs;};
   secrets = import ./secrets.nix {inherit pkgs;};
-  args = {inherit pkgs module package images tls secrets;};
+  args = {inherit pkgs module probe images tls secrets;};
   run = file: pkgs.testers.runNixOSTest (import file args);
 in {
   vm-split = run ./vm-split.nix;

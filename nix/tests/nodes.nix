@@ -1,16 +1,35 @@
-# Node configuration shared by the VM tests (NixOS modules).
+# Node configuration shared by the VM tests (NixOS modules), and how their scripts are made.
 {
   pkgs,
-  package,
+  probe,
   tls,
-}: {
+}: let
+  caEtc = "pageviews-test/ca.pem";
+
+  # Constants every script gets, besides the test's own (see `script`).
+  base = {
+    DOMAIN = tls.domain;
+    CA_FILE = "/etc/${caEtc}";
+    # epmd's fixed port (services.epmd, which services.rabbitmq enables).
+    EPMD_PORT = 4369;
+    SECURITY_THRESHOLD = (import ../modules/service-config.nix).exposureThreshold;
+  };
+in {
+  # The Python the test driver runs: the values the nodes are built with, as constants
+  # (`base` and the test's `constants nodes`; scripts/check-vm-tests reads only their
+  # names), then common.py, then the test's own script.
+  script = file: constants: {nodes, ...}:
+    pkgs.lib.concatStrings (pkgs.lib.mapAttrsToList (name: value: "${name} = ${builtins.toJSON value}\n") (base // constants nodes))
+    + builtins.readFile ./common.py
+    + builtins.readFile file;
+
   # The outside world: trusts the test CA, resolves the public name to the node that
   # serves HTTPS, and has the end-to-end probe.
   client = server: {nodes, ...}: {
     networking.hosts.${nodes.${server}.networking.primaryIPAddress} = [tls.domain];
     security.pki.certificateFiles = [tls.ca];
-    environment.etc."pageviews-test/ca.pem".source = tls.ca;
-    environment.systemPackages = [package pkgs.curl];
+    environment.etc.${caEtc}.source = tls.ca;
+    environment.systemPackages = [probe pkgs.curl];
   };
 
   # `pageviews-sql 'SELECT …'` on a data host: psql as the superuser on the pageviews

@@ -5,14 +5,14 @@
 {
   pkgs,
   module,
-  package,
+  probe,
   images,
   tls,
   secrets,
   ...
 }: let
   inherit (pkgs) lib;
-  shared = import ./nodes.nix {inherit pkgs package tls;};
+  shared = import ./nodes.nix {inherit pkgs probe tls;};
   ref = image: "${image.imageName}:${image.imageTag}";
   appRef = ref images.app-image;
   workerRef = ref images.worker-image;
@@ -34,6 +34,16 @@
   # (the one the data host's firewall and pg_hba allow). Non-root user from the image,
   # read-only root file system, no capabilities.
   hardened = ["--network=host" "--read-only" "--cap-drop=all" "--security-opt=no-new-privileges"];
+
+  # What the script needs to know of the Nix side: the images' ports and the data host's.
+  constants = nodes: let
+    data = nodes.data.services.pageviews;
+  in {
+    APP_PORT = images.app-image.port;
+    WORKER_METRICS = "127.0.0.1:${toString images.worker-image.port}";
+    PG_PORT = data.database.port;
+    AMQP_PORT = data.rabbitmq.port;
+  };
 in {
   name = "pageviews-vm-images";
 
@@ -113,5 +123,5 @@ in {
     };
   };
 
-  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-images.py;
+  testScript = shared.script ./vm-images.py constants;
 }

@@ -1,5 +1,5 @@
 # vm-images: the app and worker OCI images under podman on `images`, against the module's
-# data role on `data`. common.py is prepended.
+# data role on `data`. The constants and common.py come first (nodes.nix `script`).
 
 start_all()
 
@@ -16,7 +16,7 @@ with subtest("the migration runs from the app image, then both containers start"
         f"curl -sS --fail http://127.0.0.1:{APP_PORT}/healthz", timeout=300
     )
     images.wait_until_succeeds(
-        f"curl -sS --fail http://127.0.0.1:{IMAGE_WORKER_METRICS_PORT}/metrics", timeout=300
+        f"curl -sS --fail http://{WORKER_METRICS}/metrics", timeout=300
     )
 
 with subtest("the containers run as the image's non-root user, with no shell inside"):

@@ -4,11 +4,28 @@
 {
   pkgs,
   module,
-  package,
+  probe,
   tls,
   ...
 }: let
-  shared = import ./nodes.nix {inherit pkgs package tls;};
+  shared = import ./nodes.nix {inherit pkgs probe tls;};
+
+  # What the script needs to know of the Nix side, from the nodes themselves.
+  constants = nodes: let
+    inherit (nodes.server.services) pageviews;
+  in {
+    PUBLIC_PORTS = nodes.server.networking.firewall.allowedTCPPorts;
+    APP_PORT = pageviews.network.appPort;
+    APP_LISTEN = pageviews.settings.PAGEVIEWS_LISTEN;
+    PG_PORT = pageviews.database.port;
+    AMQP_PORT = pageviews.rabbitmq.port;
+    # RabbitMQ's inter-node port: the AMQP port + 20000.
+    ERLANG_DIST_PORT = pageviews.rabbitmq.port + 20000;
+    WORKER_METRICS = pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
+    # The units' WatchdogSec, as `systemctl show` prints WatchdogUSec.
+    APP_WATCHDOG = nodes.server.systemd.services.pageviews-app.serviceConfig.WatchdogSec;
+    WORKER_WATCHDOG = nodes.server.systemd.services.pageviews-worker.serviceConfig.WatchdogSec;
+  };
 in {
   name = "pageviews-vm-single";
 
@@ -28,5 +45,5 @@ in {
     };
   };
 
-  testScript = builtins.readFile ./common.py + builtins.readFile ./vm-single.py;
+  testScript = shared.script ./vm-single.py constants;
 }

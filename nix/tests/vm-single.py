@@ -1,5 +1,5 @@
 # vm-single: the whole stack on `server` (app on a Unix socket, PostgreSQL and RabbitMQ on
-# loopback); `client` is the outside. common.py is prepended.
+# loopback); `client` is the outside. The constants and common.py come first (nodes.nix `script`).
 
 start_all()
 
@@ -17,26 +17,13 @@ with subtest("the server reaches its units"):
 
 server_ip = ipv4(client, "server")
 
-with subtest("a page view is recorded and processed by the worker"):
-    check_page_view(client, server, ORIGIN)
-
-with subtest("the worker runs its scheduled rollup"):
-    wait_sql(server, "SELECT runs > 0 FROM scheduled_jobs WHERE name = 'rollup'", "t", 180)
-    server.succeed(f"curl -sS --fail http://127.0.0.1:{WORKER_METRICS_PORT}/metrics")
-
-with subtest("the end-to-end probe passes from the client"):
-    client.succeed(f"pageviews-probe {ORIGIN} --ca-file {CA_FILE}", timeout=600)
-
-with subtest("HTTPS edge: redirect, headers, dropped methods, private endpoints"):
-    check_https_edge(client)
-
-with subtest("a burst from one client gets 429"):
-    check_burst(client)
+check_stack(client, server, server)
 
 with subtest("only 80 and 443 face the network; the rest is loopback or a Unix socket"):
+    assert sorted(PUBLIC_PORTS) == [80, 443], PUBLIC_PORTS
     for port in (PG_PORT, AMQP_PORT, EPMD_PORT, ERLANG_DIST_PORT, APP_PORT):
         assert_unreachable(client, server_ip, port)
-    for port in (HTTP_PORT, HTTPS_PORT):
+    for port in PUBLIC_PORTS:
         assert_reachable(client, server_ip, port)
     for port in (PG_PORT, AMQP_PORT):
         listeners = server.succeed(f"ss -Hltn 'sport = :{port}'")
@@ -44,15 +31,15 @@ with subtest("only 80 and 443 face the network; the rest is loopback or a Unix s
         for line in listeners.splitlines():
             local = line.split()[3]
             assert local.startswith(("127.0.0.1:", "[::1]:")), f"{port} listens on {local}"
-    server.succeed("test -S /run/pageviews-app/app.sock")
+    server.succeed(f"test -S {APP_LISTEN}")
     server.fail(f"ss -Hltn 'sport = :{APP_PORT}' | grep -q .")
 
 with subtest("RabbitMQ restarts under traffic and nothing is lost"):
     restart_broker_under_traffic(client, server, server)
 
 with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
-    check_notify_unit(server, "pageviews-app.service")
-    check_notify_unit(server, "pageviews-worker.service")
+    check_notify_unit(server, "pageviews-app.service", APP_WATCHDOG)
+    check_notify_unit(server, "pageviews-worker.service", WORKER_WATCHDOG)
     # The socket outlives the app: connections wait in its backlog during a restart.
     server.succeed("systemctl is-active pageviews-app.socket")
 

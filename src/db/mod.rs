@@ -11,6 +11,7 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use std::time::Duration;
 
 pub type Pool = bb8::Pool<AsyncPgConnection>;
 pub type Connection<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
@@ -23,10 +24,44 @@ const MIGRATION_LOCK: i64 = 0x7061_6765_7669_6577; // "pageview"
 /// The pool starts without connecting, so the app comes up (and answers 503) while the
 /// database is still down; broken connections are replaced on checkout.
 pub fn pool(config: &DatabaseConfig) -> Pool {
+    build_pool(config, None)
+}
+
+/// The request path's pool: besides, the server cancels any statement that runs longer than
+/// `PAGEVIEWS_DB_TIMEOUT_MS` (a lock held elsewhere, a stuck plan), rolling it back.
+pub fn request_pool(config: &DatabaseConfig) -> Pool {
+    build_pool(config, Some(config.timeout))
+}
+
+/// TCP keepalives and a user timeout: a server that vanishes without a RST (a partition, a
+/// frozen host) breaks the connection within seconds, not at the kernel's retransmission
+/// give-up a quarter of an hour later.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn connect(url: String, statement_timeout: Option<Duration>) -> diesel::ConnectionResult<AsyncPgConnection> {
+    let bad = |e: tokio_postgres::Error| diesel::ConnectionError::BadConnection(e.to_string());
+    let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+    if let Some(timeout) = statement_timeout {
+        let options = config.get_options().unwrap_or("").to_owned();
+        config.options(format!("{options} -c statement_timeout={}", timeout.as_millis()));
+    }
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(bad)?;
+    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+}
+
+fn build_pool(config: &DatabaseConfig, statement_timeout: Option<Duration>) -> Pool {
     // The checkout test looks at the connection's state instead of running `SELECT 1`: a
     // connection the server closed (a restart) is noticed all the same, without a round trip
     // and a transaction per checkout (half the statements of a page view, before batching).
     let mut manager_config = ManagerConfig::default();
+    manager_config.custom_setup = Box::new(move |url| Box::pin(connect(url.to_owned(), statement_timeout)));
     manager_config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn| {
         Box::pin(async move {
             match PoolableConnection::is_broken(conn) {
@@ -45,36 +80,38 @@ pub fn pool(config: &DatabaseConfig) -> Pool {
         .build_unchecked(manager)
 }
 
-/// Returns once `connections` connections are open (checked out together, then returned to
-/// the pool), retrying with backoff (and saying so) until then. The app announces readiness
-/// only after this: a restarted app takes the whole backlog at once, and a cold pool made
-/// some of it wait past `PAGEVIEWS_DB_TIMEOUT_MS` (503).
+/// Opens `connections` connections at once (checked out together, then returned to the
+/// pool). The app announces readiness only after this: a restarted app takes the whole
+/// backlog at once, and a cold pool made some of it wait past `PAGEVIEWS_DB_TIMEOUT_MS` (503).
+pub async fn open_connections(pool: &Pool, connections: u32) -> Result<(), String> {
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let pool = pool.clone();
+        opening.spawn(async move { pool.get_owned().await });
+    }
+    let mut held = Vec::new();
+    let mut failure = None;
+    while let Some(opened) = opening.join_next().await {
+        match opened {
+            Ok(Ok(conn)) => held.push(conn),
+            Ok(Err(e)) => failure = Some(e.to_string()),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// `open_connections` until it succeeds, retrying with backoff (and saying so).
 pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
     let mut backoff = crate::queue::Backoff::default();
-    loop {
-        let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..connections {
-            let pool = pool.clone();
-            opening.spawn(async move { pool.get_owned().await });
-        }
-        let mut held = Vec::new();
-        let mut failure = None;
-        while let Some(opened) = opening.join_next().await {
-            match opened {
-                Ok(Ok(conn)) => held.push(conn),
-                Ok(Err(e)) => failure = Some(e.to_string()),
-                Err(e) => failure = Some(e.to_string()),
-            }
-        }
-        let Some(error) = failure else { return };
-        drop(held);
+    while let Err(error) = open_connections(pool, connections).await {
         let delay = backoff.next_delay();
         tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
         tokio::time::sleep(delay).await;
     }
 }
 
-/// A background task's database error: no connection, or the query failed.
+/// A database error: no connection, or the query failed (requests wrap it in `AppError`).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
@@ -83,7 +120,7 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
 }
 
-/// Runs `query` on a pooled connection (for background tasks; requests use `AppError`).
+/// Runs `query` on a pooled connection.
 pub async fn run<T>(
     pool: &Pool,
     query: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,

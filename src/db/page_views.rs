@@ -1,65 +1,90 @@
-//! The `page_views` table: written by the app, confirmed by the publisher, processed by the worker.
+//! The `page_views` table and its counters: written by the app, processed by the worker,
+//! re-offered by the app's sweep while unprocessed.
+//!
+//! `page_view_counts` holds the page's figures: every statement that inserts or processes rows
+//! adds its count to one of [`SHARDS`] counter rows in the same statement (so the same
+//! transaction), and the page sums them: exact, and constant time however large the table is.
 
 use super::schema::page_views;
 use chrono::{DateTime, Utc};
-use diesel::dsl::{count, count_star, now};
 use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel::sql_types::{Array, BigInt, Double, Int8, Jsonb, SmallInt, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use std::sync::atomic::{AtomicU16, Ordering};
 
-/// Records a page view and returns its id.
-pub async fn insert(conn: &mut AsyncPgConnection, data: &serde_json::Value) -> QueryResult<i64> {
-    diesel::insert_into(page_views::table)
-        .values(page_views::data.eq(data))
-        .returning(page_views::id)
-        .get_result(conn)
-        .await
+/// Counter rows (migrations/…_counters_and_sweep): concurrent batches take different ones.
+const SHARDS: u16 = 16;
+
+/// The counter row for the next batch: round robin, so concurrent batches rarely share one.
+fn next_shard() -> i16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    (NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS) as i16
 }
 
-/// Marks rows whose task the broker has confirmed, so the sweep leaves them alone.
-pub async fn mark_enqueued(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<usize> {
-    use diesel_async::AsyncConnection;
-    let ids = ids.to_vec();
-    conn.transaction(async move |conn| {
-        lock_in_id_order(conn, &ids).await?;
-        diesel::update(page_views::table)
-            .filter(page_views::id.eq_any(&ids))
-            .filter(page_views::enqueued_at.is_null())
-            .set(page_views::enqueued_at.eq(now))
-            .execute(conn)
-            .await
-    })
-    .await
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = Int8)]
+    id: i64,
 }
 
-/// Locks the named rows in id order and returns the ids that exist. The app (marking rows
-/// enqueued) and the worker (marking them processed) update the same rows at about the same
-/// time; an UPDATE locks in plan order, which let each hold rows the other waited for, and
-/// every such deadlock cost a second (deadlock_timeout) and a retry.
-async fn lock_in_id_order(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Vec<i64>> {
-    page_views::table
-        .select(page_views::id)
-        .filter(page_views::id.eq_any(ids))
-        .order(page_views::id)
-        .for_update()
-        .load(conn)
-        .await
-}
-
-/// Rows older than `grace` whose task was never confirmed, oldest first.
-pub async fn unconfirmed(
+/// Records page views in one statement (one commit) and returns their ids, in the order of
+/// `data`. The statement also adds them to a counter row. It inserts nothing (and fails) if
+/// the server gets to writing more than `budget` after receiving it: the check is evaluated
+/// once, after the table lock is granted, so all rows or none.
+pub async fn insert(
     conn: &mut AsyncPgConnection,
+    data: &[serde_json::Value],
+    budget: std::time::Duration,
+) -> QueryResult<Vec<i64>> {
+    let mut ids: Vec<i64> = diesel::sql_query(
+        "WITH inserted AS ( \
+             INSERT INTO page_views (data) \
+             SELECT d FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(d, n) \
+             WHERE (SELECT clock_timestamp() < statement_timestamp() + make_interval(secs => $3)) \
+             ORDER BY n \
+             RETURNING id), \
+         counted AS ( \
+             UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) \
+             WHERE shard = $2) \
+         SELECT id FROM inserted",
+    )
+    .bind::<Array<Jsonb>, _>(data)
+    .bind::<SmallInt, _>(next_shard())
+    .bind::<Double, _>(budget.as_secs_f64())
+    .load::<Id>(conn)
+    .await?
+    .into_iter()
+    .map(|r| r.id)
+    .collect();
+    // The sequence hands out ids in the order the SELECT produces the rows; sorting makes the
+    // pairing independent of the order RETURNING lists them in.
+    ids.sort_unstable();
+    if ids.len() != data.len() {
+        return Err(diesel::result::Error::NotFound);
+    }
+    Ok(ids)
+}
+
+/// Unprocessed rows older than `grace` with an id above `after`, in id order: what the sweep
+/// offers again (through the partial index of unprocessed rows, so it does not grow with the
+/// table).
+pub async fn unprocessed(
+    conn: &mut AsyncPgConnection,
+    after: i64,
     grace: std::time::Duration,
     limit: i64,
 ) -> QueryResult<Vec<i64>> {
-    let before = Utc::now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::zero());
-    page_views::table
-        .select(page_views::id)
-        .filter(page_views::enqueued_at.is_null())
-        .filter(page_views::created_at.lt(before))
-        .order(page_views::id)
-        .limit(limit)
-        .load(conn)
-        .await
+    let rows: Vec<Id> = diesel::sql_query(
+        "SELECT id FROM page_views \
+         WHERE processed_at IS NULL AND id > $1 AND created_at < now() - make_interval(secs => $2) \
+         ORDER BY id LIMIT $3",
+    )
+    .bind::<BigInt, _>(after)
+    .bind::<Double, _>(grace.as_secs_f64())
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
 /// What happened to a batch of tasks.
@@ -73,25 +98,48 @@ pub struct Processed {
     pub missing: Vec<i64>,
 }
 
-/// Marks page views processed, each at most once, in one transaction.
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = Int8)]
+    id: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
+
+/// Marks page views processed, each at most once, in one transaction that also counts them.
 pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Processed> {
-    use diesel_async::AsyncConnection;
-    let ids = ids.to_vec();
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     conn.transaction(async move |conn| {
-        let existing = lock_in_id_order(conn, &ids).await?;
-        let done: Vec<(i64, DateTime<Utc>)> = diesel::update(page_views::table)
+        // Rows locked in id order: two workers holding overlapping batches (duplicates from
+        // the sweep) would otherwise lock in plan order and deadlock (1 s each).
+        let existing: Vec<i64> = page_views::table
+            .select(page_views::id)
             .filter(page_views::id.eq_any(&ids))
-            .filter(page_views::processed_at.is_null())
-            .set(page_views::processed_at.eq(now))
-            .returning((page_views::id, page_views::created_at))
-            .get_results(conn)
+            .order(page_views::id)
+            .for_update()
+            .load(conn)
             .await?;
-        let rest: Vec<i64> = ids
+        let done: Vec<Row> = diesel::sql_query(
+            "WITH done AS ( \
+                 UPDATE page_views SET processed_at = now() \
+                 WHERE id = ANY($1) AND processed_at IS NULL RETURNING id, created_at), \
+             counted AS ( \
+                 UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
+                 WHERE shard = $2 AND EXISTS (SELECT 1 FROM done)) \
+             SELECT id, created_at FROM done",
+        )
+        .bind::<Array<Int8>, _>(&existing)
+        .bind::<SmallInt, _>(next_shard())
+        .load(conn)
+        .await?;
+        let done: Vec<(i64, DateTime<Utc>)> = done.into_iter().map(|r| (r.id, r.created_at)).collect();
+        let (duplicates, missing) = ids
             .iter()
             .copied()
             .filter(|id| !done.iter().any(|(d, _)| d == id))
-            .collect();
-        let (duplicates, missing) = rest.into_iter().partition(|id| existing.contains(id));
+            .partition(|id| existing.binary_search(id).is_ok());
         Ok(Processed {
             done,
             duplicates,
@@ -108,10 +156,68 @@ pub struct Totals {
     pub processed: i64,
 }
 
+#[derive(QueryableByName)]
+struct Sums {
+    #[diesel(sql_type = BigInt)]
+    recorded: i64,
+    #[diesel(sql_type = BigInt)]
+    processed: i64,
+}
+
+/// The counters' sums: a read of [`SHARDS`] rows, whatever the size of the table.
 pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
-    let (recorded, processed) = page_views::table
-        .select((count_star(), count(page_views::processed_at)))
-        .get_result::<(i64, i64)>(conn)
+    let sums: Sums = diesel::sql_query(
+        "SELECT COALESCE(sum(recorded), 0)::bigint AS recorded,                 COALESCE(sum(processed), 0)::bigint AS processed FROM page_view_counts",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(Totals {
+        recorded: sums.recorded,
+        processed: sums.processed,
+    })
+}
+
+/// The highest id so far (0 for an empty table): the bench counts a step's rows after it.
+pub async fn max_id(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+    page_views::table
+        .select(diesel::dsl::max(page_views::id))
+        .get_result::<Option<i64>>(conn)
+        .await
+        .map(|id| id.unwrap_or(0))
+}
+
+/// Rows with an id above `after_id`, and how many of them are still unprocessed.
+pub async fn count_after(conn: &mut AsyncPgConnection, after_id: i64) -> QueryResult<(i64, i64)> {
+    let rows = page_views::table
+        .filter(page_views::id.gt(after_id))
+        .count()
+        .get_result(conn)
         .await?;
-    Ok(Totals { recorded, processed })
+    let unprocessed = page_views::table
+        .filter(page_views::id.gt(after_id))
+        .filter(page_views::processed_at.is_null())
+        .count()
+        .get_result(conn)
+        .await?;
+    Ok((rows, unprocessed))
+}
+
+/// Adds `n` processed page views recorded a day ago (the bench's large table) and counts them,
+/// in one statement, then analyzes the table (a VACUUM took minutes).
+pub async fn generate_processed(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<()> {
+    diesel::sql_query(
+        "WITH inserted AS ( \
+             INSERT INTO page_views (created_at, data, processed_at) \
+             SELECT now() - interval '1 day' - i * interval '1 millisecond', \
+                    '{\"user_agent\": \"pageviews-bench\", \"cookie_names\": [], \"request_id\": null}', \
+                    now() - interval '1 day' \
+             FROM generate_series(1, $1) AS i) \
+         UPDATE page_view_counts SET recorded = recorded + $1, processed = processed + $1 \
+         WHERE shard = 0",
+    )
+    .bind::<BigInt, _>(n)
+    .execute(conn)
+    .await?;
+    diesel::sql_query("ANALYZE page_views").execute(conn).await?;
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The scheduled per-minute rollup and the `scheduled_jobs` row that makes it run once per
 //! interval however many workers there are.
 
-use super::schema::{page_view_rollups, scheduled_jobs};
+use super::schema::page_view_rollups;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Double, Nullable, Timestamptz};
@@ -65,14 +65,5 @@ pub async fn recent(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<Vec<(Da
         .order(page_view_rollups::minute.desc())
         .limit(n)
         .load(conn)
-        .await
-}
-
-/// How often the job has run in total (for tests and metrics).
-pub async fn runs(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
-    scheduled_jobs::table
-        .select(scheduled_jobs::runs)
-        .filter(scheduled_jobs::name.eq(JOB))
-        .get_result(conn)
         .await
 }

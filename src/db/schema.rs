@@ -5,7 +5,6 @@ diesel::table! {
         id -> Int8,
         created_at -> Timestamptz,
         data -> Jsonb,
-        enqueued_at -> Nullable<Timestamptz>,
         processed_at -> Nullable<Timestamptz>,
     }
 }
@@ -23,5 +22,13 @@ diesel::table! {
         name -> Text,
         last_run_at -> Nullable<Timestamptz>,
         runs -> Int8,
+    }
+}
+
+diesel::table! {
+    page_view_counts (shard) {
+        shard -> Int2,
+        recorded -> Int8,
+        processed -> Int8,
     }
 }

@@ -1,13 +1,14 @@
 //! The worker's consumer: one thread owns the AMQP connection, takes deliveries in batches (up
 //! to the prefetch limit), hands the valid ones to the async side and acks each only after the
-//! database transaction that processed it has committed. Malformed or bogus tasks are rejected
-//! without requeue, which routes them to the dead-letter queue.
+//! database transaction that processed it has committed. A malformed message is rejected
+//! without requeue, which routes it to the dead-letter queue; an id naming no page view is
+//! dead-lettered on its own (a message of just that id), the rest of its message processed.
 
-use super::{Backoff, QUEUE, Task, redacted};
-use amiquip::{ConsumerMessage, ConsumerOptions, Delivery};
+use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
+use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// A batch for the async side, with the channel its verdict comes back on.
@@ -18,7 +19,7 @@ pub struct Batch {
 
 /// What the async side decided for a batch.
 pub enum Verdict {
-    /// Committed: ack everything except these ids, which name no page view (dead-letter them).
+    /// Committed: ack everything; these ids name no page view (dead-letter them).
     Done { missing: Vec<i64> },
     /// Not committed (shutting down while the database is away): leave unacked for redelivery.
     NotDone,
@@ -30,6 +31,9 @@ pub trait ConsumerEvents: Send + Sync {
     fn connected(&self, up: bool);
 }
 
+/// Ids per batch (one transaction), at most; deliveries are taken until it is reached.
+const MAX_BATCH_IDS: usize = 2_000;
+
 /// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
 pub fn run(
     url: &str,
@@ -40,13 +44,17 @@ pub fn run(
 ) {
     let mut backoff = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
-        match session(url, prefetch, batches, stop, events) {
+        match session(url, prefetch, batches, stop, events, &mut backoff) {
             Ok(()) => return,
             Err(e) => {
                 events.connected(false);
                 let delay = backoff.next_delay();
                 tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
-                std::thread::sleep(delay);
+                // In slices, so a SIGTERM during a long wait is seen at once.
+                let until = Instant::now() + delay;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         }
     }
@@ -58,12 +66,14 @@ fn session(
     batches: &mpsc::Sender<Batch>,
     stop: &AtomicBool,
     events: &dyn ConsumerEvents,
-) -> amiquip::Result<()> {
+    backoff: &mut Backoff,
+) -> super::Result<()> {
     let (connection, channel) = super::open(url)?;
     channel.qos(0, prefetch, false)?;
     let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
     tracing::info!(broker = %redacted(url), prefetch, "consumer connected");
     events.connected(true);
+    backoff.connected();
     let receiver = consumer.receiver();
     // Set once a batch is left for redelivery: from then on every delivery is acked on its own.
     let mut left_unacked = false;
@@ -77,22 +87,29 @@ fn session(
         let first = match receiver.recv_timeout(Duration::from_millis(200)) {
             Ok(message) => message,
             Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => continue,
-            Err(_) => return Err(amiquip::Error::ClientClosedConnection),
+            Err(_) => return Err(amiquip::Error::ClientClosedConnection.into()),
         };
         let mut deliveries = Vec::new();
+        let mut ids = 0;
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
-                ConsumerMessage::Delivery(delivery) => deliveries.push(delivery),
-                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => return Err(e),
+                ConsumerMessage::Delivery(delivery) => {
+                    // An estimate from the size (about 8 bytes an id) bounds the batch's ids.
+                    ids += delivery.body.len() / 8 + 1;
+                    deliveries.push(delivery);
+                }
+                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => {
+                    return Err(e.into());
+                }
                 ConsumerMessage::ClientCancelled
                 | ConsumerMessage::ServerCancelled
                 | ConsumerMessage::ClientClosedChannel
                 | ConsumerMessage::ClientClosedConnection => {
-                    return Err(amiquip::Error::ClientClosedConnection);
+                    return Err(amiquip::Error::ClientClosedConnection.into());
                 }
             }
-            if deliveries.len() < usize::from(prefetch) {
+            if deliveries.len() < usize::from(prefetch) && ids < MAX_BATCH_IDS {
                 next = receiver.try_recv().ok();
             }
         }
@@ -107,10 +124,10 @@ fn handle_batch(
     events: &dyn ConsumerEvents,
     left_unacked: &mut bool,
 ) -> amiquip::Result<()> {
-    let mut valid: Vec<(i64, Delivery)> = Vec::with_capacity(deliveries.len());
+    let mut valid: Vec<(Vec<i64>, Delivery)> = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match Task::parse(&delivery.body) {
-            Ok(task) => valid.push((task.page_view_id, delivery)),
+            Ok(task) => valid.push((task.page_view_ids, delivery)),
             Err(problem) => {
                 tracing::warn!(%problem, redelivered = delivery.redelivered, "malformed task sent to the dead-letter queue");
                 events.dead_lettered();
@@ -122,22 +139,42 @@ fn handle_batch(
         return Ok(());
     }
     let (reply, verdict) = oneshot::channel();
-    let ids = valid.iter().map(|(id, _)| *id).collect();
+    let ids = valid.iter().flat_map(|(ids, _)| ids.iter().copied()).collect();
     if batches.blocking_send(Batch { ids, reply }).is_err() {
         return Ok(()); // the async side has stopped; the broker requeues on close
     }
     match verdict.blocking_recv() {
         Ok(Verdict::Done { missing }) => {
             let mut last = None;
-            for (id, delivery) in valid {
-                if missing.contains(&id) {
+            for (ids, delivery) in valid {
+                let bogus: Vec<i64> = ids.iter().copied().filter(|id| missing.contains(id)).collect();
+                for id in &bogus {
                     tracing::warn!(
                         page_view_id = id,
                         "task names no page view; sent to the dead-letter queue"
                     );
                     events.dead_lettered();
+                }
+                if !bogus.is_empty() && bogus.len() == ids.len() && ids.len() == 1 {
                     delivery.reject(channel, false)?;
-                } else if let Some(previous) = last.replace(delivery)
+                    continue;
+                }
+                // Per id: the bogus ones of a larger message go to the dead-letter exchange
+                // as messages of their own, before the original is acked.
+                for id in bogus {
+                    let body = Task {
+                        page_view_ids: vec![id],
+                    }
+                    .to_bytes();
+                    let properties = AmqpProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into());
+                    channel.basic_publish(
+                        DEAD_LETTER_EXCHANGE,
+                        Publish::with_properties(&body, ROUTING_KEY, properties),
+                    )?;
+                }
+                if let Some(previous) = last.replace(delivery)
                     && *left_unacked
                 {
                     previous.ack(channel)?;

@@ -2,11 +2,11 @@
 //! so everything here runs on dedicated threads, never on the tokio workers.
 
 pub mod consumer;
-pub mod publisher;
+pub mod outbox;
 
 use amiquip::{AmqpValue, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const EXCHANGE: &str = "pageviews";
 pub const QUEUE: &str = "pageviews.tasks";
@@ -14,27 +14,64 @@ pub const ROUTING_KEY: &str = "page_view";
 pub const DEAD_LETTER_EXCHANGE: &str = "pageviews.dead";
 pub const DEAD_LETTER_QUEUE: &str = "pageviews.dead";
 
-/// The task: "process this page view". The row in PostgreSQL is the source of truth.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// Ids in one task message, at most (the publisher sends up to `outbox::IDS_PER_MESSAGE`).
+pub const MAX_IDS: usize = 1_000;
+
+/// The task: "process these page views". The rows in PostgreSQL are the source of truth.
+///
+/// On the wire (README, "Task messages"), version 2: `{"v": 2, "page_view_ids": [1, 2, 3]}`,
+/// 1 to 1 000 positive ids. Version 1, `{"page_view_id": 1}`, is still read, so tasks queued
+/// by an older app are processed after an upgrade.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Task {
-    pub page_view_id: i64,
+    pub page_view_ids: Vec<i64>,
+}
+
+#[derive(Serialize)]
+struct WireV2<'a> {
+    v: u8,
+    page_view_ids: &'a [i64],
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Wire {
+    Versioned { v: i64, page_view_ids: Vec<i64> },
+    V1 { page_view_id: i64 },
 }
 
 impl Task {
+    pub const VERSION: u8 = 2;
+
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a struct of one integer always serialises")
+        let wire = WireV2 {
+            v: Self::VERSION,
+            page_view_ids: &self.page_view_ids,
+        };
+        serde_json::to_vec(&wire).expect("a list of integers always serialises")
     }
 
     /// Parses a message body; the error says what was wrong, for the dead-letter log line.
-    pub fn parse(body: &[u8]) -> Result<Task, String> {
-        let task: Task = serde_json::from_slice(body).map_err(|e| {
-            let shown = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
-            format!("not a task {{\"page_view_id\": <positive integer>}}: {e}; body {shown:?}")
+    pub fn parse(body: &[u8]) -> std::result::Result<Task, String> {
+        let shown = || String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
+        let wire: Wire = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "not a task {{\"v\": 2, \"page_view_ids\": [<positive integers>]}}: {e}; body {:?}",
+                shown()
+            )
         })?;
-        if task.page_view_id <= 0 {
-            return Err(format!("page_view_id {} is not positive", task.page_view_id));
+        let ids = match wire {
+            Wire::Versioned { v: 2, page_view_ids } => page_view_ids,
+            Wire::Versioned { v, .. } => return Err(format!("task format version {v} is not supported (2 is)")),
+            Wire::V1 { page_view_id } => vec![page_view_id],
+        };
+        if ids.is_empty() || ids.len() > MAX_IDS {
+            return Err(format!("{} page_view_ids; a task has 1 to {MAX_IDS}", ids.len()));
         }
-        Ok(task)
+        if let Some(bad) = ids.iter().find(|id| **id <= 0) {
+            return Err(format!("page_view_id {bad} is not positive"));
+        }
+        Ok(Task { page_view_ids: ids })
     }
 }
 
@@ -85,20 +122,40 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Exponential backoff between reconnect attempts: 100 ms doubling to 5 s.
-pub struct Backoff(Duration);
+/// Waits between reconnect (and retry) attempts: 100 ms doubling to 5 s. A session that stayed
+/// up for at least the longest wait counts as a recovery: the next outage starts again from
+/// 100 ms. One that fails sooner (a broker accepting connections and then refusing us) keeps
+/// doubling, so a broken peer never gets a reconnect loop.
+pub struct Backoff {
+    next: Duration,
+    connected_at: Option<Instant>,
+}
+
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+const MAX_DELAY: Duration = Duration::from_secs(5);
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff(Duration::from_millis(100))
+        Backoff {
+            next: FIRST_DELAY,
+            connected_at: None,
+        }
     }
 }
 
 impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        if self.connected_at.take().is_some_and(|at| at.elapsed() >= MAX_DELAY) {
+            self.next = FIRST_DELAY;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(MAX_DELAY);
         delay
+    }
+
+    /// A session is up: if it lasts, the next failure waits the shortest time again.
+    pub fn connected(&mut self) {
+        self.connected_at = Some(Instant::now());
     }
 
     pub fn reset(&mut self) {
@@ -106,15 +163,52 @@ impl Backoff {
     }
 }
 
+/// How long a connection attempt (TCP connect and AMQP handshake) may take: well under
+/// systemd's stop timeout (30 s in nix/modules/hardening.nix), so a SIGTERM while the broker's
+/// host drops packets still ends in time.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A broker error, as text without the URL's credentials: amiquip puts the whole URL, password
+/// included, in the text of its connection errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(String);
+
+impl From<amiquip::Error> for Error {
+    fn from(error: amiquip::Error) -> Self {
+        Error(error.to_string())
+    }
+}
+
+impl Error {
+    fn without_credentials(error: &amiquip::Error, url: &str) -> Self {
+        let mut text = error.to_string();
+        if let Ok(u) = url::Url::parse(url) {
+            // amiquip shows the URL as `url` serialises it: userinfo is `user[:password]@`.
+            if let Some(password) = u.password() {
+                text = text.replace(&format!(":{password}@"), ":***@").replace(password, "***");
+            }
+        }
+        Error(text)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
 /// Opens a connection and a channel with the topology declared. The heartbeat notices a dead
 /// broker within seconds instead of at the next TCP timeout.
-pub fn open(url: &str) -> amiquip::Result<(Connection, Channel)> {
-    let url = if url.contains("heartbeat=") {
-        url.to_owned()
-    } else {
-        format!("{url}{}heartbeat=5", if url.contains('?') { '&' } else { '?' })
-    };
-    let mut connection = Connection::insecure_open(&url)?;
+pub fn open(url: &str) -> Result<(Connection, Channel)> {
+    let mut full = url.to_owned();
+    for (name, value) in [
+        ("heartbeat", 5),
+        ("connection_timeout", CONNECT_TIMEOUT.as_millis() as u64),
+    ] {
+        if !url.contains(&format!("{name}=")) {
+            let separator = if full.contains('?') { '&' } else { '?' };
+            full = format!("{full}{separator}{name}={value}");
+        }
+    }
+    let mut connection = Connection::insecure_open(&full).map_err(|e| Error::without_credentials(&e, url))?;
     let channel = connection.open_channel(None)?;
     declare_topology(&channel)?;
     Ok((connection, channel))
@@ -126,22 +220,59 @@ mod tests {
 
     #[test]
     fn tasks_round_trip_and_bad_bodies_say_why() {
-        let task = Task { page_view_id: 42 };
+        let task = Task {
+            page_view_ids: vec![42, 43],
+        };
+        assert_eq!(task.to_bytes(), br#"{"v":2,"page_view_ids":[42,43]}"#);
         assert_eq!(Task::parse(&task.to_bytes()), Ok(task));
+        assert_eq!(
+            Task::parse(br#"{"page_view_id": 7}"#),
+            Ok(Task { page_view_ids: vec![7] })
+        );
         assert!(Task::parse(b"hello").unwrap_err().contains("body \"hello\""));
         assert!(
             Task::parse(br#"{"page_view_id": "7"}"#)
                 .unwrap_err()
-                .contains("invalid type")
+                .contains("not a task")
         );
         assert_eq!(
-            Task::parse(br#"{"page_view_id": -1}"#).unwrap_err(),
+            Task::parse(br#"{"v": 2, "page_view_ids": [3, -1]}"#).unwrap_err(),
             "page_view_id -1 is not positive"
+        );
+        assert_eq!(
+            Task::parse(br#"{"v": 3, "page_view_ids": [3]}"#).unwrap_err(),
+            "task format version 3 is not supported (2 is)"
+        );
+        assert!(
+            Task::parse(br#"{"v": 2, "page_view_ids": []}"#)
+                .unwrap_err()
+                .contains("0 page_view_ids")
         );
     }
 
     #[test]
     fn redacted_urls_hide_credentials() {
         assert_eq!(redacted("amqp://user:secret@broker:5673/%2fv"), "broker:5673/%2fv");
+    }
+
+    #[test]
+    fn connection_errors_hide_credentials() {
+        let url = "amqp://app:S3CRET%2FPW@rabbitmq.invalid:5672/%2f";
+        let Err(e) = open(url) else {
+            panic!("rabbitmq.invalid resolved")
+        };
+        let e = e.to_string();
+        assert!(!e.contains("S3CRET") && e.contains("rabbitmq.invalid"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_restarts_only_after_a_lasting_session() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.connected();
+        assert_eq!(backoff.next_delay(), MAX_DELAY, "a session that failed at once");
+        backoff.connected_at = Some(Instant::now() - MAX_DELAY);
+        assert_eq!(backoff.next_delay(), FIRST_DELAY, "a session that lasted");
     }
 }

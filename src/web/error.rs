@@ -6,10 +6,8 @@ use axum::response::{Html, IntoResponse, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("database unavailable: {0}")]
-    Pool(#[from] diesel_async::pooled_connection::bb8::RunError),
-    #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
     #[error("template failed: {0}")]
     Template(#[from] askama::Error),
     /// The failure of a batched INSERT, shared by every request in the batch.
@@ -17,6 +15,26 @@ pub enum AppError {
     Batch(std::sync::Arc<AppError>),
     #[error("the app is stopping")]
     Stopping,
+    #[error("too many page views waiting for the database")]
+    Busy,
+    /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
+    #[error("database unavailable: no answer within PAGEVIEWS_DB_TIMEOUT_MS")]
+    DeadlinePassed,
+    /// `/stats` before any figures could be read.
+    #[error("the figures could not be read yet")]
+    FiguresUnavailable,
+}
+
+impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {
+    fn from(e: diesel_async::pooled_connection::bb8::RunError) -> Self {
+        AppError::Db(e.into())
+    }
+}
+
+impl From<diesel::result::Error> for AppError {
+    fn from(e: diesel::result::Error) -> Self {
+        AppError::Db(e.into())
+    }
 }
 
 impl IntoResponse for AppError {

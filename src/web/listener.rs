@@ -3,11 +3,15 @@
 //! process, so a restart makes connections wait in its backlog instead of being refused).
 
 use crate::config::Listen;
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown;
 use axum::Router;
 use axum::extract::Request;
 use axum::http;
 use axum::middleware::Next;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
@@ -79,16 +83,23 @@ impl Listener {
 /// connections after a response instead of finding an idle one closed under it.
 const DRAIN: Duration = Duration::from_millis(500);
 
+/// A client must send a request's headers within this time (nginx's client_header_timeout):
+/// the app is also reachable directly (the images publish its port), and without it a client
+/// sending a byte now and then (slowloris) holds a connection for ever. It also closes a
+/// keep-alive connection idle that long; nginx retries a request whose cached upstream
+/// connection turns out closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until `stop` resolves; then stops accepting (with socket activation, connections
 /// wait in the socket's backlog for the next process), drains for `DRAIN`, and lets requests
-/// in flight finish.
+/// in flight finish. hyper directly rather than `axum::serve`, which has no way to set the
+/// header read timeout.
 pub async fn serve(
     listener: Listener,
     app: Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (trigger, stopping) = shutdown::channel();
-    let accepting = stopping.clone();
     let app = app.layer(axum::middleware::from_fn(move |request: Request, next: Next| {
         let stopping = stopping.clone();
         async move {
@@ -103,58 +114,57 @@ pub async fn serve(
             response
         }
     }));
-    let graceful = async move {
-        stop.await;
-        trigger.fire();
-        tokio::time::sleep(DRAIN).await;
-    };
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    // The listener is dropped (this process's copy of the socket closed) as soon as it stops.
     match listener {
-        Listener::Tcp(l) => {
-            axum::serve(UntilStopped::new(l, accepting), app)
-                .with_graceful_shutdown(graceful)
-                .await
-        }
-        Listener::Unix(l) => {
-            axum::serve(UntilStopped::new(l, accepting), app)
-                .with_graceful_shutdown(graceful)
-                .await
-        }
+        Listener::Tcp(l) => accept_until(|| l.accept(), &app, &graceful, &mut stop).await,
+        Listener::Unix(l) => accept_until(|| l.accept(), &app, &graceful, &mut stop).await,
     }
+    trigger.fire();
+    tokio::time::sleep(DRAIN).await;
+    graceful.shutdown().await;
+    Ok(())
 }
 
-/// Accepts until shutdown, then closes its copy of the listening socket and accepts nothing.
-struct UntilStopped<L> {
-    inner: Option<L>,
-    stopping: Shutdown,
-}
-
-impl<L> UntilStopped<L> {
-    fn new(inner: L, stopping: Shutdown) -> Self {
-        UntilStopped {
-            inner: Some(inner),
-            stopping,
-        }
-    }
-}
-
-impl<L: axum::serve::Listener> axum::serve::Listener for UntilStopped<L> {
-    type Io = L::Io;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        if let Some(inner) = self.inner.as_mut() {
-            tokio::select! {
-                accepted = inner.accept() => return accepted,
-                () = self.stopping.wait() => self.inner = None,
+/// Accepts connections and serves each (watched by `graceful`) until `stop` resolves.
+async fn accept_until<A, F, S, P>(
+    accept: A,
+    app: &Router,
+    graceful: &GracefulShutdown,
+    mut stop: impl Future<Output = ()> + Unpin,
+) where
+    A: Fn() -> F,
+    F: Future<Output = std::io::Result<(S, P)>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let stream = tokio::select! {
+            accepted = accept() => accepted,
+            () = &mut stop => return,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before it was accepted:
+                // keep serving the others.
+                tracing::warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
-        std::future::pending().await
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        match &self.inner {
-            Some(inner) => inner.local_addr(),
-            None => Err(std::io::Error::other("no longer listening")),
-        }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
     }
 }

@@ -3,6 +3,7 @@
 use super::AppState;
 use super::error::AppError;
 use super::request_id;
+use super::stats::{self, Figures};
 use crate::db::{self, Pool, page_views::Totals};
 use askama::Template;
 use axum::extract::State;
@@ -19,65 +20,88 @@ pub const STATIC_VERSION: &str = env!("PAGEVIEWS_STATIC_VERSION");
 const MAX_USER_AGENT: usize = 512;
 const MAX_COOKIE_NAMES: usize = 32;
 const MAX_COOKIE_NAME: usize = 64;
-const STATS_TTL: Duration = Duration::from_secs(1);
+pub const STATS_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Template)]
 #[template(path = "index.html")]
 struct IndexPage<'a> {
     page_view_id: i64,
-    totals: Totals,
-    pending: i64,
-    minutes: &'a [(String, i64)],
+    /// `None` when the figures could not be read and none were read before.
+    figures: Option<Figures>,
+    /// The figures are older than a second: the last refresh failed.
+    stale: bool,
     static_version: &'a str,
 }
 
 /// What the page shows besides the visitor's own id.
 #[derive(Default)]
 pub struct PageStats {
-    totals: Totals,
-    minutes: Vec<(String, i64)>,
+    pub totals: Totals,
+    /// Rollup rows (minute, views), enough to cover the chart.
+    pub minutes: Vec<(DateTime<Utc>, i64)>,
+}
+
+/// The last refresh: when it was tried, whether it worked, the newest figures read.
+#[derive(Clone, Default)]
+pub struct Latest {
+    tried: Option<Instant>,
+    pub failed: bool,
+    pub stats: Option<Arc<PageStats>>,
 }
 
 /// The figures, refreshed by one request at a time while the others show the previous ones:
-/// holding every request while one counts the table made a latency spike each second.
+/// holding every request while one counts the table made a latency spike each second. A
+/// failed refresh never fails the request (its page view is already stored, a 503 would make
+/// clients store it again): the page shows the last figures, or none.
 #[derive(Default)]
 pub struct StatsCache {
-    latest: std::sync::Mutex<Option<(Instant, Arc<PageStats>)>>,
+    latest: std::sync::Mutex<Latest>,
     refreshing: tokio::sync::Mutex<()>,
 }
 
 impl StatsCache {
-    async fn get(&self, pool: &Pool) -> Result<Arc<PageStats>, AppError> {
-        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((at, stats)) = &latest
-            && at.elapsed() < STATS_TTL
-        {
-            return Ok(stats.clone());
+    fn latest(&self) -> Latest {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn get(&self, pool: &Pool) -> Latest {
+        let latest = self.latest();
+        if latest.tried.is_some_and(|at| at.elapsed() < STATS_TTL) {
+            return latest;
         }
-        let _refreshing = match (self.refreshing.try_lock(), latest) {
-            (Ok(guard), _) => guard,
-            (Err(_), Some((_, stats))) => return Ok(stats),
-            // Nothing to show yet: wait for the first refresh and show its figures; refresh
-            // again only if it failed. (A restarted app takes the whole backlog at once: one
-            // refresh each, in turn, made the last of them wait for seconds.)
-            (Err(_), None) => {
-                let guard = self.refreshing.lock().await;
-                if let Some((_, stats)) = self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-                    return Ok(stats);
-                }
-                guard
+        let _refreshing = match self.refreshing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if latest.tried.is_some() => return latest,
+            // Nothing to show yet: wait for the first refresh and show what it found.
+            Err(_) => {
+                let _done = self.refreshing.lock().await;
+                return self.latest();
             }
         };
+        let refreshed = match Self::read(pool).await {
+            Ok(stats) => Latest {
+                tried: Some(Instant::now()),
+                failed: false,
+                stats: Some(Arc::new(stats)),
+            },
+            Err(error) => {
+                tracing::warn!(%error, "cannot refresh the page's figures; showing the last ones");
+                Latest {
+                    tried: Some(Instant::now()),
+                    failed: true,
+                    stats: latest.stats,
+                }
+            }
+        };
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = refreshed.clone();
+        refreshed
+    }
+
+    async fn read(pool: &Pool) -> Result<PageStats, AppError> {
         let mut conn = pool.get().await?;
         let totals = db::page_views::totals(&mut conn).await?;
-        let minutes = db::rollups::recent(&mut conn, 5)
-            .await?
-            .into_iter()
-            .map(|(minute, views): (DateTime<Utc>, i64)| (minute.format("%H:%M UTC").to_string(), views))
-            .collect();
-        let stats = Arc::new(PageStats { totals, minutes });
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), stats.clone()));
-        Ok(stats)
+        let minutes = db::rollups::recent(&mut conn, stats::MINUTES as i64).await?;
+        Ok(PageStats { totals, minutes })
     }
 }
 
@@ -87,12 +111,12 @@ pub async fn show(State(app): State<AppState>, method: Method, headers: HeaderMa
         return Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], "").into_response());
     }
     let page_view_id = app.batcher.insert(visit_data(&headers)).await?;
-    let stats = app.page_stats.get(&app.pool).await?;
+    // From here on the row is stored: nothing may turn this into an error page.
+    let figures = app.page_stats.get(&app.pool).await;
     let page = IndexPage {
         page_view_id,
-        totals: stats.totals,
-        pending: stats.totals.recorded - stats.totals.processed,
-        minutes: &stats.minutes,
+        figures: figures.stats.as_deref().map(|stats| Figures::new(stats, Utc::now())),
+        stale: figures.failed,
         static_version: STATIC_VERSION,
     };
     Ok(([(header::CACHE_CONTROL, "no-store")], Html(page.render()?)).into_response())

@@ -1,5 +1,8 @@
 //! A request id on every request: nginx's `X-Request-Id` when present, else one made here.
-//! It is in the span of every log line of the request and in the response headers.
+//! It is in the span of every log line of the request and in the response headers. The app
+//! can be reached without nginx, so a client's id is kept only if it looks like one (short,
+//! letters, digits, `-`, `_`, `.`): anything else is replaced, so it can never add fields to
+//! a text log line or flood it.
 
 use axum::http::{HeaderName, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +23,22 @@ impl MakeRequestId for Sequential {
     }
 }
 
+const MAX_LEN: usize = 64;
+
+fn acceptable(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_LEN && id.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+}
+
+/// Drops a client's id that does not look like one (`SetRequestIdLayer` then makes one).
+pub async fn sanitize(mut request: Request<axum::body::Body>) -> Request<axum::body::Body> {
+    let headers = request.headers_mut();
+    let ids = headers.get_all(HEADER);
+    if ids.iter().count() > 1 || ids.iter().any(|id| !acceptable(id.as_bytes())) {
+        headers.remove(HEADER);
+    }
+    request
+}
+
 /// The span every log line of a request is in.
 pub fn span<B>(request: &Request<B>) -> tracing::Span {
     let id = request
@@ -33,4 +52,15 @@ pub fn span<B>(request: &Request<B>) -> tracing::Span {
 /// The id of the request, for handlers.
 pub fn of(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers.get(HEADER).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_plain_short_ids_are_kept() {
+        assert!(super::acceptable(b"4f3c2a1b0e9d8c7b6a5f4e3d2c1b0a99"));
+        for bad in [&b""[..], b"a b", b"x\" path=/admin", b"a=b", &[b'a'; 65]] {
+            assert!(!super::acceptable(bad), "{bad:?}");
+        }
+    }
 }

@@ -1,15 +1,13 @@
 //! The worker's Prometheus metrics and the small server that exposes them.
 
-use crate::metrics::{Counter, Histogram};
+use crate::metrics::{Counter, Gauge, Histogram, Registry};
 use crate::queue::consumer::ConsumerEvents;
 use crate::shutdown::Shutdown;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-#[derive(Default)]
 pub struct WorkerMetrics {
     pub processed: Counter,
     pub duplicates: Counter,
@@ -17,7 +15,8 @@ pub struct WorkerMetrics {
     pub rollup_runs: Counter,
     /// From the page view being recorded to its task being processed.
     pub latency: Histogram,
-    pub broker_connected: AtomicBool,
+    pub broker_connected: Gauge,
+    registry: Registry,
 }
 
 impl ConsumerEvents for WorkerMetrics {
@@ -26,41 +25,55 @@ impl ConsumerEvents for WorkerMetrics {
     }
 
     fn connected(&self, up: bool) {
-        self.broker_connected.store(up, Ordering::Relaxed);
+        self.broker_connected.set(i64::from(up));
     }
 }
 
-impl WorkerMetrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        self.processed.render(
-            &mut out,
-            "pageviews_tasks_processed_total",
-            "Page views marked processed.",
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut registry = crate::metrics::registry();
+        let (processed, duplicates, dead_lettered, rollup_runs) = Default::default();
+        let latency = crate::metrics::seconds_histogram();
+        let broker_connected = Gauge::default();
+        registry.register(
+            "tasks_processed",
+            "Page views marked processed",
+            Counter::clone(&processed),
         );
-        self.duplicates.render(
-            &mut out,
-            "pageviews_tasks_duplicate_total",
-            "Tasks for page views already processed (redeliveries).",
+        registry.register(
+            "tasks_duplicate",
+            "Tasks for page views already processed (redeliveries)",
+            Counter::clone(&duplicates),
         );
-        self.dead_lettered.render(
-            &mut out,
-            "pageviews_tasks_dead_lettered_total",
-            "Malformed or bogus tasks sent to the dead-letter queue.",
+        registry.register(
+            "tasks_dead_lettered",
+            "Malformed or bogus tasks sent to the dead-letter queue",
+            Counter::clone(&dead_lettered),
         );
-        self.rollup_runs.render(
-            &mut out,
-            "pageviews_rollup_runs_total",
-            "Rollup runs done by this worker.",
+        registry.register(
+            "rollup_runs",
+            "Rollup runs done by this worker",
+            Counter::clone(&rollup_runs),
         );
-        self.latency.render(
-            &mut out,
-            "pageviews_processing_latency_seconds",
-            "Time from recording a page view to processing it.",
+        registry.register(
+            "processing_latency_seconds",
+            "Time from recording a page view to processing it",
+            latency.clone(),
         );
-        let up = u8::from(self.broker_connected.load(Ordering::Relaxed));
-        out.push_str(&format!("# HELP pageviews_broker_connected Whether the consumer is connected.\n# TYPE pageviews_broker_connected gauge\npageviews_broker_connected {up}\n"));
-        out
+        registry.register(
+            "broker_connected",
+            "Whether the consumer is connected",
+            broker_connected.clone(),
+        );
+        WorkerMetrics {
+            processed,
+            duplicates,
+            dead_lettered,
+            rollup_runs,
+            latency,
+            broker_connected,
+            registry,
+        }
     }
 }
 
@@ -68,7 +81,7 @@ pub async fn serve(listener: crate::web::listener::Listener, metrics: Arc<Worker
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(m): State<Arc<WorkerMetrics>>| async move { m.render() }),
+            get(|State(m): State<Arc<WorkerMetrics>>| async move { crate::metrics::exposition(&m.registry) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(metrics);

@@ -88,12 +88,13 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     );
 
     stop.await;
-    // The consumer stops taking deliveries; the processor finishes the batch in hand (its
-    // verdict is awaited by the consumer thread) and then sees the flag.
+    // The consumer stops taking deliveries. The processor finishes the batch in hand if the
+    // database lets it, but gives up once the trigger has fired rather than retrying while
+    // the database is away (the consumer thread waits for that verdict, so the trigger must
+    // fire before the join); unacked deliveries are redelivered.
     stop_consumer.store(true, std::sync::atomic::Ordering::Relaxed);
-    let consumer_done = tokio::task::spawn_blocking(move || consumer.join());
-    let _ = consumer_done.await;
     trigger.fire();
+    let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
     let _ = processor.await;
     let _ = scheduler.await;
     if let Some(server) = metrics_server {

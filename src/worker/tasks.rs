@@ -13,17 +13,18 @@ pub async fn process_batches(
     pool: Pool,
     mut batches: mpsc::Receiver<Batch>,
     metrics: Arc<WorkerMetrics>,
-    stopping: Shutdown,
+    mut stopping: Shutdown,
 ) {
     while let Some(batch) = batches.recv().await {
-        let verdict = process_with_retry(&pool, &batch.ids, &metrics, &stopping).await;
+        let verdict = process_with_retry(&pool, &batch.ids, &metrics, &mut stopping).await;
         let _ = batch.reply.send(verdict);
     }
 }
 
 /// Retries until the transaction commits. Only a shutdown while the database is unreachable
-/// gives up, leaving the deliveries unacked so the broker redelivers them.
-async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &Shutdown) -> Verdict {
+/// gives up (at the next failed attempt, or at once while waiting to retry), leaving the
+/// deliveries unacked so the broker redelivers them.
+async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &mut Shutdown) -> Verdict {
     let mut backoff = Backoff::default();
     loop {
         let outcome = db::run(pool, async |conn| db::page_views::process(conn, ids).await).await;
@@ -33,8 +34,8 @@ async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, s
                 for (_, created_at) in &processed.done {
                     metrics.latency.observe((now - *created_at).as_seconds_f64());
                 }
-                metrics.processed.add(processed.done.len() as u64);
-                metrics.duplicates.add(processed.duplicates.len() as u64);
+                metrics.processed.inc_by(processed.done.len() as u64);
+                metrics.duplicates.inc_by(processed.duplicates.len() as u64);
                 tracing::debug!(
                     done = processed.done.len(),
                     duplicates = processed.duplicates.len(),
@@ -47,7 +48,10 @@ async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, s
             Err(error) if !stopping.is_set() => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, tasks = ids.len(), retry_in_ms = delay.as_millis() as u64, "cannot process tasks; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stopping.wait() => {}
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, tasks = ids.len(), "stopping with unprocessed tasks; the broker will redeliver them");

@@ -1,16 +1,34 @@
 //! Bad configuration stops a binary at start with the variable named and a non-zero exit.
 
 use crate::support::binaries;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-fn run(mut command: Command, env: &[(&str, &str)]) -> (i32, String) {
+fn run(command: Command, env: &[(&str, &str)]) -> (i32, String) {
+    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+    run_os(command, &env)
+}
+
+/// Runs the binary with exactly `env` (and PATH); a binary that starts instead of refusing is
+/// killed after a few seconds (exit -1).
+fn run_os(mut command: Command, env: &[(&str, &OsStr)]) -> (i32, String) {
     command
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         command.env(k, v);
     }
-    let output = command.output().expect("the binary runs");
+    let mut child = command.spawn().expect("the binary runs");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().expect("waitpid works").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("the binary is reaped");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -77,13 +95,8 @@ fn each_bad_setting_is_named_with_what_is_wrong() {
         ),
     ];
     for (command, env, expected) in cases {
-        let shown = format!("{command:?} {env:?}");
-        let (code, stderr) = run(command, &env);
-        assert_eq!(code, 2, "{shown}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{shown}: expected {expected:?} in {stderr:?}"
-        );
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        assert_refused(command, &env, expected);
     }
 }
 
@@ -103,4 +116,61 @@ fn an_unreachable_database_fails_migrate_with_exit_1() {
     let (code, stderr) = run(command, &[DB]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("cannot connect to the database"), "{stderr}");
+}
+
+/// A binary, its environment (any bytes), and what it must say on stderr.
+type OsCase<'a> = (Command, Vec<(&'a str, &'a OsStr)>, &'a str);
+
+/// A bad log filter, a value that is not UTF-8, a secret file with Windows line endings: each
+/// refused at start with the variable named (before: a silent `info`, a U+FFFD in the value,
+/// a `\r` kept at the end of the password).
+#[test]
+fn bad_log_filters_non_utf8_values_and_crlf_files_are_refused() {
+    let dir = pageviews_testbed::ScratchDir::new("pageviews-config").unwrap();
+    let crlf = dir.path().join("amqp-url");
+    std::fs::write(&crlf, "amqp://u:p@127.0.0.1:1/%2f\r\n").unwrap();
+    let crlf = crlf.to_str().unwrap();
+    let crlf_error = format!("AMQP_URL_FILE: {crlf} contains a carriage return");
+    let not_utf8 = OsStr::from_bytes(b"amqp://u:p\xff@127.0.0.1:1/%2f");
+    let cases: Vec<OsCase> = vec![
+        (
+            binaries().app_command(),
+            vec![
+                (DB.0, DB.1.as_ref()),
+                (MQ.0, MQ.1.as_ref()),
+                ("RUST_LOG", "info,pageviews=loud".as_ref()),
+            ],
+            "pageviews-app: configuration error: RUST_LOG: \"info,pageviews=loud\" is not a log filter",
+        ),
+        (
+            binaries().worker_command(),
+            vec![(DB.0, DB.1.as_ref()), (MQ.0, MQ.1.as_ref()), ("RUST_LOG", "=".as_ref())],
+            "pageviews-worker: configuration error: RUST_LOG:",
+        ),
+        (
+            binaries().app_command(),
+            vec![(DB.0, DB.1.as_ref()), ("AMQP_URL", not_utf8)],
+            "AMQP_URL: is not valid UTF-8",
+        ),
+        (
+            binaries().worker_command(),
+            vec![(DB.0, DB.1.as_ref()), ("AMQP_URL_FILE", crlf.as_ref())],
+            &crlf_error,
+        ),
+    ];
+    for (command, env, expected) in cases {
+        assert_refused(command, &env, expected);
+    }
+}
+
+/// Exit 2, `expected` on stderr, and never the URL's credentials.
+fn assert_refused(command: Command, env: &[(&str, &OsStr)], expected: &str) {
+    let shown = format!("{command:?} {env:?}");
+    let (code, stderr) = run_os(command, env);
+    assert_eq!(code, 2, "{shown}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{shown}: expected {expected:?} in {stderr:?}"
+    );
+    assert!(!stderr.contains("u:p@"), "{shown}: the secret in {stderr:?}");
 }

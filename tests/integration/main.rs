@@ -1,10 +1,15 @@
 //! One test binary: every test starts real PostgreSQL, RabbitMQ (and nginx) processes through
 //! the same launcher code as `pageviews-stack`, and runs the real built binaries.
 
+mod browser;
 mod config_errors;
 mod deploys;
+mod failures;
 mod faults;
 mod migrations;
+mod ops;
+mod outbox;
+mod page;
 mod pipeline;
 mod proxy;
 mod support;

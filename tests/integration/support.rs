@@ -91,8 +91,13 @@ impl TestEnv {
 
     /// Servers of its own, which the test may stop and restart.
     pub async fn dedicated() -> anyhow::Result<TestEnv> {
+        Self::dedicated_with(false).await
+    }
+
+    /// Servers of its own; `durable`: PostgreSQL with fsync on, as in production.
+    pub async fn dedicated_with(durable: bool) -> anyhow::Result<TestEnv> {
         let dir = ScratchDir::new("pageviews-test-dedicated")?;
-        let services = Services::start(dir.path(), false).await?;
+        let services = Services::start(dir.path(), durable).await?;
         let mut env = Self::on(Servers::Dedicated(Box::new(services))).await?;
         // Keep the servers' directory alive as long as the env.
         env.dir = dir;
@@ -173,14 +178,47 @@ impl TestEnv {
         Ok((totals.recorded, totals.processed))
     }
 
-    /// Waits until every recorded page view is processed and returns how many there are.
+    /// (rows, processed rows) counted in the table itself, to check the counters against.
+    pub async fn exact_counts(&self) -> anyhow::Result<(i64, i64)> {
+        Ok((
+            self.sql_count("SELECT count(*) AS n FROM page_views").await?,
+            self.sql_count("SELECT count(processed_at) AS n FROM page_views")
+                .await?,
+        ))
+    }
+
+    /// Waits until every row is processed and returns how many there are; the figures the page
+    /// shows (the counters) must then equal the table's own counts.
     pub async fn all_processed(&self, timeout: Duration) -> anyhow::Result<i64> {
-        wait_until("all page views processed", timeout, || async {
-            let (rows, processed) = self.counts().await?;
+        let rows = wait_until("all page views processed", timeout, || async {
+            let (rows, processed) = self.exact_counts().await?;
             anyhow::ensure!(rows == processed, "{processed} of {rows} processed");
             Ok(rows)
         })
-        .await
+        .await?;
+        assert_eq!(self.counts().await?, (rows, rows), "counters differ from count(*)");
+        Ok(rows)
+    }
+
+    /// `n` unprocessed page views made directly in the database (a backlog no app offered:
+    /// only the sweep can find it), counted like the app counts them.
+    pub async fn backlog_in_db(&self, n: i64) -> anyhow::Result<()> {
+        let mut conn = self.db().await?;
+        diesel::sql_query(format!(
+            "WITH inserted AS (INSERT INTO page_views (data) SELECT '{{}}' FROM generate_series(1, {n})) \
+             UPDATE page_view_counts SET recorded = recorded + {n} WHERE shard = 0"
+        ))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    /// A counter of the app's `/metrics`.
+    pub async fn app_metric(&self, app: &RunningApp, name: &str) -> anyhow::Result<u64> {
+        let text = client().get(app.url("/metrics")).send().await?.text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no {name} in {text}"))
     }
 
     pub fn queue_depth(&self, queue: &str) -> anyhow::Result<u64> {
@@ -225,4 +263,97 @@ pub async fn hammer(url: &str, n: usize, concurrency: usize) -> Vec<Result<u16, 
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// Waits until the log `path` contains `needle`; returns the log.
+pub async fn wait_for_log(path: &std::path::Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_until(&format!("{needle:?} in {}", path.display()), timeout, || async {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        anyhow::ensure!(text.contains(needle), "not yet");
+        Ok(text)
+    })
+    .await
+}
+
+/// A TCP proxy in front of a real server, to cut the path to it at will: forwarding, or
+/// refusing (every connection, old and new, closed at once).
+pub struct CuttableProxy {
+    pub port: u16,
+    forwarding: tokio::sync::watch::Sender<bool>,
+    accepted: std::sync::Arc<AtomicU32>,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream: u16, forwarding: bool) -> anyhow::Result<CuttableProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (tx, rx) = tokio::sync::watch::channel(forwarding);
+        let accepted = std::sync::Arc::new(AtomicU32::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut rx = rx.clone();
+                if !*rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Ok(CuttableProxy {
+            port,
+            forwarding: tx,
+            accepted,
+        })
+    }
+
+    pub fn set_forwarding(&self, up: bool) {
+        let _ = self.forwarding.send(up);
+    }
+
+    /// Connections accepted so far (each one a connection attempt of the client).
+    pub fn accepted(&self) -> u32 {
+        AtomicU32::load(&self.accepted, Ordering::Relaxed)
+    }
+}
+
+/// A TCP port on 127.0.0.1 whose listen queue is full: the kernel drops further SYNs, as a
+/// firewalled host does, so a connect hangs until the client's own timeout. The listener and
+/// the connection filling its queue live as long as the value.
+pub struct SynDropper {
+    pub port: u16,
+    _listener: tokio::net::TcpListener,
+    _filling: Vec<std::net::TcpStream>,
+}
+
+impl SynDropper {
+    pub fn start() -> anyhow::Result<SynDropper> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let listener = socket.listen(0)?;
+        let addr = listener.local_addr()?;
+        let mut filling = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => filling.push(stream),
+                // Timed out: SYNs are being dropped now.
+                Err(_) => {
+                    return Ok(SynDropper {
+                        port: addr.port(),
+                        _listener: listener,
+                        _filling: filling,
+                    });
+                }
+            }
+        }
+        anyhow::bail!("the listen queue of {addr} never filled up")
+    }
 }

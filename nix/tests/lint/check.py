@@ -3,22 +3,38 @@
 
 For each nix/tests/vm-*.nix:
   1. evaluates, with nix-instantiate and stub arguments (nothing from nixpkgs is forced),
-     the test's `name`, its node names and the exact `testScript` string the driver runs;
-  2. lints that string with ruff, the driver's globals declared as builtins: the symbols
-     nixpkgs' driver.py `test_symbols()` exports, one per node, `vlan1`;
+     the test's `name` and node names, and that its `testScript` is nodes.nix `script`
+     (constants generated from the nodes' configuration, then common.py and <test>.py);
+  2. lints common.py + <test>.py with ruff, the driver's globals declared as builtins: the
+     symbols nixpkgs' driver.py `test_symbols()` exports, one per node, `vlan1`, and the
+     names of the generated constants (read from nodes.nix `base` and the test's `constants`);
   3. type-checks it with mypy the way nixpkgs' build does (driver type stub + one
-     `<node>: Machine` line per node, `--no-implicit-optional`);
+     `<node>: Machine` line per node, `--no-implicit-optional`; the constants as `Any`);
   4. checks consistency with the Nix side: every node is used; hosts looked up by name are
-     nodes; each port constant matches the option/file it names; every unit a node waits
+     nodes; every unit a node waits
      for or restarts exists on that node (from its roles in nix/modules, its own
      systemd.services / oci-containers, or the nixpkgs services our modules enable); the
      files and commands the scripts use are provided by the test's Nix files.
+Then rules for nix/modules, the example host and the flake that an evaluation against nixpkgs
+found broken once (issue 9), checked without nixpkgs:
+  F1 no option nixpkgs itself defines with mkDefault is defined with mkDefault again
+     (types.package merges one definition per priority: "defined multiple times");
+  1  no module flips the host's firewall backend, and source-address rules exist for both
+     backends (nftables extraInputRules, iptables extraCommands);
+  2  `nix run .#vm`: a forwarded HTTP port redirects to the forwarded HTTPS port, and the
+     README/flake text names exactly the forwarded ports;
+  4  services.pageviews.package is a mkPackageOption of pkgs.pageviews, which the flake's
+     overlays.default provides;
+  5  the units' serviceConfig has one source (nix/modules/service-config.nix): units.nix adds
+     nothing to it, scripts/systemd-score types none of it, and its single-host owner is the
+     option default.
 Exit status 0 only if everything passes.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -44,49 +60,6 @@ DRIVER_SYMBOLS = [
 VLANS = ["vlan1"]
 
 RUFF_SELECT = "F,E,W,B,UP,PLE"
-
-# Where each port constant of common.py comes from: (file, regex whose group 1 is the port).
-PORT_SOURCES = {
-    "HTTP_PORT": (
-        "nix/modules/firewall.nix",
-        r"allowedTCPPorts = lib\.mkIf localProxy \[(\d+) \d+\]",
-    ),
-    "HTTPS_PORT": (
-        "nix/modules/firewall.nix",
-        r"allowedTCPPorts = lib\.mkIf localProxy \[\d+ (\d+)\]",
-    ),
-    "APP_PORT": (
-        "nix/modules/default.nix",
-        r"appPort = mkOption \{\s*type = types\.port;\s*default = (\d+);",
-    ),
-    "PG_PORT": (
-        "nix/modules/default.nix",
-        r"port = mkOption \{\s*type = types\.port;\s*default = (\d+);"
-        r"\s*description = \"PostgreSQL",
-    ),
-    "AMQP_PORT": (
-        "nix/modules/default.nix",
-        r"port = mkOption \{\s*type = types\.port;\s*default = (\d+);\s*description = \"AMQP",
-    ),
-    "WORKER_METRICS_PORT": (
-        "nix/modules/default.nix",
-        r"PAGEVIEWS_METRICS_LISTEN = mkOption \{[^}]*default = \"127\.0\.0\.1:(\d+)\";",
-    ),
-    "IMAGE_WORKER_METRICS_PORT": (
-        "nix/images.nix",
-        r"\"PAGEVIEWS_METRICS_LISTEN=0\.0\.0\.0:(\d+)\"",
-    ),
-}
-# Ports nixpkgs' own modules fix (not set by ours): the value and why.
-NIXPKGS_PORTS = {
-    "EPMD_PORT": (4369, "services.epmd, enabled by services.rabbitmq (nixpkgs rabbitmq.nix)"),
-    "ERLANG_DIST_PORT": (25672, "RabbitMQ's inter-node port, AMQP port + 20000"),
-}
-OTHER_CONSTANTS = {
-    # constant: (file, regex whose group 1 is the value)
-    "SECURITY_THRESHOLD": ("scripts/systemd-score", r"threshold=\"\$\{THRESHOLD:-(\d+)\}\""),
-    "DOMAIN": ("nix/tests/tls.nix", r"domain = \"([^\"]+)\";"),
-}
 
 # Units of nixpkgs services that our modules enable: unit -> (role, file of ours, needle).
 NIXPKGS_UNITS = {
@@ -128,13 +101,18 @@ def evaluate_test(nix_file: Path) -> dict:
       let
         stub = throw "not available without nixpkgs";
         t = import {nix_file} {{
-          pkgs = stub; module = stub; package = stub; images = stub; tls = stub; secrets = stub;
+          pkgs = stub; module = stub; probe = stub; images = stub; tls = stub; secrets = stub;
         }};
-      in {{ inherit (t) name testScript; nodes = builtins.attrNames t.nodes; }}
+      in {{
+        inherit (t) name;
+        script = builtins.isFunction t.testScript;
+        nodes = builtins.attrNames t.nodes;
+      }}
     """
     return nix_eval(expr)  # type: ignore[return-value]
 
 
+@functools.cache
 def parsed(path: Path) -> str:
     """The file as `nix-instantiate --parse` prints it: comments gone, one line."""
     return subprocess.run(
@@ -195,11 +173,12 @@ def top_level_keys(block: str) -> list[str]:
     return keys
 
 
-def value_block(block: str, key: str) -> str | None:
-    """The `{ ... }` value of attribute `key` at depth 1 of `block`, if it is one."""
-    depth, in_str, i = 0, False, 0
-    while i < len(block):
-        c = block[i]
+def _walk(text: str, start: int = 0):
+    """(index, char, depth) of every character of `text` from `start` that is outside a "..."
+    string; depth counts brackets from `start`, already updated for the bracket itself."""
+    depth, in_str, i = 0, False, start
+    while i < len(text):
+        c = text[i]
         if in_str:
             if c == "\\":
                 i += 1
@@ -207,14 +186,27 @@ def value_block(block: str, key: str) -> str | None:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in "{([":
-            depth += 1
-        elif c in "})]":
-            depth -= 1
-        elif depth == 1 and block.startswith(f"{key} = {{", i) and block[i - 1] in " {;":
-            return attr_block(block, i)
+        else:
+            if c in "{([":
+                depth += 1
+            elif c in "})]":
+                depth -= 1
+            yield i, c, depth
         i += 1
+
+
+def _depth1_key(block: str, key: str, suffix: str) -> int | None:
+    """Index of `<key> = <suffix>` at depth 1 of `block` (parse output), if there."""
+    for i, _, depth in _walk(block):
+        if depth == 1 and block.startswith(f"{key} = {suffix}", i) and block[i - 1] in " {;":
+            return i
     return None
+
+
+def value_block(block: str, key: str) -> str | None:
+    """The `{ ... }` value of attribute `key` at depth 1 of `block`, if it is one."""
+    i = _depth1_key(block, key, "{")
+    return attr_block(block, i) if i is not None else None
 
 
 def blocks_at(text: str, path: list[str]) -> list[str]:
@@ -332,16 +324,6 @@ def mypy(path: Path) -> str | None:
     return None if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()
 
 
-def constants(tree: ast.Module) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
-                found[target.id] = node.value.value
-    return found
-
-
 def string_literals(tree: ast.AST) -> list[str]:
     out = []
     for node in ast.walk(tree):
@@ -365,41 +347,28 @@ def node_calls(tree: ast.AST, nodes: list[str]):
                 yield first.id, func.id, string_literals(call)
 
 
-def check_common_constants(tree: ast.Module) -> None:
-    consts = constants(tree)
-    for name, (file, pattern) in {**PORT_SOURCES, **OTHER_CONSTANTS}.items():
-        if name not in consts:
-            fail(f"common.py has no {name}")
-            continue
-        m = re.search(pattern, (ROOT / file).read_text())
-        if not m:
-            fail(f"{name}: pattern not found in {file} (did the option move?)")
-        elif str(consts[name]) != m.group(1):
-            fail(f"{name} = {consts[name]!r} but {file} says {m.group(1)}")
-        else:
-            ok(f"{name} = {consts[name]!r} matches {file}")
-    for name, (value, why) in NIXPKGS_PORTS.items():
-        if consts.get(name) != value:
-            fail(f"{name} should be {value} ({why})")
-        else:
-            ok(f"{name} = {value} ({why})")
-    if name_ports := [n for n in consts if n.endswith("_PORT")]:
-        unknown = set(name_ports) - set(PORT_SOURCES) - set(NIXPKGS_PORTS)
-        for n in sorted(unknown):
-            fail(f"{n}: a port constant without a known source (add it to PORT_SOURCES)")
-    ca = consts.get("CA_FILE")
-    if not isinstance(ca, str) or not ca.startswith("/etc/"):
-        fail("CA_FILE must be a file under /etc provided by nix/tests/nodes.nix")
-    elif f'environment.etc."{ca.removeprefix("/etc/")}"' not in (TESTS / "nodes.nix").read_text():
-        fail(f"CA_FILE {ca} is not an environment.etc entry of nix/tests/nodes.nix")
-    else:
-        ok(f"CA_FILE {ca} is provided by nodes.nix")
+def script_constants(nix_file: Path) -> list[str]:
+    """Names of the constants a test's script gets from nodes.nix `script`: `base` there
+    plus the test's own `constants = nodes: ...` (their values come from the nodes when the
+    driver is built; only the names are needed to lint here)."""
+    names = []
+    for path, start in ((TESTS / "nodes.nix", "base = "), (nix_file, "constants = (nodes: ")):
+        text = parsed(path)
+        at = text.find(start)
+        keys = top_level_keys(attr_block(text, at)) if at >= 0 else []
+        if not keys:
+            fail(f"{path.name}: no `{start.strip()}` attribute set of constants")
+        names += keys
+    return names
 
 
 def crate_binaries() -> set[str]:
+    """The service's binaries (src/bin, on the nodes through the module) and the probe's
+    (probe/, the `probe` package nodes.nix gives the client)."""
     bins = {p.stem for p in (ROOT / "src" / "bin").glob("*.rs")}
-    cargo = (ROOT / "Cargo.toml").read_text() if (ROOT / "Cargo.toml").exists() else ""
-    bins |= set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', cargo))
+    probe = ROOT / "probe"
+    if (probe / "src" / "main.rs").exists():
+        bins |= set(re.findall(r'^name\s*=\s*"([^"]+)"', (probe / "Cargo.toml").read_text(), re.M))
     return bins
 
 
@@ -408,12 +377,16 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     print(f"\n== {name}")
     info = evaluate_test(nix_file)
     nodes: list[str] = info["nodes"]  # type: ignore[assignment]
-    script: str = info["testScript"]  # type: ignore[assignment]
     ok(f"evaluates: name {info['name']!r}, nodes {nodes}")
     own = (TESTS / f"{name}.py").read_text()
     common = (TESTS / "common.py").read_text()
-    if script != common + own:
-        fail(f"{name}: testScript is not common.py + {name}.py")
+    wiring = f"testScript = ((shared).script {TESTS}/{name}.py constants);"
+    if not info["script"] or wiring not in parsed(nix_file):
+        fail(f"{name}: testScript is not `shared.script ./{name}.py constants` (nodes.nix)")
+    consts = script_constants(nix_file)
+    ok(f"constants from the Nix side: {', '.join(consts)}")
+    # What nodes.nix `script` writes, with the constants' values left to the driver build.
+    script = common + own
 
     for node in nodes:
         if not node.isidentifier():
@@ -422,7 +395,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.py"
         path.write_text(script)
-        builtins = DRIVER_SYMBOLS + nodes + VLANS
+        builtins = DRIVER_SYMBOLS + nodes + VLANS + consts
         offset = common.count("\n")
         problems = ruff(path, builtins)
         ran = not any(f.startswith("ruff could not run") for f in failures)
@@ -436,6 +409,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
         typed = Path(tmp) / f"{name}_typed.py"
         stub = (TESTS / "lint" / "driver_stub.py").read_text()
         decls = "".join(f"{n}: Machine\n" for n in nodes)
+        decls += "from typing import Any\n" + "".join(f"{c}: Any\n" for c in consts)
         typed.write_text(stub + decls + script)
         errors = mypy(typed)
         if errors:
@@ -481,17 +455,205 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
         elif command in crate_binaries():
             ok(f"{command}: binary of the crate (on the nodes via the package)")
         else:
-            msg = f"{command}: not provided by nodes.nix nor a src/bin/*.rs of the crate (yet)"
+            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor probe/ (yet)"
             warnings.append(msg)
             print(f"WARN {msg}")
+
+
+# Options nixpkgs modules define themselves with mkDefault: a second mkDefault definition of
+# a single-valued option is "defined multiple times" (issue 9, F1).
+NIXPKGS_MKDEFAULT = {
+    "services.postgresql.package": "postgresql.nix: mkDefault by system.stateVersion",
+    "services.postgresql.dataDir": "postgresql.nix: mkDefault /var/lib/postgresql/<psqlSchema>",
+}
+# Options that choose the host's firewall backend: the host's decision, never a module's.
+HOST_FIREWALL_CHOICE = ["networking.nftables.enable", "networking.firewall.backend"]
+
+
+def attr_value(block: str, key: str) -> str | None:
+    """The text of `key = <value>;` at depth 1 of `block` (parse output), if defined there."""
+    i = _depth1_key(block, key, "")
+    if i is None:
+        return None
+    start = i + len(key) + 3
+    for j, c, depth in _walk(block, start):
+        if c == ";" and depth == 0:
+            return block[start:j].strip()
+    return None
+
+
+def definitions(text: str, option: str) -> list[str]:
+    """Every value parse output `text` gives the option path `option` (a.b.c)."""
+    path = option.split(".")
+    return [v for b in blocks_at(text, path[:-1]) if (v := attr_value(b, path[-1])) is not None]
+
+
+def module_files() -> list[Path]:
+    return sorted(MODULES.glob("*.nix"))
+
+
+def module_definitions(option: str) -> list[tuple[str, str]]:
+    """(file name, value text) of every definition of `option` in nix/modules/*.nix."""
+    return [(p.name, v) for p in module_files() for v in definitions(parsed(p), option)]
+
+
+def check_nixpkgs_defaults() -> None:
+    bad = [(f, o) for o in NIXPKGS_MKDEFAULT for f, v in module_definitions(o) if "mkDefault" in v]
+    for file, option in bad:
+        fail(f"F1 nix/modules/{file} defines {option} with mkDefault, as nixpkgs does "
+             f"({NIXPKGS_MKDEFAULT[option]}): two definitions at one priority")
+    if not bad:
+        ok(f"F1 no module repeats nixpkgs' mkDefault of {', '.join(NIXPKGS_MKDEFAULT)}")
+
+
+def check_firewall_backend() -> None:
+    bad = [(f, o) for o in HOST_FIREWALL_CHOICE for f, _ in module_definitions(o)]
+    for file, option in bad:
+        fail(f"1 nix/modules/{file} sets {option}: the firewall backend is the host's choice")
+    nft = sorted({f for f, _ in module_definitions("networking.firewall.extraInputRules")})
+    ipt = sorted({f for f, _ in module_definitions("networking.firewall.extraCommands")})
+    if nft != ipt:
+        fail(f"1 source-address rules for one backend only: extraInputRules (nftables) in {nft}, "
+             f"extraCommands (iptables) in {ipt}")
+    elif not bad:
+        ok(f"1 no module sets {' / '.join(HOST_FIREWALL_CHOICE)}; rules for both backends in {nft}")
+
+
+def vm_variant() -> dict:
+    # example.nix only calls lib.mkDefault / lib.mkForce: identity is enough to read the VM
+    # variant's data (priorities do not matter here, the harness evaluates them for real).
+    return nix_eval(
+        f"""(import {ROOT}/nix/hosts/example.nix {{
+              lib = {{ mkDefault = x: x; mkForce = x: x; }};
+            }}).virtualisation.vmVariant"""
+    )  # type: ignore[return-value]
+
+
+def check_vm_redirect() -> None:
+    vm = vm_variant()
+    forwards = vm.get("virtualisation", {}).get("forwardPorts", [])
+    host_port = {f["guest"]["port"]: f["host"]["port"] for f in forwards if f.get("from") == "host"}
+    https = host_port.get(443)
+    if https is None:
+        fail("2 the example VM forwards no host port to the guest's 443")
+        return
+    expected = {https} | ({host_port[80]} if 80 in host_port else set())
+    if 80 in host_port:
+        vhosts = vm.get("services", {}).get("nginx", {}).get("virtualHosts", {})
+        # forceSSL's own form (location / { return ... }) or a server-level return
+        redirect = re.compile(rf"(?:^|\breturn )30[178] https://\$host:{https}\$request_uri\b")
+        targets = [v.get("locations", {}).get("/", {}).get("return") or "" for v in vhosts.values()]
+        targets += [v.get("extraConfig", "") for v in vhosts.values()]
+        if not any(redirect.search(t) for t in targets):
+            fail(f"2 the example VM forwards host {host_port[80]} to the guest's 80, but no vhost of "
+                 f"its vmVariant redirects to https://$host:{https}$request_uri (forceSSL's "
+                 "redirect goes to port 443, which is not forwarded)")
+        elif not any(v.get("forceSSL") is False for v in vhosts.values()):
+            fail("2 the example VM adds a port-80 redirect but keeps forceSSL's own port-80 server")
+        else:
+            ok(f"2 VM: host {host_port[80]} -> guest 80 redirects to https://$host:{https}")
+    # every text about `nix run .#vm` names exactly the forwarded ports
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.split(r"\n(?=\s*(?:[-|]|\n))", readme)
+    texts = [("README.md", b) for b in blocks if "nix run .#vm" in b]
+    flake = (ROOT / "flake.nix").read_text()
+    m = re.search(r'vm = \{[^}]*meta\.description = "([^"]*)"', flake)
+    texts.append(("flake.nix apps.vm", m.group(1) if m else ""))
+    header = (ROOT / "nix" / "hosts" / "example.nix").read_text().split("\n{", 1)[0]
+    texts.append(("nix/hosts/example.nix header", header))
+    if not any(re.search(r"localhost:\d+", b) for w, b in texts if w == "README.md"):
+        fail("2 README.md says nowhere at which localhost ports `nix run .#vm` answers")
+    for where, text in texts:
+        ports = {int(p) for p in re.findall(r"localhost:(\d+)", text)}
+        if not ports and where == "README.md":
+            continue  # mentions the VM without naming a port: no claim to check
+        if ports != expected:
+            fail(f"2 {where}: names localhost ports {sorted(ports)} for `nix run .#vm`, "
+                 f"but the VM forwards {sorted(expected)}: {' '.join(text.split())[:160]!r}")
+        else:
+            ok(f"2 {where}: localhost ports {sorted(ports)} as forwarded")
+
+
+def check_package_option() -> None:
+    default = parsed(MODULES / "default.nix")
+    values = definitions(default, "options.services.pageviews.package") or [
+        v for b in blocks_at(default, ["options"]) for pv in [value_block(b, "services")] if pv
+        for pb in [value_block(pv, "pageviews")] if pb for v in [attr_value(pb, "package")] if v
+    ]
+    if not any(v.startswith('((lib).mkPackageOption pkgs "pageviews"') for v in values):
+        fail("4 services.pageviews.package is not `lib.mkPackageOption pkgs \"pageviews\" ...` "
+             f"in nix/modules/default.nix (found {values[:1]})")
+    else:
+        ok("4 services.pageviews.package = mkPackageOption pkgs \"pageviews\"")
+    try:
+        names = nix_eval(
+            f"""let
+                  stub = throw "not available without nixpkgs";
+                  f = import {ROOT}/flake.nix;
+                  out = f.outputs {{ self = stub; nixpkgs = {{ lib = stub; }}; crane = stub; }};
+                in builtins.attrNames (out.overlays.default {{ }} {{ }})"""
+        )
+    except subprocess.CalledProcessError as e:
+        error = [line.strip() for line in e.stderr.splitlines() if "error:" in line]
+        fail(f"4 flake.nix has no usable overlays.default: {' '.join(error[:1])}")
+        return
+    if names != ["pageviews"]:
+        fail(f"4 flake.nix overlays.default defines {names}, not exactly pkgs.pageviews")
+    else:
+        ok("4 flake.nix overlays.default provides pkgs.pageviews")
+
+
+def check_single_source_units() -> None:
+    units_nix = parsed(MODULES / "units.nix")
+    extra = blocks_at(units_nix, ["serviceConfig"])
+    if extra:
+        fail(f"5 nix/modules/units.nix adds serviceConfig of its own ({extra[0][:80]}...): "
+             "put it in nix/modules/service-config.nix, which scripts/systemd-score scores")
+    if not (MODULES / "service-config.nix").exists():
+        fail("5 no nix/modules/service-config.nix: the units' serviceConfig has no single source")
+        return
+    pure = nix_eval(f"(import {MODULES}/service-config.nix).singleHost")
+    assert isinstance(pure, dict)
+    defined = {u.removesuffix(".service") for u in services_defined(units_nix) if u.endswith(".service")}
+    if defined != set(pure):
+        fail(f"5 units.nix defines {sorted(defined)}, service-config.nix {sorted(pure)}")
+    for path in module_files():
+        if path.name == "units.nix":
+            continue
+        for block in blocks_at(parsed(path), ["systemd", "services"]):
+            for unit in set(top_level_keys(block)) & set(pure):
+                fail(f"5 nix/modules/{path.name} also defines systemd.services.{unit}")
+    score = (ROOT / "scripts" / "systemd-score").read_text()
+    if "service-config.nix" not in score or "singleHost" not in score:
+        fail("5 scripts/systemd-score does not score singleHost of nix/modules/service-config.nix")
+    keys = sorted({k for cfg in pure.values() for k in cfg})
+    typed = [k for k in keys if re.search(rf"\b{k}\b\s*[:=]", score)]
+    if typed:
+        fail(f"5 scripts/systemd-score types unit settings itself ({', '.join(typed)}): "
+             "a second copy of the units")
+    default = (MODULES / "default.nix").read_text()
+    m = re.search(r'owner = mkOption \{\s*type = types\.str;\s*default = "([^"]+)";', default)
+    owner = pure.get("pageviews-migrate", {}).get("User")
+    if not m or m.group(1) != owner:
+        fail(f"5 singleHost runs pageviews-migrate as {owner!r}, database.owner defaults to "
+             f"{m.group(1) if m else '?'!r}")
+    if not any(f.startswith("5 ") for f in failures):
+        ok(f"5 {', '.join(sorted(pure))}: serviceConfig only from service-config.nix, scored as is")
+
+
+def check_issue9_rules() -> None:
+    print("\n== nix/modules, example host and flake rules (issue 9)")
+    check_nixpkgs_defaults()
+    check_firewall_backend()
+    check_vm_redirect()
+    check_package_option()
+    check_single_source_units()
 
 
 def main() -> int:
     os.chdir(ROOT)
     common_src = (TESTS / "common.py").read_text()
     common_tree = ast.parse(common_src)
-    print("== common.py constants against the Nix side")
-    check_common_constants(common_tree)
     by_role = module_units_by_role()
     for role in ROLES:
         ok(f"role {role}: {', '.join(sorted(by_role[role]))}")
@@ -506,6 +668,7 @@ def main() -> int:
     for py in sorted(TESTS.glob("*.py")):
         if py.name != "common.py" and not (TESTS / f"{py.stem}.nix").exists():
             fail(f"{py.name} belongs to no test")
+    check_issue9_rules()
     print()
     for w in warnings:
         print(f"warning: {w}")

@@ -23,7 +23,9 @@ fn main() -> ExitCode {
         Ok(options) => options,
         Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
     };
-    pageviews::telemetry::init(pageviews::config::LogFormat::Text);
+    if let Err(code) = pageviews::telemetry::init_from_env(PROGRAM) {
+        return code;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

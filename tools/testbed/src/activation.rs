@@ -114,14 +114,14 @@ impl Drop for NotifySocket {
 }
 
 /// Starts `command` the way systemd starts a `Type=notify` unit (with `socket` passed as fd 3
-/// when given) and waits up to `timeout` for `READY=1`. Notify sockets go to `dir`.
-pub async fn start(
+/// when given), without waiting for `READY=1` (a process that is not to be ready yet: its
+/// database or broker away). Notify sockets go to `dir`.
+pub fn spawn(
     name: &str,
     mut command: Command,
     socket: Option<&ListenSocket>,
     dir: &Path,
     log: &Path,
-    timeout: Duration,
 ) -> anyhow::Result<Process> {
     let notify = NotifySocket::bind(dir, name)?;
     let exec = Exec::new(&command, socket.map(|s| s.socket.as_raw_fd()), &notify.path)?;
@@ -135,8 +135,21 @@ pub async fn start(
         });
     }
     let mut process = Process::spawn(name, &mut command, log)?;
-    let mut state = notify.state.clone();
     process.notify = Some(Box::new(notify));
+    Ok(process)
+}
+
+/// `spawn`, then waits up to `timeout` for `READY=1`.
+pub async fn start(
+    name: &str,
+    command: Command,
+    socket: Option<&ListenSocket>,
+    dir: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Process> {
+    let mut process = spawn(name, command, socket, dir, log)?;
+    let mut state = process.notify.as_ref().expect("set by spawn").state.clone();
     let ready = tokio::time::timeout(timeout, async {
         loop {
             if state.borrow_and_update().ready {

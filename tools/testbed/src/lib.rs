@@ -14,45 +14,66 @@ use anyhow::Context;
 use process::Process;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 pub use postgres::Postgres;
 pub use rabbitmq::RabbitMq;
 
-/// A directory under the system temp dir, removed on drop.
-pub struct ScratchDir(PathBuf);
-
-static SCRATCH: AtomicU32 = AtomicU32::new(0);
+/// A directory under the system temp dir, removed on drop: a fresh random name made with
+/// mode 0700 in one step (mkdtemp), so nobody else on the machine can read or pre-create it.
+pub struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
     pub fn new(prefix: &str) -> anyhow::Result<ScratchDir> {
-        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        // Traversable, so services started as other users (PostgreSQL as root) reach their dirs.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(ScratchDir(path))
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .with_context(|| format!("cannot create a directory {prefix}-* under the temp dir"))?;
+        Ok(ScratchDir(dir))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Keeps the directory (for looking at logs after a failure).
     pub fn keep(self) -> PathBuf {
-        let path = self.0.clone();
-        std::mem::forget(self);
-        path
+        self.0.keep()
     }
 }
 
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A password for a throwaway server: 128 random bits, hex (safe in any URL).
+pub fn generate_password() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates `dir` with mode 0700 (its parent must exist).
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Writes a file only the owner can read, created with that mode (never readable first).
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_ref()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// How to run the app and the worker: the installed binaries, or this executable re-run with
@@ -103,6 +124,11 @@ pub struct Services {
 impl Services {
     pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Services> {
         let (pg_dir, mq_dir) = (dir.join("postgres"), dir.join("rabbitmq"));
+        if !dir.exists() {
+            private_dir(dir)?;
+        }
+        private_dir(&pg_dir)?;
+        private_dir(&mq_dir)?;
         let (postgres, rabbitmq) = tokio::try_join!(Postgres::start(&pg_dir, durable), RabbitMq::start(&mq_dir))?;
         Ok(Services { postgres, rabbitmq })
     }
@@ -143,6 +169,26 @@ pub fn migrate(binaries: &Binaries, urls: &Urls, log: &Path) -> anyhow::Result<(
 /// How long a service may take to send READY=1 (systemd's default TimeoutStartSec is 90 s).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The app's command on `urls`.
+fn app_command(binaries: &Binaries, urls: &Urls, extra_env: &[(&str, String)]) -> Command {
+    let mut command = binaries.app_command();
+    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    command
+}
+
+/// The worker's command on `urls`.
+fn worker_command(binaries: &Binaries, urls: &Urls, extra_env: &[(&str, String)]) -> Command {
+    let mut command = binaries.worker_command();
+    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    command
+}
+
 /// Starts the app on `socket`, passed the way systemd passes it, and waits for READY=1.
 /// Notify sockets go next to the log.
 pub async fn start_app(
@@ -152,13 +198,35 @@ pub async fn start_app(
     extra_env: &[(&str, String)],
     log: &Path,
 ) -> anyhow::Result<Process> {
-    let mut command = binaries.app_command();
-    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
-    for (k, v) in extra_env {
-        command.env(k, v);
-    }
+    let command = app_command(binaries, urls, extra_env);
     let dir = log.parent().unwrap_or(Path::new("."));
     activation::start("pageviews-app", command, Some(socket), dir, log, START_TIMEOUT).await
+}
+
+/// Starts the app on `socket` and waits until it answers `/healthz`, ready or not: with its
+/// database away it serves (503) but sends no READY=1.
+pub async fn start_app_unready(
+    binaries: &Binaries,
+    urls: &Urls,
+    socket: &ListenSocket,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = app_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    let mut process = activation::spawn("pageviews-app", command, Some(socket), dir, log)?;
+    let url = format!("http://127.0.0.1:{}/healthz", socket.port());
+    let client = reqwest::Client::new();
+    let serving = process::wait_until("pageviews-app", START_TIMEOUT, || {
+        let request = client.get(&url).send();
+        async move { Ok(request.await?.error_for_status()?) }
+    })
+    .await;
+    if let Err(e) = serving {
+        let exited = process.try_wait();
+        anyhow::bail!("{e:#} (exit: {exited:?}); log:\n{}", process::tail(log, 20));
+    }
+    Ok(process)
 }
 
 /// Starts a worker and waits for READY=1 (it consumes).
@@ -168,13 +236,21 @@ pub async fn start_worker(
     extra_env: &[(&str, String)],
     log: &Path,
 ) -> anyhow::Result<Process> {
-    let mut command = binaries.worker_command();
-    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
-    for (k, v) in extra_env {
-        command.env(k, v);
-    }
+    let command = worker_command(binaries, urls, extra_env);
     let dir = log.parent().unwrap_or(Path::new("."));
     activation::start("pageviews-worker", command, None, dir, log, START_TIMEOUT).await
+}
+
+/// Starts a worker without waiting for READY=1 (its broker or database away).
+pub fn start_worker_unready(
+    binaries: &Binaries,
+    urls: &Urls,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = worker_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::spawn("pageviews-worker", command, None, dir, log)
 }
 
 /// App, worker and nginx in front, on given database and broker URLs.

@@ -187,6 +187,7 @@ fn placeholders(
         ("runtime_dir", path(dir)),
         ("conf_dir", path(conf_dir)),
         ("access_log", path(&dir.join("access.log"))),
+        ("cache_dir", path(&dir.join("cache"))),
         ("http_port", options.http_port.to_string()),
         ("https_port", options.https_port.to_string()),
         ("listen_http2", listen_http2.into()),

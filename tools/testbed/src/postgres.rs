@@ -1,5 +1,6 @@
 //! A throwaway PostgreSQL cluster: initdb into a directory, `postgres` on a free loopback port,
-//! trust authentication (the cluster lives and dies with the stack).
+//! scram-sha-256 with a password generated at start (on a shared machine, `trust` would let
+//! every local user in).
 
 use super::process::{Process, find_program, free_port, is_root, tail, user_ids, wait_until};
 use anyhow::{Context, bail};
@@ -23,40 +24,48 @@ pub struct Postgres {
     port: u16,
     /// Durable (fsync on) for the launcher and benchmarks; off for tests.
     durable: bool,
+    /// The superuser's, generated at initdb.
+    password: String,
     process: Option<Process>,
 }
 
 impl Postgres {
     pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Postgres> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        if !dir.exists() {
+            crate::private_dir(dir)?;
+        }
         let data = dir.join("data");
-        if !data.exists() {
-            let initdb = find_program("initdb", DEBIAN_DIRS, PACKAGE)?;
-            let mut command = Command::new(initdb);
-            command
-                .args([
-                    "--auth=trust",
-                    "--username=postgres",
-                    "--encoding=UTF8",
-                    "--no-sync",
-                    "-D",
-                ])
-                .arg(&data);
-            let log = dir.join("initdb.log");
-            let status = as_server_user(&mut command, dir)?
-                .stdout(std::fs::File::create(&log)?)
-                .stderr(std::fs::File::create(dir.join("initdb.err"))?)
-                .status()
-                .context("cannot run initdb")?;
-            if !status.success() {
-                bail!("initdb failed: {}", tail(&dir.join("initdb.err"), 10));
-            }
+        anyhow::ensure!(!data.exists(), "{} exists already", data.display());
+        let password = crate::generate_password()?;
+        let pwfile = dir.join("initdb.pw");
+        crate::write_private(&pwfile, &password)?;
+        let initdb = find_program("initdb", DEBIAN_DIRS, PACKAGE)?;
+        let mut command = Command::new(initdb);
+        command
+            .args([
+                "--auth=scram-sha-256",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(&data);
+        let log = dir.join("initdb.log");
+        let status = as_server_user(&mut command, dir)?
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(dir.join("initdb.err"))?)
+            .status()
+            .context("cannot run initdb")?;
+        std::fs::remove_file(&pwfile)?;
+        if !status.success() {
+            bail!("initdb failed: {}", tail(&dir.join("initdb.err"), 10));
         }
         let mut pg = Postgres {
             dir: dir.to_owned(),
             port: free_port()?,
             durable,
+            password,
             process: None,
         };
         pg.start_again().await?;
@@ -116,12 +125,20 @@ impl Postgres {
         self.port
     }
 
+    /// The generated superuser password (for tests that check it never reaches a log).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     pub fn admin_url(&self) -> String {
         self.url("postgres")
     }
 
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     /// Creates a database and returns its URL.
@@ -141,8 +158,9 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
     Ok(url.to_string())
 }
 
-/// PostgreSQL refuses to run as root: as root, run it as the `postgres` (or `nobody`) user and
-/// hand it the directory.
+/// PostgreSQL refuses to run as root: as root, run it as the `postgres` (or `nobody`) user,
+/// hand it the directory, and let its group traverse (not list) the private directories
+/// above it up to the temp dir (mode 0710).
 fn as_server_user<'a>(command: &'a mut Command, dir: &Path) -> anyhow::Result<&'a mut Command> {
     if !is_root() {
         return Ok(command);
@@ -151,6 +169,11 @@ fn as_server_user<'a>(command: &'a mut Command, dir: &Path) -> anyhow::Result<&'
         .or_else(|| user_ids("nobody"))
         .context("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL")?;
     chown_tree(dir, uid, gid)?;
+    let top = std::env::temp_dir();
+    for parent in dir.ancestors().skip(1).take_while(|p| p.starts_with(&top) && *p != top) {
+        std::os::unix::fs::chown(parent, None, Some(gid))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o710))?;
+    }
     Ok(command.uid(uid).gid(gid).current_dir(dir))
 }
 

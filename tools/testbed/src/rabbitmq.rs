@@ -1,5 +1,6 @@
 //! A throwaway RabbitMQ node with its own name, ports, data and cookie, so it never meets the
-//! machine's own broker. `rabbitmqctl` (same HOME, hence the same cookie) manages it.
+//! machine's own broker. `rabbitmqctl` (same HOME, hence the same cookie) manages it. Its one
+//! user has a generated name and password (never guest:guest, which any local user knows).
 
 use super::process::{Process, find_program, free_port, tail, wait_until};
 use anyhow::{Context, bail};
@@ -14,20 +15,32 @@ pub struct RabbitMq {
     port: u16,
     dist_port: u16,
     bin_dir: PathBuf,
+    user: String,
+    password: String,
     process: Option<Process>,
 }
 
 impl RabbitMq {
     pub async fn start(dir: &Path) -> anyhow::Result<RabbitMq> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            crate::private_dir(dir)?;
+        }
+        let user = format!("pageviews-{}", &crate::generate_password()?[..8]);
+        let password = crate::generate_password()?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-        std::fs::write(dir.join("rabbitmq.conf"), "log.console = true\nlog.file = false\n")?;
+        // The default user is made at the node's first boot instead of guest.
+        crate::write_private(
+            &dir.join("rabbitmq.conf"),
+            format!("log.console = true\nlog.file = false\ndefault_user = {user}\ndefault_pass = {password}\n"),
+        )?;
         let mut node = RabbitMq {
             dir: dir.to_owned(),
             port: free_port()?,
             dist_port: free_port()?,
             bin_dir: bin_dir()?,
+            user,
+            password,
             process: None,
         };
         node.start_again().await?;
@@ -71,15 +84,20 @@ impl RabbitMq {
         format!("pageviews{}@localhost", self.port)
     }
 
-    /// The URL for `vhost` (percent-encoded; `%2f` is the default vhost) as guest.
+    /// The URL for `vhost` (percent-encoded; `%2f` is the default vhost) as the node's user.
     pub fn url(&self, vhost: &str) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.port)
+        format!("amqp://{}:{}@127.0.0.1:{}/{vhost}", self.user, self.password, self.port)
     }
 
-    /// Creates a vhost that guest may use, and returns its URL.
+    /// The generated password (for tests that check it never reaches a log).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Creates a vhost that the node's user may use, and returns its URL.
     pub fn create_vhost(&self, vhost: &str) -> anyhow::Result<String> {
         self.ctl(&["add_vhost", vhost])?;
-        self.ctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])?;
+        self.ctl(&["set_permissions", "-p", vhost, &self.user, ".*", ".*", ".*"])?;
         Ok(self.url(vhost))
     }
 

@@ -2,12 +2,10 @@
 //! written anywhere but the stack's runtime directory (ECDSA P-256, 90 days, as Mozilla's
 //! modern profile recommends).
 
-use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, CrlDistributionPoint, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub struct Certificates {
@@ -16,6 +14,9 @@ pub struct Certificates {
     /// Leaf + CA chain, and the leaf's key (mode 0600), for nginx.
     pub chain: PathBuf,
     pub key: PathBuf,
+    /// base64 SHA-256 of the CA's SubjectPublicKeyInfo: how Chromium is told to trust the CA
+    /// (`--ignore-certificate-errors-spki-list`), having no flag for a CA file.
+    pub ca_spki_sha256: String,
 }
 
 pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
@@ -33,6 +34,12 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut ca);
     let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_spki_sha256 = {
+        use base64::Engine;
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(ca_key.subject_public_key_info()))
+    };
     let issuer = Issuer::new(ca, ca_key);
 
     let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -53,11 +60,10 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certificates> {
         ca: dir.join("ca.pem"),
         chain: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        ca_spki_sha256,
     };
     std::fs::write(&certificates.ca, ca_cert.pem())?;
     std::fs::write(&certificates.chain, format!("{}{}", leaf_cert.pem(), ca_cert.pem()))?;
-    std::fs::write(&certificates.key, leaf_key.serialize_pem())?;
-    std::fs::set_permissions(&certificates.key, std::fs::Permissions::from_mode(0o600))
-        .context("cannot protect the key file")?;
+    crate::write_private(&certificates.key, leaf_key.serialize_pem())?;
     Ok(certificates)
 }

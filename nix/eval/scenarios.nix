@@ -1,0 +1,211 @@
+# The project's own scenarios for the nixos-eval harness (../shared/nixos-eval, README.md
+# there): what issue 9 fixed, evaluated with the harness's real nixpkgs lib and the real
+# nginx, postgresql, rabbitmq, firewall and systemd-unit declarations of its cache, next to
+# the scenarios the harness itself runs. Nothing of the harness or its cache is in this
+# repository; this file only calls it. scripts/nixos-eval runs every entry of `checks`
+# (one nix-instantiate each, so one evaluation error cannot hide the others):
+#   nix-instantiate --read-write-mode --eval --strict --json nix/eval/scenarios.nix \
+#     --argstr harness DIR --argstr project DIR --argstr cache DIR -A checks.<name>
+# Each check is { ok = bool; detail = what was seen; }.
+{
+  harness,
+  project,
+  cache,
+}: let
+  paths = import (/. + harness + "/paths.nix") {inherit project cache;};
+  h = import (/. + harness + "/eval.nix") {inherit project cache;};
+  lib = import (paths.need "lib");
+  pkgs = import (/. + harness + "/stubs/pkgs.nix") {
+    inherit lib;
+    inherit (paths) fakestore;
+  };
+  root = paths.project;
+  flake = import (/. + harness + "/flake-eval.nix") {inherit project cache;};
+
+  fakePackage = {
+    type = "derivation";
+    name = "pageviews-0.1.0";
+    pname = "pageviews";
+    version = "0.1.0";
+    outPath = "${paths.fakestore}/pageviews-0.1.0";
+    meta.mainProgram = "pageviews-app";
+  };
+  module = root + "/nix/modules/default.nix";
+  withPackage = {services.pageviews.package = lib.mkDefault fakePackage;};
+  eval = modules: h.evalHostWith modules;
+  failedAssertions = ev: map (a: a.message) (lib.filter (a: !a.assertion) ev.config.assertions);
+  noFailedAssertions = ev: failedAssertions ev == [];
+
+  # A split host as vm-split's nodes are (proxy .1, app .2, data .3), plus an IPv6 proxy.
+  secrets = import (root + "/nix/tests/secrets.nix") {inherit pkgs;};
+  split = roles: extra:
+    eval [
+      module
+      withPackage
+      {
+        services.pageviews = {
+          enable = true;
+          inherit roles;
+          network = {
+            appAddress = "192.168.1.2";
+            dataAddress = "192.168.1.3";
+            proxyAddresses = ["192.168.1.1" "fd00::1"];
+          };
+          database.passwordFiles = secrets.database;
+          rabbitmq.passwordFiles = secrets.rabbitmq;
+          tls = {
+            certificateFile = "/var/lib/pageviews-test/cert.pem";
+            keyFile = "/var/lib/pageviews-test/key.pem";
+          };
+        };
+      }
+      extra
+    ];
+  nftables = {networking.nftables.enable = true;};
+  firewallOf = ev: {
+    inherit (ev.config.networking.firewall) extraCommands extraInputRules;
+    nftablesEnabled = ev.config.networking.nftables.enable;
+    nftTable = ev.config.networking.nftables.tables.nixos-fw.content or null;
+    failedAssertions = failedAssertions ev;
+  };
+  has = lib.hasInfix;
+  check = ok: detail: {inherit ok detail;};
+
+  dataRules = {
+    nft = "ip saddr { 192.168.1.2 } tcp dport { 5432, 5672 } accept";
+    ipt = [
+      "iptables -w -A nixos-fw -p tcp -s 192.168.1.2 --dport 5432 -j nixos-fw-accept"
+      "iptables -w -A nixos-fw -p tcp -s 192.168.1.2 --dport 5672 -j nixos-fw-accept"
+    ];
+  };
+  appRules = {
+    nft = ["ip saddr { 192.168.1.1 } tcp dport { 8000 } accept" "ip6 saddr { fd00::1 } tcp dport { 8000 } accept"];
+    ipt = [
+      "iptables -w -A nixos-fw -p tcp -s 192.168.1.1 --dport 8000 -j nixos-fw-accept"
+      "ip6tables -w -A nixos-fw -p tcp -s fd00::1 --dport 8000 -j nixos-fw-accept"
+    ];
+  };
+  iptablesHost = rules: ev: let
+    f = firewallOf ev;
+  in
+    check (f.failedAssertions == [] && !f.nftablesEnabled && f.extraInputRules == "" && lib.all (r: has r f.extraCommands) rules) f;
+  nftablesHost = rules: ev: let
+    f = firewallOf ev;
+  in
+    check (f.failedAssertions == [] && f.nftablesEnabled && f.extraCommands == "" && lib.all (r: has r f.extraInputRules && has r f.nftTable) rules) f;
+
+  # Another module of the host using the iptables firewall's extraCommands (issue 9, item 1:
+  # with nftables forced on by a split role this failed nftables' assertion).
+  otherIptablesUser = {networking.firewall.extraCommands = "iptables -w -A nixos-fw -p tcp --dport 9999 -j nixos-fw-accept";};
+
+  # networking.firewall.backend exists only in newer nixpkgs; declare it for this scenario
+  # when the cached firewall.nix does not.
+  cachedFirewall = builtins.readFile (paths.need "nixpkgs/nixos/modules/services/networking/firewall.nix");
+  backendOption = lib.optional (!has "backend = lib.mkOption" cachedFirewall) {
+    options.networking.firewall.backend = lib.mkOption {type = lib.types.str;};
+  };
+
+  # `nix run .#vm`: the example host with its VM variant applied. A harness that evaluates
+  # it the way build-vm.nix does (extendModules + qemu-vm.nix) has `exampleVm`; otherwise the
+  # variant's definitions are added as one more module (virtualisation.* is a stub there).
+  exampleFile = root + "/nix/hosts/example.nix";
+  vmVariant = (import exampleFile {inherit lib;}).virtualisation.vmVariant;
+  exampleVm = h.exampleVm or (eval [module withPackage exampleFile vmVariant]);
+  nginxConfOf = ev: builtins.readFile ev.config.environment.etc."nginx/nginx.conf".source;
+  countOf = needle: text: lib.length (lib.splitString needle text) - 1;
+
+  # nix/modules/default.nix on its own: mkPackageOption's pkgs.pageviews, with and without
+  # the flake's overlays.default.
+  direct = extraPkgs:
+    eval [
+      module
+      {_module.args.pkgs = lib.mkForce (pkgs // extraPkgs);}
+      {
+        services.pageviews = {
+          enable = true;
+          tls.selfSigned = true;
+        };
+      }
+    ];
+  overlaid = flake.self.overlays.default (pkgs // overlaid) pkgs;
+
+  # The units' serviceConfig as units.nix deploys it on one host with the defaults, against
+  # service-config.nix's `singleHost`, which scripts/systemd-score scores.
+  pure = import (root + "/nix/modules/service-config.nix");
+  example = h.example;
+  withoutExec = lib.mapAttrs (_: c: removeAttrs c ["ExecStart"]);
+  deployed = withoutExec (lib.genAttrs (lib.attrNames pure.singleHost) (n: example.config.systemd.services.${n}.serviceConfig));
+  scored = withoutExec pure.singleHost;
+in {
+  checks = {
+    # F1: the postgresql module's own mkDefault is the only definition of the package.
+    postgresqlPackage = let
+      p = example.config.services.postgresql.package;
+    in
+      check (p.name == pkgs.postgresql_17.name) {
+        package = p.name;
+        stateVersion = example.config.system.stateVersion;
+      };
+
+    # 1: source-address rules for the backend the host chose, never a changed backend.
+    splitDataIptables = iptablesHost dataRules.ipt (split ["data"] {});
+    splitDataNftables = nftablesHost [dataRules.nft] (split ["data"] nftables);
+    splitAppIptables = iptablesHost appRules.ipt (split ["app"] {});
+    splitAppNftables = nftablesHost appRules.nft (split ["app"] nftables);
+    splitWithOtherExtraCommands = let
+      f = firewallOf (split ["data"] otherIptablesUser);
+    in
+      check (f.failedAssertions == [] && has "--dport 9999" f.extraCommands && has "--dport 5432" f.extraCommands) f;
+    splitFirewallDisabled = let
+      f = firewallOf (split ["data"] {networking.firewall.enable = false;});
+    in
+      check (f.failedAssertions == [] && f.extraCommands == "" && f.extraInputRules == "") f;
+    splitFirewalldAsserts = let
+      fa = failedAssertions (split ["data"] {imports = backendOption ++ [{networking.firewall.backend = "firewalld";}];});
+    in
+      check (lib.any (has ''backend is "firewalld"'') fa) {failedAssertions = fa;};
+
+    # 2: in the VM, port 80 redirects to the forwarded HTTPS port, and only one server
+    # listens on 80.
+    vmRedirect = let
+      conf = nginxConfOf exampleVm;
+      forwarded = lib.listToAttrs (map (f: lib.nameValuePair (toString f.guest.port) f.host.port) vmVariant.virtualisation.forwardPorts);
+      want = "return 308 https://$host:${toString forwarded."443"}$request_uri;";
+    in
+      check (noFailedAssertions exampleVm && has want conf && !(has "https://$host$request_uri" conf) && countOf "listen 0.0.0.0:80 " conf == 1) {
+        inherit want forwarded;
+        failedAssertions = failedAssertions exampleVm;
+        listen80 = countOf "listen 0.0.0.0:80 " conf;
+        nginxConf = toString exampleVm.config.environment.etc."nginx/nginx.conf".source;
+      };
+
+    # 4: services.pageviews.package without the flake module: a clear assertion without
+    # pkgs.pageviews, the overlay's build with it.
+    packageWithoutOverlay = let
+      fa = failedAssertions (direct {});
+    in
+      check (lib.any (has "services.pageviews.package has no value") fa) {failedAssertions = fa;};
+    packageFromOverlay = let
+      ev = direct {inherit (overlaid) pageviews;};
+    in
+      check (noFailedAssertions ev && ev.config.services.pageviews.package == overlaid.pageviews) {
+        failedAssertions = failedAssertions ev;
+        package = ev.config.services.pageviews.package.name;
+      };
+
+    # 5: what the module deploys is what systemd-score scores (ExecStart aside: a store path
+    # there, a placeholder in the score).
+    unitsSingleSource = check (noFailedAssertions example && deployed == scored) {
+      onlyDeployed = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (scored.${n}.${k} or null) != v) c) deployed;
+      onlyScored = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (deployed.${n}.${k} or null) != v) c) scored;
+    };
+  };
+
+  # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,
+  # nft -c), in the harness's report format.
+  reports = lib.mapAttrs (_: h.reportOf) {
+    inherit exampleVm;
+    splitDataNftables = split ["data"] nftables;
+    splitAppNftables = split ["app"] nftables;
+  };
+}

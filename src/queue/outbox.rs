@@ -1,0 +1,474 @@
+//! The app's outbox: every recorded page view reaches the worker, however often the broker or
+//! the app goes away, for one row write per view (the INSERT) and no bookkeeping per row.
+//!
+//! - `offer` hands the ids of a committed INSERT to the publisher thread without waiting. The
+//!   thread owns the AMQP connection and publishes persistent, `mandatory` messages of up to
+//!   [`IDS_PER_MESSAGE`] ids, up to [`MAX_BATCH`] ids per wait for publisher confirms. What is
+//!   not confirmed (nacked, returned as unroutable, connection lost) is retried with backoff.
+//!   Ids handed over and not yet confirmed are bounded by [`CAPACITY`]; beyond it, offers are
+//!   dropped and left to the sweep.
+//! - The sweep re-offers rows still unprocessed after one sweep interval, in id order and as
+//!   fast as the broker takes them. It starts a pass only when the task queue holds no ready
+//!   message: then a row still unprocessed is not on its way. This covers tasks never
+//!   published (broker down, outbox full, app restarted) and tasks the broker confirmed and
+//!   lost later (queue purged, deleted or lost with its node). A duplicate is harmless: the
+//!   worker marks each row processed once.
+
+use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, Task, redacted};
+use crate::db::{self, Pool};
+use crate::metrics::{Counter, Registry};
+use crate::shutdown::{self, Shutdown};
+use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// Ids per wait for publisher confirms: larger batches amortise the broker's fsync.
+pub const MAX_BATCH: usize = 512;
+/// Ids per message (format: `Task`); one message per page view cost the broker most of its time.
+pub const IDS_PER_MESSAGE: usize = 64;
+/// Ids handed over and not yet confirmed, at most (8 bytes each): some seconds of a burst the
+/// broker cannot take at once, or of an outage. Beyond it the sweep takes over.
+pub const CAPACITY: usize = 65_536;
+/// Ids per sweep query.
+const SWEEP_PAGE: usize = 4_096;
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// After shutdown begins, how long the thread keeps trying to publish what it holds.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the idle thread waits for ids before it checks on the connection again: a broker
+/// that died is noticed (heartbeat) while nothing is published.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often the thread reads the task queue's depth (a passive declare; it also notices a
+/// deleted queue, and reconnecting declares it again).
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+pub struct OutboxMetrics {
+    pub confirmed: Counter,
+    pub failures: Counter,
+    pub deferred: Counter,
+    pub republished: Counter,
+}
+
+impl OutboxMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "publish_confirmed",
+            "Tasks confirmed by the broker",
+            self.confirmed.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Broker connections lost while publishing",
+            self.failures.clone(),
+        );
+        registry.register(
+            "publish_deferred",
+            "Tasks left to the sweep because the outbox was full or stopping",
+            self.deferred.clone(),
+        );
+        registry.register(
+            "republished",
+            "Unprocessed page views offered again by the sweep",
+            self.republished.clone(),
+        );
+    }
+}
+
+struct Shared {
+    connected: AtomicBool,
+    /// Ids offered and neither confirmed nor dropped yet.
+    backlog: AtomicUsize,
+    /// Ready messages in the task queue at the last look; -1: not known.
+    queue_ready: AtomicI64,
+    closing: AtomicBool,
+    metrics: OutboxMetrics,
+}
+
+/// What the sweep and the request handlers use.
+#[derive(Clone)]
+struct Handle {
+    tx: SyncSender<Vec<i64>>,
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    fn offer(&self, ids: Vec<i64>) -> bool {
+        let n = ids.len();
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::Relaxed) || shared.backlog.fetch_add(n, Ordering::Relaxed) + n > CAPACITY {
+            shared.metrics.deferred.inc_by(n as u64);
+            shared.backlog.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(ids) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                shared.metrics.deferred.inc_by(n as u64);
+                shared.backlog.fetch_sub(n, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+struct Running {
+    thread: std::thread::JoinHandle<()>,
+    sweep: tokio::task::JoinHandle<()>,
+    stop_sweep: shutdown::Trigger,
+}
+
+/// A cheap handle (clone it); `shutdown` stops the sweep and the thread.
+#[derive(Clone)]
+pub struct Outbox {
+    handle: Handle,
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+impl Outbox {
+    /// Starts the publisher thread and the sweep (every `sweep_interval`, which is also how old
+    /// an unprocessed row must be to be offered again). Needs a tokio runtime.
+    pub fn start(url: String, pool: Pool, sweep_interval: Duration) -> Outbox {
+        // Hand-over slots are batches (one per INSERT); the id count is bounded by CAPACITY.
+        let (tx, rx) = mpsc::sync_channel(4_096);
+        let shared = Arc::new(Shared {
+            connected: AtomicBool::new(false),
+            backlog: AtomicUsize::new(0),
+            queue_ready: AtomicI64::new(-1),
+            closing: AtomicBool::new(false),
+            metrics: OutboxMetrics::default(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("amqp-publisher".into())
+            .spawn(move || run(&url, &rx, &thread_shared))
+            .expect("spawning a thread only fails when the system is out of resources");
+        let handle = Handle { tx, shared };
+        let (stop_sweep, stopping) = shutdown::channel();
+        let sweep = tokio::spawn(sweep(handle.clone(), pool, sweep_interval, stopping));
+        Outbox {
+            handle,
+            running: Arc::new(Mutex::new(Some(Running {
+                thread,
+                sweep,
+                stop_sweep,
+            }))),
+        }
+    }
+
+    /// Hands the ids of committed rows to the publisher without waiting. `false`: the outbox is
+    /// full or stopping; the rows stay unprocessed and the sweep offers them again.
+    pub fn offer(&self, ids: Vec<i64>) -> bool {
+        self.handle.offer(ids)
+    }
+
+    /// Whether the publisher holds a working broker connection (noticed within a heartbeat).
+    pub fn is_connected(&self) -> bool {
+        self.handle.shared.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn metrics(&self) -> &OutboxMetrics {
+        &self.handle.shared.metrics
+    }
+
+    /// Stops the sweep, publishes what the outbox holds (for up to 5 s if the broker is away;
+    /// the next sweep publishes the rest) and waits for the thread.
+    pub async fn shutdown(&self) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(running) = running else { return };
+        running.stop_sweep.fire();
+        let _ = running.sweep.await;
+        self.handle.shared.closing.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || running.thread.join()).await;
+    }
+}
+
+/// Re-offers unprocessed rows older than `interval`, whenever the task queue is empty.
+async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdown) {
+    let mut ticker = stopping.clone().ticker(interval);
+    let shared = handle.shared.clone();
+    let usable = || shared.connected.load(Ordering::Relaxed) && !stopping.is_set();
+    while ticker.tick().await {
+        if !usable() || shared.queue_ready.load(Ordering::Relaxed) != 0 {
+            continue;
+        }
+        let (mut after, mut offered) = (0, 0);
+        'pass: loop {
+            // Full speed, but never more than the outbox holds: wait for room.
+            while shared.backlog.load(Ordering::Relaxed) > CAPACITY - SWEEP_PAGE {
+                if !usable() {
+                    break 'pass;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let page = db::run(&pool, async |conn| {
+                db::page_views::unprocessed(conn, after, interval, SWEEP_PAGE as i64).await
+            })
+            .await;
+            match page {
+                Ok(ids) if ids.is_empty() => break,
+                Ok(ids) => {
+                    after = ids[ids.len() - 1];
+                    let n = ids.len();
+                    if !usable() || !handle.offer(ids) {
+                        break;
+                    }
+                    offered += n;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "sweep cannot read unprocessed page views");
+                    break;
+                }
+            }
+        }
+        if offered > 0 {
+            shared.metrics.republished.inc_by(offered as u64);
+            tracing::info!(count = offered, "sweep offered unprocessed page views again");
+        }
+    }
+}
+
+/// The thread: connects, publishes, reconnects with backoff, until shutdown.
+fn run(url: &str, rx: &Receiver<Vec<i64>>, shared: &Shared) {
+    let mut pending: VecDeque<i64> = VecDeque::new();
+    let mut backoff = Backoff::default();
+    let mut closed_at: Option<Instant> = None;
+    loop {
+        let delay = match connect(url) {
+            Ok((connection, channel)) => {
+                tracing::info!(broker = %redacted(url), "publisher connected");
+                shared.connected.store(true, Ordering::Relaxed);
+                let result = session(&channel, rx, shared, &mut pending, &mut backoff, &mut closed_at);
+                shared.connected.store(false, Ordering::Relaxed);
+                shared.queue_ready.store(-1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => {
+                        let _ = connection.close();
+                        return;
+                    }
+                    Err(e) => {
+                        shared.metrics.failures.inc();
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, unconfirmed = pending.len(), retry_in_ms = delay.as_millis() as u64, "publisher lost the broker; reconnecting");
+                        delay
+                    }
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(broker = %redacted(url), error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
+                delay
+            }
+        };
+        // Keep taking ids meanwhile (the bound holds: they count in the backlog), so that a
+        // shutdown is noticed.
+        let until = Instant::now() + delay;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if closing(shared, &mut closed_at)
+                && (pending.is_empty() || closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
+            {
+                if !pending.is_empty() {
+                    tracing::warn!(
+                        unpublished = pending.len(),
+                        "stopping with unpublished tasks; the sweep publishes them after the restart"
+                    );
+                    shared.backlog.fetch_sub(pending.len(), Ordering::Relaxed);
+                }
+                return;
+            }
+            match rx.recv_timeout(left.min(IDLE_POLL)) {
+                Ok(ids) => pending.extend(ids),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed_at.get_or_insert_with(Instant::now);
+                    std::thread::sleep(left.min(IDLE_POLL));
+                }
+            }
+        }
+    }
+}
+
+fn connect(url: &str) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
+    let (connection, channel) = super::open(url)?;
+    channel.enable_publisher_confirms()?;
+    Ok((connection, channel))
+}
+
+/// Whether shutdown has begun (the app said so, or every handle is gone).
+fn closing(shared: &Shared, closed_at: &mut Option<Instant>) -> bool {
+    if shared.closing.load(Ordering::Relaxed) {
+        closed_at.get_or_insert_with(Instant::now);
+    }
+    closed_at.is_some()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Amqp(#[from] amiquip::Error),
+    #[error("no publisher confirm within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout,
+    #[error("the broker closed the connection")]
+    Closed,
+    #[error("{0} tasks returned as unroutable ({1}); declaring the topology again")]
+    Unroutable(usize, String),
+}
+
+/// Publishes until shutdown (`Ok`) or a failure (`Err`, with the unconfirmed ids back at the
+/// front of `pending`).
+fn session(
+    channel: &amiquip::Channel,
+    rx: &Receiver<Vec<i64>>,
+    shared: &Shared,
+    pending: &mut VecDeque<i64>,
+    backoff: &mut Backoff,
+    closed_at: &mut Option<Instant>,
+) -> Result<(), SessionError> {
+    let confirms = channel.listen_for_publisher_confirms()?;
+    let returns = channel.listen_for_returns()?;
+    let mut smoother = ConfirmSmoother::new();
+    let mut next_tag: u64 = 1;
+    let mut depth_read: Option<Instant> = None;
+    let properties = AmqpProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    loop {
+        if depth_read.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
+            let queue = channel.queue_declare_passive(QUEUE)?;
+            let ready = queue.declared_message_count().map_or(-1, i64::from);
+            shared.queue_ready.store(ready, Ordering::Relaxed);
+            depth_read = Some(Instant::now());
+        }
+        if pending.is_empty() {
+            if closing(shared, closed_at) {
+                match rx.try_recv() {
+                    Ok(ids) => pending.extend(ids),
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                // The I/O thread drops the confirm sender when the connection dies (a missed
+                // heartbeat): noticed here while idle, not at the next publish.
+                if confirms.try_recv().is_err_and(|e| e.is_disconnected()) {
+                    return Err(SessionError::Closed);
+                }
+                match rx.recv_timeout(IDLE_POLL) {
+                    Ok(ids) => pending.extend(ids),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed_at.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                }
+            }
+        }
+        while pending.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(ids) => pending.extend(ids),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let batch: Vec<i64> = pending.drain(..pending.len().min(MAX_BATCH)).collect();
+        let messages: Vec<&[i64]> = batch.chunks(IDS_PER_MESSAGE).collect();
+        let first_tag = next_tag;
+        let mut published = 0;
+        let mut outcome = Ok(());
+        for ids in &messages {
+            let body = Task {
+                page_view_ids: ids.to_vec(),
+            }
+            .to_bytes();
+            let mut publish = Publish::with_properties(&body, ROUTING_KEY, properties.clone());
+            publish.mandatory = true;
+            if let Err(e) = channel.basic_publish(EXCHANGE, publish) {
+                outcome = Err(SessionError::Amqp(e));
+                break;
+            }
+            published += 1;
+        }
+        next_tag += published as u64;
+        let mut acked = vec![false; published];
+        let mut settled = 0;
+        let mut nacked = 0;
+        let deadline = Instant::now() + CONFIRM_TIMEOUT;
+        while outcome.is_ok() && settled < published {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                outcome = Err(SessionError::ConfirmTimeout);
+                break;
+            };
+            match confirms.recv_timeout(left) {
+                Ok(raw) => {
+                    for confirm in smoother.process(raw) {
+                        let (tag, ok) = match confirm {
+                            Confirm::Ack(p) => (p.delivery_tag, true),
+                            Confirm::Nack(p) => (p.delivery_tag, false),
+                        };
+                        let Some(i) = tag
+                            .checked_sub(first_tag)
+                            .map(|i| i as usize)
+                            .filter(|i| *i < published)
+                        else {
+                            continue;
+                        };
+                        settled += 1;
+                        acked[i] = ok;
+                        nacked += usize::from(!ok);
+                    }
+                }
+                Err(e) if e.is_timeout() => outcome = Err(SessionError::ConfirmTimeout),
+                Err(_) => outcome = Err(SessionError::Closed),
+            }
+        }
+        // A return comes before the confirm of its message: every return of this batch is in.
+        let mut returned = 0;
+        let mut reason = String::new();
+        while let Ok(r) = returns.try_recv() {
+            if let Some(i) = messages
+                .iter()
+                .position(|ids| Task::parse(&r.content).is_ok_and(|t| t.page_view_ids == *ids))
+            {
+                acked[i] = false;
+            }
+            returned += 1;
+            reason = r.reply_text;
+        }
+        let mut confirmed = 0;
+        for (ids, ok) in messages.iter().zip(&acked).rev() {
+            if *ok {
+                confirmed += ids.len();
+            } else {
+                for id in ids.iter().rev() {
+                    pending.push_front(*id);
+                }
+            }
+        }
+        // Not published at all: back to the front too.
+        for ids in messages[published..].iter().rev() {
+            for id in ids.iter().rev() {
+                pending.push_front(*id);
+            }
+        }
+        shared.metrics.confirmed.inc_by(confirmed as u64);
+        shared.backlog.fetch_sub(confirmed, Ordering::Relaxed);
+        outcome?;
+        if returned > 0 {
+            return Err(SessionError::Unroutable(returned, reason));
+        }
+        if nacked > 0 {
+            // A broker that refuses messages (disk or memory alarm, queue limit): retry later,
+            // not in a loop.
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                messages = nacked,
+                retry_in_ms = delay.as_millis() as u64,
+                "broker refused tasks; retrying them"
+            );
+            std::thread::sleep(delay);
+        } else if confirmed > 0 {
+            // Reset only after the broker took work: a broker that accepts connections and
+            // refuses publishes keeps the backoff growing.
+            backoff.reset();
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! What operators get: the Prometheus alert rules (ops/prometheus) and the Grafana dashboard
+//! (ops/grafana) parse, the alerts fire in their unit tests, and every metric they name is
+//! exported by the real app and worker.
+
+use crate::support::TestEnv;
+use anyhow::Context;
+use pageviews_testbed::process::{find_program, free_port, wait_until};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn ops(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("ops").join(path)
+}
+
+fn promtool(args: &[&str], dir: &Path) -> anyhow::Result<String> {
+    let promtool = find_program("promtool", &[], "prometheus")?;
+    let output = Command::new(promtool).args(args).current_dir(dir).output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    anyhow::ensure!(output.status.success(), "promtool {args:?} failed:\n{text}");
+    Ok(text)
+}
+
+/// Every `pageviews_*` name in `text` (metric names; alert names are CamelCase).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("pageviews_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The dashboard's panels, checked for the fields Grafana needs to place and query them.
+fn dashboard_queries() -> anyhow::Result<Vec<(String, String)>> {
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(ops("grafana/pageviews.json"))?)
+        .context("ops/grafana/pageviews.json is not JSON")?;
+    anyhow::ensure!(dashboard["uid"].is_string() && dashboard["title"].is_string());
+    anyhow::ensure!(dashboard["schemaVersion"].is_u64());
+    let panels = dashboard["panels"].as_array().context("no panels")?;
+    let mut ids = BTreeSet::new();
+    let mut queries = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().context("a panel without a title")?;
+        anyhow::ensure!(ids.insert(panel["id"].as_u64()), "{title}: duplicate or missing id");
+        anyhow::ensure!(panel["type"].is_string(), "{title}: no type");
+        for field in ["h", "w", "x", "y"] {
+            anyhow::ensure!(panel["gridPos"][field].is_u64(), "{title}: gridPos.{field}");
+        }
+        let targets = panel["targets"].as_array().context("no targets")?;
+        anyhow::ensure!(!targets.is_empty(), "{title}: no queries");
+        for target in targets {
+            anyhow::ensure!(
+                target["datasource"]["uid"] == "${datasource}",
+                "{title}: not on the dashboard's datasource variable"
+            );
+            let expr = target["expr"].as_str().context("a target without expr")?;
+            queries.push((title.to_owned(), expr.to_owned()));
+        }
+    }
+    Ok(queries)
+}
+
+#[test]
+fn the_alert_rules_parse_and_fire_in_their_unit_tests() -> anyhow::Result<()> {
+    let dir = ops("prometheus");
+    let checked = promtool(&["check", "rules", "alerts.yml"], &dir)?;
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
+    let tested = promtool(&["test", "rules", "alerts.test.yml"], &dir)?;
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    Ok(())
+}
+
+#[test]
+fn the_dashboard_is_well_formed_and_its_queries_parse() -> anyhow::Result<()> {
+    let queries = dashboard_queries()?;
+    assert!(queries.len() >= 10, "{queries:?}");
+    // promtool has no query checker: each query becomes a recording rule, with Grafana's
+    // interval variable replaced by a duration.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, expr)) in queries.iter().enumerate() {
+        let expr = expr.replace("$__rate_interval", "5m");
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&expr)?
+        ));
+    }
+    let dir = tempdir()?;
+    std::fs::write(dir.join("dashboard.yml"), rules)?;
+    let checked = promtool(&["check", "rules", "dashboard.yml"], &dir)?;
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", queries.len())),
+        "{checked}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ops-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let (app_metrics, worker_metrics) = (free_port()?, free_port()?);
+    let app_listen = format!("127.0.0.1:{app_metrics}");
+    let app = env
+        .app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())])
+        .await?;
+    let worker_listen = format!("127.0.0.1:{worker_metrics}");
+    let _worker = env
+        .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])
+        .await?;
+    let c = crate::support::client();
+    assert_eq!(c.get(app.url("/")).send().await?.status(), 200);
+
+    // The operators' listener: metrics and health, never the page.
+    let operations = |path: &str| format!("http://127.0.0.1:{app_metrics}{path}");
+    assert_eq!(c.get(operations("/")).send().await?.status(), 404);
+    // Ready once the publisher has connected to the broker.
+    wait_until("readyz on the operators' listener", Duration::from_secs(20), || async {
+        let status = c.get(operations("/readyz")).send().await?.status();
+        anyhow::ensure!(status == 200, "status {status}");
+        Ok(())
+    })
+    .await?;
+    let mut exported = BTreeSet::new();
+    for url in [
+        operations("/metrics"),
+        format!("http://127.0.0.1:{worker_metrics}/metrics"),
+    ] {
+        let text = wait_until("metrics", Duration::from_secs(20), || async {
+            Ok(c.get(&url).send().await?.error_for_status()?.text().await?)
+        })
+        .await?;
+        // Sample names: the first word of each line that is not a comment.
+        exported.extend(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split(['{', ' ']).next())
+                .map(str::to_owned),
+        );
+    }
+
+    let alerts = std::fs::read_to_string(ops("prometheus/alerts.yml"))?;
+    let dashboard: String = dashboard_queries()?.into_iter().map(|(_, q)| q + "\n").collect();
+    for (source, text) in [("alerts.yml", &alerts), ("pageviews.json", &dashboard)] {
+        let used = metric_names(text);
+        assert!(!used.is_empty(), "{source} names no metric");
+        let missing: Vec<_> = used.difference(&exported).collect();
+        assert!(missing.is_empty(), "{source} uses metrics nobody exports: {missing:?}");
+    }
+
+    // The job names the rules and the dashboard select are the scrape jobs NixOS defines.
+    let module = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/modules/prometheus.nix"))?;
+    for job in ["pageviews-app", "pageviews-worker"] {
+        assert!(
+            module.contains(&format!("{job} = ")),
+            "no scrape job {job} in prometheus.nix"
+        );
+        assert!(alerts.contains(job) && dashboard.contains(job), "{job} unused");
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The outbox and the counters: exact figures under concurrency, tasks lost after their
+//! confirm, a backlog only the sweep can find, a broker dying while idle, a broker refusing
+//! publishes.
+
+use crate::support::{TestEnv, client, hammer};
+use pageviews::queue::QUEUE;
+use pageviews_testbed::process::wait_until;
+use std::time::{Duration, Instant};
+
+/// Runs `f` on a channel of the test's vhost (amiquip is blocking).
+async fn on_channel(
+    env: &TestEnv,
+    f: impl FnOnce(&amiquip::Channel) -> amiquip::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let url = env.urls.amqp.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&url)?;
+        f(&channel)?;
+        connection.close()?;
+        Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn counters_equal_count_star_after_concurrent_load_and_a_worker_kill() -> anyhow::Result<()> {
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    // Small prefetch: many concurrent transactions, each adding to a counter row.
+    let small = [("PAGEVIEWS_PREFETCH", "2")];
+    let _a = env.worker("worker-a", &small).await?;
+    let mut b = env.worker("worker-b", &small).await?;
+    let _c = env.worker("worker-c", &small).await?;
+    let load = tokio::spawn({
+        let url = app.url("/");
+        async move { hammer(&url, 4_000, 32).await }
+    });
+    wait_until("some page views processed", Duration::from_secs(30), || async {
+        let (_, processed) = env.exact_counts().await?;
+        anyhow::ensure!(processed >= 500, "{processed}");
+        Ok(())
+    })
+    .await?;
+    b.stop_with(libc::SIGKILL, Duration::from_secs(5));
+    let _d = env.worker("worker-d", &small).await?;
+    let results = load.await?;
+    let ok = results.iter().filter(|r| r == &&Ok(200)).count() as i64;
+    assert_eq!(ok, 4_000, "{:?}", results.iter().find(|r| r != &&Ok(200)));
+    // all_processed compares the counters with count(*) and count(processed_at).
+    assert_eq!(env.all_processed(Duration::from_secs(60)).await?, ok);
+    Ok(())
+}
+
+/// Issue 11 row 3: the broker confirmed the tasks, then lost them (purge; queue deleted, so
+/// publishes are unroutable until the app declares it again).
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_lost_after_their_confirm_are_processed_anyway() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let confirmed = |n: u64| {
+        let (env, app) = (&env, &app);
+        async move {
+            wait_until("tasks confirmed", Duration::from_secs(20), || async {
+                let c = env.app_metric(app, "pageviews_publish_confirmed_total").await?;
+                anyhow::ensure!(c >= n, "{c} of {n} confirmed");
+                Ok(())
+            })
+            .await
+        }
+    };
+    assert!(hammer(&app.url("/"), 200, 8).await.iter().all(|r| r == &Ok(200)));
+    confirmed(200).await?;
+    on_channel(&env, |ch| ch.queue_purge(QUEUE).map(|_| ())).await?;
+    // Deleted: the next publishes are unroutable (returned), then the app declares it again.
+    on_channel(&env, |ch| ch.queue_delete(QUEUE, Default::default()).map(|_| ())).await?;
+    assert!(hammer(&app.url("/"), 100, 8).await.iter().all(|r| r == &Ok(200)));
+    let _worker = env.worker("worker", &[]).await?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 300);
+    Ok(())
+}
+
+/// Issue 11 row 6: after an outage and a restart, the sweep catches up at full speed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_only_in_the_database_is_caught_up_at_full_speed() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    const BACKLOG: i64 = 30_000;
+    env.backlog_in_db(BACKLOG).await?;
+    let _worker = env.worker("worker", &[]).await?;
+    let started = Instant::now();
+    let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "2")]).await?;
+    // The old sweep offered 2 000 rows per interval, and none while the queue was non-empty.
+    env.all_processed(Duration::from_secs(20)).await?;
+    eprintln!("{BACKLOG} rows caught up in {:?}", started.elapsed());
+    Ok(())
+}
+
+/// Issue 11 row 11: a broker that stops answering is noticed while nothing is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_notices_a_hung_broker_while_idle() -> anyhow::Result<()> {
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    wait_until("ready", Duration::from_secs(10), || async {
+        let status = client().get(app.url("/readyz")).send().await?.status();
+        anyhow::ensure!(status == 200, "{status}");
+        Ok(())
+    })
+    .await?;
+    let pid = env.services().rabbitmq.pid().expect("the test's broker runs") as i32;
+    // SAFETY: kill(2) on the test's own broker's process group; no RST, no close frame.
+    unsafe { libc::kill(-pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    // Heartbeat 5 s: amiquip gives up after two missed beats.
+    let noticed = wait_until("readyz 503 and the gauge at 0", Duration::from_secs(20), || async {
+        let ready = client().get(app.url("/readyz")).send().await?.status();
+        let gauge = env.app_metric(&app, "pageviews_broker_connected").await?;
+        anyhow::ensure!(ready == 503 && gauge == 0, "readyz {ready}, gauge {gauge}");
+        Ok(())
+    })
+    .await;
+    unsafe { libc::kill(-pid, libc::SIGCONT) };
+    noticed?;
+    eprintln!("noticed after {:?}", started.elapsed());
+    Ok(())
+}
+
+/// Issue 11 row 10: a queue that refuses publishes (nacks) makes the publisher back off, not
+/// retry in a loop; once it accepts again, everything is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn persistent_nacks_back_off_and_recover() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let rabbit = &env.services().rabbitmq;
+    rabbit.ctl(&[
+        "set_policy",
+        "-p",
+        &env.vhost,
+        "--apply-to",
+        "queues",
+        "refuse",
+        "^pageviews\\.tasks$",
+        r#"{"max-length": 1, "overflow": "reject-publish"}"#,
+    ])?;
+    let app = env.app(&[]).await?;
+    assert!(hammer(&app.url("/"), 50, 4).await.iter().all(|r| r == &Ok(200)));
+    let log_name = format!("app-{}", app.port);
+    wait_until("a refusal", Duration::from_secs(10), || async {
+        anyhow::ensure!(env.log_text(&log_name).contains("broker refused tasks"), "none yet");
+        Ok(())
+    })
+    .await?;
+    // A window of 3 s to count retries in (the old publisher retried in a hot loop).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = env.log_text(&log_name);
+    let refusals = log.matches("broker refused tasks").count();
+    assert!((1..=8).contains(&refusals), "{refusals} refusal lines in 3 s:\n{log}");
+    rabbit.ctl(&["clear_policy", "-p", &env.vhost, "refuse"])?;
+    let _worker = env.worker("worker", &[]).await?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 50);
+    Ok(())
+}
+
+/// Issue 11 row 5: a locked table answers 503 within `PAGEVIEWS_DB_TIMEOUT_MS`, and the
+/// request answered 503 leaves no row once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_table_gives_a_quick_503_and_no_row_later() -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[("PAGEVIEWS_DB_TIMEOUT_MS", "1000")]).await?;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    let mut locker = env.db().await?;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        locker
+            .transaction(async |conn| {
+                diesel::sql_query("LOCK TABLE page_views IN ACCESS EXCLUSIVE MODE")
+                    .execute(conn)
+                    .await?;
+                let _ = locked.send(());
+                let _ = released.await;
+                Ok::<_, diesel::result::Error>(())
+            })
+            .await
+    });
+    is_locked.await?;
+    let started = Instant::now();
+    let status = client().get(app.url("/")).send().await?.status();
+    let took = started.elapsed();
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_millis(1_800), "503 took {took:?}");
+    let _ = release.send(());
+    holder.await??;
+    // The next view queues behind the released INSERT, so once it is answered that one is done.
+    let page = client().get(app.url("/")).send().await?;
+    assert_eq!(page.status(), 200);
+    assert_eq!(env.exact_counts().await?.0, 2, "the request answered 503 left a row");
+    assert_eq!(env.counts().await?.0, 2);
+    Ok(())
+}

@@ -7,7 +7,7 @@
 //! | `DATABASE_URL` | app, worker, migrate | required |
 //! | `AMQP_URL` | app, worker | required (one URL, or several comma-separated) |
 //! | `PAGEVIEWS_QUEUE_TYPE` | app, worker | `quorum` |
-//! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000` |
+//! | `PAGEVIEWS_LISTEN` | app | `127.0.0.1:8000`; unused when a socket is passed (`LISTEN_FDS`) |
 //! | `PAGEVIEWS_METRICS_LISTEN` | worker | unset (no metrics listener) |
 //! | `PAGEVIEWS_APP_METRICS_LISTEN` | app | unset (no second listener) |
 //! | `PAGEVIEWS_LOG_FORMAT` | all | `text` |
@@ -143,11 +143,13 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Where a server listens: `HOST:PORT`, or an absolute path for a Unix socket.
+/// Where a server listens: `HOST:PORT`, an absolute path for a Unix socket, or a listening
+/// socket the service manager passed (socket activation).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    Inherited(std::os::fd::RawFd),
 }
 
 impl Listen {
@@ -169,11 +171,38 @@ impl Listen {
     }
 }
 
+/// The listening socket a service manager passed, if any (sd_listen_fds(3): `LISTEN_PID` names
+/// this process and `LISTEN_FDS` counts the sockets from fd 3). Read from the process
+/// environment by the `sd-notify` crate, which also marks the descriptor close-on-exec.
+fn inherited_socket() -> Result<Option<std::os::fd::RawFd>, ConfigError> {
+    const NAME: &str = "LISTEN_FDS";
+    let mut fds = sd_notify::listen_fds().map_err(|e| {
+        let var = |name| std::env::var(name).unwrap_or_default();
+        ConfigError::new(
+            NAME,
+            format!(
+                "socket activation: {e} (LISTEN_FDS={:?}, LISTEN_PID={:?}; both must be whole numbers)",
+                var("LISTEN_FDS"),
+                var("LISTEN_PID")
+            ),
+        )
+    })?;
+    match fds.len() {
+        0 => Ok(None),
+        1 => Ok(fds.next()),
+        n => Err(ConfigError::new(
+            NAME,
+            format!("{n} sockets were passed; pageviews-app listens on exactly one"),
+        )),
+    }
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Listen::Tcp(addr) => write!(f, "{addr}"),
             Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+            Listen::Inherited(fd) => write!(f, "the socket passed as fd {fd}"),
         }
     }
 }
@@ -272,9 +301,12 @@ pub struct AppConfig {
 
 impl AppConfig {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let configured = Listen::from_source(src, "PAGEVIEWS_LISTEN")?;
         Ok(Self {
-            listen: Listen::from_source(src, "PAGEVIEWS_LISTEN")?
-                .unwrap_or(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))),
+            listen: match inherited_socket()? {
+                Some(fd) => Listen::Inherited(fd),
+                None => configured.unwrap_or(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))),
+            },
             database: DatabaseConfig::from_source(src)?,
             broker: BrokerConfig::from_source(src)?,
             sweep_interval: positive_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,

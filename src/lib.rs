@@ -10,6 +10,7 @@ pub mod db;
 pub mod metrics;
 pub mod queue;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 pub mod web;
 pub mod worker;

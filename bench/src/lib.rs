@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     options.burst = 1_000_000;
     options.conn_limit = 65_535;
     eprintln!("starting the stack under {}", dir.display());
-    let stack = Stack::start(dir, &binaries, options, &[]).await?;
+    let mut stack = Stack::start(dir, &binaries, options, &[]).await?;
     let pids = [stack.deployment.app.pid(), stack.deployment.worker.pid()];
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = [rss_mib(pids[0])?, rss_mib(pids[1])?];
@@ -200,6 +200,30 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             figures.extend(s.figures(key, name, c, ceiling, broker.consume_ack));
         }
     }
+    // A deploy under load: the app restarted half-way through a step, on the socket the
+    // launcher holds (what `systemctl restart pageviews-app` does with its socket unit).
+    let (key, c) = TARGET_STEP;
+    eprintln!(
+        "GET / nginx+TLS, {c} connections, {} s, the app restarted half-way",
+        settings.secs
+    );
+    let url = stack.deployment.https_url("/");
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(settings.secs) / 2).await;
+        stack.deployment.restart_app().await
+    };
+    let (load, restarted) = tokio::join!(wrk::run(&url, c, settings.secs), restart);
+    let (load, old_app) = (load?, restarted?);
+    anyhow::ensure!(old_app.success(), "the restarted app exited with {old_app}");
+    figures.push(
+        Figure::new(
+            format!("restart.{key}.c{c}.failed"),
+            format!("nginx+TLS c={c}, app restarted: failed requests (non-2xx + socket)"),
+            load.errors() as f64,
+            "",
+        )
+        .target("0", load.errors() == 0),
+    );
 
     eprintln!("adding {} rows to page_views", settings.large_rows);
     let started = Instant::now();

@@ -23,10 +23,54 @@ let
     then files.${who}
     else "${secretsDir}/amqp-${who}";
 
+  # Both binaries ping at half of it (WATCHDOG_USEC); a wedged runtime is restarted.
+  watchdogSec = "10s";
+
   optional = cond: x:
     if cond
     then [x]
     else [];
+
+  # IP allow-list: loopback, plus the data host and (for the app) the proxies when split.
+  ipAllowList = {
+    splitData,
+    dataAddress,
+    brokerAddresses ? [],
+    ...
+  }: extra: ["localhost"] ++ optional splitData dataAddress ++ brokerAddresses ++ extra;
+  appIpAllowList = args @ {
+    splitApp,
+    proxyAddresses,
+    ...
+  }:
+    ipAllowList args (
+      if splitApp
+      then proxyAddresses
+      else []
+    );
+
+  # The socketConfig of pageviews-app.socket, which owns the app's listening socket
+  # (`listen`: PAGEVIEWS_LISTEN) and passes it to each app process (LISTEN_FDS). `args`: those
+  # of `units` that the allow-list needs.
+  appSocket = args: listen:
+    {
+      # A passed socket is filtered by the socket unit's list, not the service's.
+      IPAddressDeny = "any";
+      IPAddressAllow = appIpAllowList args;
+    }
+    // (
+      if builtins.substring 0 1 listen == "/"
+      then {
+        # nginx reaches it through the app's group; the directory is created 0755.
+        SocketUser = (users null).app;
+        SocketGroup = (users null).app;
+        SocketMode = "0660";
+      }
+      else {
+        # The private address may not be configured yet when sockets are bound.
+        FreeBind = true;
+      }
+    );
 
   # Arguments: the values of services.pageviews that the units depend on (plain data), and
   # the ExecStart programs (store paths in the module, placeholders for the score).
@@ -44,7 +88,7 @@ let
     u = users owner;
     # IP allow-list: loopback, plus the data host (and the nodes of a RabbitMQ cluster) and
     # (for the app) the proxies when split.
-    ipAllow = extra: ["localhost"] ++ optional splitData dataAddress ++ brokerAddresses ++ extra;
+    ipAllow = ipAllowList {inherit splitData dataAddress brokerAddresses;};
     # Credentials: the database password only when split (peer auth on one host), the
     # broker password always.
     dbCredential = file: optional (splitData && file != null) "db-password:${file}";
@@ -56,11 +100,15 @@ let
         Group = user;
         IPAddressDeny = "any";
       };
-    # app and worker: long-running, restarted whatever the exit, both credentials.
+    appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses;};
+    # app and worker: long-running, restarted whatever the exit, both credentials;
+    # READY=1 (app: once the database answers; worker: once it consumes) and WATCHDOG=1
+    # from the async runtime.
     daemon = who: extra:
       base u.${who}
       // {
-        Type = "exec";
+        Type = "notify";
+        WatchdogSec = watchdogSec;
         ExecStart = execStart.${who};
         LoadCredential = dbCredential dbPasswordFiles.${who} ++ amqpCredential who;
         Restart = "always";
@@ -82,15 +130,10 @@ let
         RestartSec = "5s";
       };
 
+    # No RuntimeDirectory: removed at every stop, it would take the socket file (owned by
+    # pageviews-app.socket, see `appSocket`) with it.
     pageviews-app = daemon "app" {
-      # The Unix socket lives here; nginx reaches it through the group.
-      RuntimeDirectory = "pageviews-app";
-      RuntimeDirectoryMode = "0750";
-      IPAddressAllow = ipAllow (
-        if splitApp
-        then proxyAddresses
-        else []
-      );
+      IPAddressAllow = appIpAllow;
     };
 
     pageviews-worker = daemon "worker" {
@@ -98,7 +141,7 @@ let
     };
   };
 in {
-  inherit hardening secretsDir users amqpPasswordFile units;
+  inherit hardening secretsDir users amqpPasswordFile units appSocket watchdogSec;
 
   # The most `systemd-analyze security` may score each unit, in tenths (15 = 1.5 on its 0-10
   # scale): scripts/systemd-score and the VM tests check against it.

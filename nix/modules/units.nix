@@ -139,8 +139,12 @@ in {
         description = "pageviews: HTTP app";
         extra = {
           wantedBy = ["multi-user.target"];
-          requires = ["pageviews-migrate.service"];
-          after = ["pageviews-migrate.service"];
+          requires = ["pageviews-migrate.service" "pageviews-app.socket"];
+          after = ["pageviews-migrate.service" "pageviews-app.socket"];
+          # A changed unit is restarted, not stopped and started: for a socket-activated
+          # service, stop-and-start makes switch-to-configuration stop the socket too,
+          # refusing connections during the deploy.
+          stopIfChanged = false;
         };
       };
 
@@ -153,6 +157,22 @@ in {
           after = ["pageviews-migrate.service"];
         };
       };
+    };
+
+    # Owns the app's listening socket, passed to each app process (LISTEN_FDS): it outlives
+    # the app, so a restart or a deploy makes connections wait in its backlog (Backlog=
+    # defaults to SOMAXCONN) instead of being refused. The app ignores PAGEVIEWS_LISTEN when
+    # the socket is passed.
+    systemd.sockets.pageviews-app = {
+      description = "pageviews: the app's listening socket";
+      wantedBy = ["sockets.target"];
+      listenStreams = [cfg.settings.PAGEVIEWS_LISTEN];
+      socketConfig =
+        common.serviceConfig.appSocket {
+          inherit splitData splitApp;
+          inherit (cfg.network) dataAddress proxyAddresses;
+        }
+        cfg.settings.PAGEVIEWS_LISTEN;
     };
 
     # Operators and tests can run the end-to-end probe: pageviews-probe https://DOMAIN/

@@ -5,6 +5,7 @@
 # wrong one would break the build-time type check or the script itself.
 import re
 import shlex
+from collections.abc import Callable
 
 # The values of the Nix side (DOMAIN, CA_FILE, ports, listen addresses, SECURITY_THRESHOLD)
 # stand before this file as constants, written by `script` in nodes.nix from the nodes'
@@ -139,29 +140,26 @@ def assert_reachable(machine, host_ip: str, port: int) -> None:
     machine.succeed(f"timeout 2 bash -c 'exec 3<>/dev/tcp/{host_ip}/{port}'")
 
 
-def restart_broker_under_traffic(client, broker, data) -> None:
-    """RabbitMQ restarts while a client keeps loading pages (about 5 a second, below the
-    rate limit, from before the restart until after the broker is back): every request
-    succeeds, and every page view of that traffic is recorded once and processed."""
-    agent = "pageviews-restart-traffic"
-    log = "/tmp/pageviews-traffic.log"
-    stop = "/tmp/pageviews-traffic.stop"
+def traffic_across(client, data, agent: str, disrupt: Callable[[], None]) -> None:
+    """A client keeps loading pages (about 5 a second, below the rate limit) from before
+    `disrupt()` until 5 s after it: every request succeeds, and every page view of that
+    traffic (user agent `agent`) is recorded once and processed."""
+    log = f"/tmp/{agent}.log"
+    stop = f"/tmp/{agent}.stop"
     client.succeed(
         f"rm -f {stop}; (i=0; while [ ! -e {stop} ]; do i=$((i + 1));"
-        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?restart='$i;"
+        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?traffic='$i;"
         f" sleep 0.2; done; echo done) >{log} 2>&1 &"
     )
     client.sleep(3)
-    broker.succeed("systemctl restart rabbitmq.service")
-    broker.wait_for_unit("rabbitmq.service")
-    broker.wait_for_unit("pageviews-rabbitmq-setup.service")
+    disrupt()
     client.sleep(5)
     client.succeed(f"touch {stop}")
     client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
     codes = client.succeed(f"head -n -1 {log}").split()
     requests = len(codes)
-    assert requests >= 20, f"only {requests} requests across the broker restart"
-    assert set(codes) == {"200"}, f"not all 200 across the broker restart: {codes}"
+    assert requests >= 20, f"only {requests} requests across the disruption ({agent})"
+    assert set(codes) == {"200"}, f"not all 200 across the disruption ({agent}): {codes}"
 
     by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"
     wait_sql(data, f"SELECT count(*) {by_agent} AND processed_at IS NOT NULL", str(requests), 300)
@@ -169,6 +167,30 @@ def restart_broker_under_traffic(client, broker, data) -> None:
     wait_sql(data, "SELECT count(*) FROM page_views WHERE processed_at IS NULL", "0", 120)
 
 
+def restart_broker_under_traffic(client, broker, data) -> None:
+    """RabbitMQ restarts under traffic and nothing is lost."""
+
+    def disrupt() -> None:
+        broker.succeed("systemctl restart rabbitmq.service")
+        broker.wait_for_unit("rabbitmq.service")
+        broker.wait_for_unit("pageviews-rabbitmq-setup.service")
+
+    traffic_across(client, data, "pageviews-restart-traffic", disrupt)
+
+
+def check_notify_unit(machine, unit: str, watchdog: str) -> None:
+    """`unit` is Type=notify with the module's watchdog (`watchdog`: its WatchdogSec)."""
+    shown = machine.succeed(f"systemctl show -p Type,WatchdogUSec {unit}").split()
+    assert sorted(shown) == ["Type=notify", f"WatchdogUSec={watchdog}"], f"{unit}: {shown}"
+
+
+def restart_unit(machine, unit: str) -> None:
+    """`systemctl restart`, which for a Type=notify unit returns once the new process sent
+    READY=1; the main PID changes."""
+    before = machine.succeed(f"systemctl show -p MainPID --value {unit}")
+    machine.succeed(f"systemctl restart {unit}")
+    after = machine.succeed(f"systemctl show -p MainPID --value {unit}")
+    assert before != after, f"{unit} kept its main PID {before.strip()}"
 def check_stack(client, app, data) -> None:
     """What every deployment of the module must do, seen from `client`: `app` runs the app
     and the worker, `data` PostgreSQL and RabbitMQ (the same node on one host)."""

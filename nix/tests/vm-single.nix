@@ -22,6 +22,9 @@
     # RabbitMQ's inter-node port: the AMQP port + 20000.
     ERLANG_DIST_PORT = pageviews.rabbitmq.port + 20000;
     WORKER_METRICS = pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
+    # The units' WatchdogSec, as `systemctl show` prints WatchdogUSec.
+    APP_WATCHDOG = nodes.server.systemd.services.pageviews-app.serviceConfig.WatchdogSec;
+    WORKER_WATCHDOG = nodes.server.systemd.services.pageviews-worker.serviceConfig.WatchdogSec;
   };
 in {
   name = "pageviews-vm-single";

@@ -37,5 +37,19 @@ with subtest("only 80 and 443 face the network; the rest is loopback or a Unix s
 with subtest("RabbitMQ restarts under traffic and nothing is lost"):
     restart_broker_under_traffic(client, server, server)
 
+with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
+    check_notify_unit(server, "pageviews-app.service", APP_WATCHDOG)
+    check_notify_unit(server, "pageviews-worker.service", WORKER_WATCHDOG)
+    # The socket outlives the app: connections wait in its backlog during a restart.
+    server.succeed("systemctl is-active pageviews-app.socket")
+
+    def deploy() -> None:
+        for _ in range(2):
+            restart_unit(server, "pageviews-app.service")
+            server.succeed("systemctl reload nginx.service")
+            server.sleep(1)
+
+    traffic_across(client, server, "pageviews-deploy-traffic", deploy)
+
 with subtest("app and worker units are sandboxed"):
     check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])

@@ -42,6 +42,9 @@
     # RabbitMQ's inter-node port: the AMQP port + 20000.
     ERLANG_DIST_PORT = data.rabbitmq.port + 20000;
     WORKER_METRICS = app.settings.PAGEVIEWS_METRICS_LISTEN;
+    # The units' WatchdogSec, as `systemctl show` prints WatchdogUSec.
+    APP_WATCHDOG = nodes.app.systemd.services.pageviews-app.serviceConfig.WatchdogSec;
+    WORKER_WATCHDOG = nodes.app.systemd.services.pageviews-worker.serviceConfig.WatchdogSec;
   };
 in {
   name = "pageviews-vm-split";

@@ -80,6 +80,37 @@ fn build_pool(config: &DatabaseConfig, statement_timeout: Option<Duration>) -> P
         .build_unchecked(manager)
 }
 
+/// Opens `connections` connections at once (checked out together, then returned to the
+/// pool). The app announces readiness only after this: a restarted app takes the whole
+/// backlog at once, and a cold pool made some of it wait past `PAGEVIEWS_DB_TIMEOUT_MS` (503).
+pub async fn open_connections(pool: &Pool, connections: u32) -> Result<(), String> {
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let pool = pool.clone();
+        opening.spawn(async move { pool.get_owned().await });
+    }
+    let mut held = Vec::new();
+    let mut failure = None;
+    while let Some(opened) = opening.join_next().await {
+        match opened {
+            Ok(Ok(conn)) => held.push(conn),
+            Ok(Err(e)) => failure = Some(e.to_string()),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// `open_connections` until it succeeds, retrying with backoff (and saying so).
+pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
+    let mut backoff = crate::queue::Backoff::default();
+    while let Err(error) = open_connections(pool, connections).await {
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// A database error: no connection, or the query failed (requests wrap it in `AppError`).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

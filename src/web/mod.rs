@@ -169,15 +169,18 @@ fn operations_router(app: AppState) -> Router {
 }
 
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
-/// the remaining tasks to the broker, and returns.
+/// the remaining tasks to the broker, and returns. Tells the service manager it is ready once
+/// the database answers and the publisher runs.
 pub async fn run(config: AppConfig) -> anyhow::Result<()> {
+    let mut stop = Box::pin(shutdown::signal());
+    crate::systemd::spawn_watchdog();
     let pool = db::request_pool(&config.database);
     let outbox = Outbox::start(
         Brokers::from_config(&config.broker),
         pool.clone(),
         config.sweep_interval,
     );
-    let app = App::new(pool, outbox.clone(), config.database.timeout);
+    let app = App::new(pool.clone(), outbox.clone(), config.database.timeout);
     let (trigger, stopping) = shutdown::channel();
     let operations = match &config.metrics_listen {
         Some(listen) => {
@@ -193,8 +196,30 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     };
 
     let listener = listener::bind(&config.listen).await?;
-    tracing::info!(listen = %config.listen, "app listening");
-    listener::serve(listener, router(app), shutdown::signal()).await?;
+    let address = listener.address();
+    let pool_size = config.database.pool_size;
+    let warmed = tokio::select! {
+        opened = db::open_connections(&pool, pool_size) => Some(opened),
+        () = &mut stop => None,
+    };
+    if let Some(warmed) = warmed {
+        // With the database there, serve once the whole pool is open. With it away, serve at
+        // once (503 with Retry-After, as when it goes away later) but announce readiness only
+        // once it answers.
+        let ready = format!("serving on {address}");
+        let announce = tokio::spawn(async move {
+            if let Err(error) = warmed {
+                tracing::warn!(%error, "database unavailable; serving 503 and not ready yet");
+                db::wait_until_reachable(&pool, pool_size).await;
+            }
+            crate::systemd::ready(&ready);
+        });
+        tracing::info!(listen = %address, "app listening");
+        listener::serve(listener, router(app), stop).await?;
+        announce.abort();
+    } else {
+        drop(app);
+    }
 
     // Requests are done: the outbox publishes what it holds and stops; then the operators'
     // listener.

@@ -9,13 +9,36 @@ pub use metrics::WorkerMetrics;
 
 use crate::config::WorkerConfig;
 use crate::db;
+use crate::queue::consumer::ConsumerEvents;
 use crate::shutdown;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::mpsc;
 
+/// The consumer's events go to the metrics; the first time it consumes, the service manager is
+/// told the worker is ready.
+struct Events {
+    metrics: Arc<WorkerMetrics>,
+    ready: std::sync::Once,
+}
+
+impl ConsumerEvents for Events {
+    fn dead_lettered(&self) {
+        self.metrics.dead_lettered();
+    }
+
+    fn connected(&self, up: bool) {
+        self.metrics.connected(up);
+        if up {
+            self.ready.call_once(|| crate::systemd::ready("consuming"));
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT, then stops consuming, finishes the batch in hand and returns.
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    let stop = shutdown::signal();
+    crate::systemd::spawn_watchdog();
     let pool = db::pool(&config.database);
     let metrics = Arc::new(WorkerMetrics::default());
     let (trigger, stopping) = shutdown::channel();
@@ -37,10 +60,14 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let consumer = {
         let mut brokers = crate::queue::brokers::Brokers::from_config(&config.broker);
-        let (stop, events, prefetch) = (stop_consumer.clone(), metrics.clone(), config.prefetch);
+        let events = Events {
+            metrics: metrics.clone(),
+            ready: std::sync::Once::new(),
+        };
+        let (stop, prefetch) = (stop_consumer.clone(), config.prefetch);
         std::thread::Builder::new()
             .name("amqp-consumer".into())
-            .spawn(move || crate::queue::consumer::run(&mut brokers, prefetch, &batches_tx, &stop, events.as_ref()))?
+            .spawn(move || crate::queue::consumer::run(&mut brokers, prefetch, &batches_tx, &stop, &events))?
     };
     let processor = tokio::spawn(tasks::process_batches(
         pool.clone(),
@@ -60,7 +87,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         "worker started"
     );
 
-    shutdown::signal().await;
+    stop.await;
     // The consumer stops taking deliveries. The processor finishes the batch in hand if the
     // database lets it, but gives up once the trigger has fired rather than retrying while
     // the database is away (the consumer thread waits for that verdict, so the trigger must

@@ -139,21 +139,25 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
     let app_env = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1".to_owned())];
     let mut apps = Vec::new();
     for i in 0..2 {
-        let port = free_port()?;
+        // Held here, as systemd's socket unit would hold it: a restarted app gets it again.
+        let socket = pageviews_testbed::activation::ListenSocket::loopback()?;
         let log = d.join(format!("app-{i}.log"));
         apps.push((
-            pageviews_testbed::start_app(&binaries(), &urls, port, &app_env, &log).await?,
-            port,
+            pageviews_testbed::start_app(&binaries(), &urls, &socket, &app_env, &log).await?,
+            socket,
             log,
         ));
     }
     let metrics_port = free_port()?;
     let worker_log = d.join("worker.log");
     let worker_env = [("PAGEVIEWS_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))];
-    let _worker: Process = pageviews_testbed::start_worker(&binaries(), &urls, &worker_env, &worker_log)?;
+    let _worker: Process = pageviews_testbed::start_worker(&binaries(), &urls, &worker_env, &worker_log).await?;
     let mut options = NginxOptions::new(free_port()?, free_port()?);
     (options.rate, options.burst, options.conn_limit) = (100_000, 100_000, 1000);
-    options.upstreams = apps.iter().map(|(_, port, _)| format!("127.0.0.1:{port}")).collect();
+    options.upstreams = apps
+        .iter()
+        .map(|(_, socket, _)| format!("127.0.0.1:{}", socket.port()))
+        .collect();
     let certificates = tls::generate(d)?;
     let nginx = Nginx::start(&d.join("nginx"), &options, &certificates).await?;
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certificates.ca)?)?;
@@ -249,8 +253,8 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
             failed.len() <= LOAD_CONCURRENCY + NGINX_WORKERS,
             "more failures than requests in flight: {failed:?}"
         );
-        let (_, port, log) = &apps[0];
-        apps[0].0 = pageviews_testbed::start_app(&binaries(), &urls, *port, &app_env, log).await?;
+        let (_, socket, log) = &apps[0];
+        apps[0].0 = pageviews_testbed::start_app(&binaries(), &urls, socket, &app_env, log).await?;
         anyhow::Ok(())
     });
     restarted?;
@@ -271,9 +275,9 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
     let (mark, lost_before) = (answered(), lines_with(&apps[1].2, "lost the broker").len());
     let confirmed = || async {
         let mut total = 0;
-        for (_, port, _) in &apps {
+        for (_, socket, _) in &apps {
             total += metric(
-                &format!("http://127.0.0.1:{port}/metrics"),
+                &format!("http://127.0.0.1:{}/metrics", socket.port()),
                 "pageviews_publish_confirmed_total",
             )
             .await?;

@@ -56,6 +56,11 @@ fn each_bad_setting_is_named_with_what_is_wrong() {
         ),
         (
             binaries().app_command(),
+            vec![DB, MQ, ("LISTEN_FDS", "1"), ("LISTEN_PID", "self")],
+            "LISTEN_FDS: socket activation: invalid LISTEN_PID (LISTEN_FDS=\"1\", LISTEN_PID=\"self\"",
+        ),
+        (
+            binaries().app_command(),
             vec![DB, ("AMQP_URL", "redis://x")],
             "AMQP_URL: scheme \"redis\" is not amqp",
         ),

@@ -3,6 +3,7 @@
 use crate::support::{CuttableProxy, SynDropper, TestEnv, binaries, client, hammer, wait_for_log};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use pageviews::queue::QUEUE;
+use pageviews_testbed::activation::ListenSocket;
 use pageviews_testbed::process::{Process, free_port, wait_until};
 use pageviews_testbed::{self as stack, ScratchDir, Urls};
 use std::os::unix::fs::PermissionsExt;
@@ -26,13 +27,14 @@ async fn no_password_reaches_a_log_line_in_text_or_json() -> anyhow::Result<()> 
                 amqp: format!("amqp://app:{MQ_PASSWORD}@{broker}/%2f"),
             };
             let env = [("PAGEVIEWS_LOG_FORMAT", format.to_owned())];
-            let port = free_port()?;
+            let socket = ListenSocket::loopback()?;
+            let port = socket.port();
             let (app_log, worker_log) = (
                 dir.path().join(format!("app-{port}.log")),
                 dir.path().join(format!("worker-{port}.log")),
             );
-            let _app = stack::start_app(&binaries(), &urls, port, &env, &app_log).await?;
-            let _worker = stack::start_worker(&binaries(), &urls, &env, &worker_log)?;
+            let _app = stack::start_app_unready(&binaries(), &urls, &socket, &env, &app_log).await?;
+            let _worker = stack::start_worker_unready(&binaries(), &urls, &env, &worker_log)?;
             let page = client().get(format!("http://127.0.0.1:{port}/")).send().await?;
             assert_eq!(page.status(), 503);
             let timeout = Duration::from_secs(20);
@@ -94,7 +96,7 @@ async fn sigterm_with_the_database_down_and_a_batch_in_hand_exits_zero_and_keeps
     })
     .await?;
     env.services_mut().postgres.stop();
-    let mut worker = env.worker("worker", &[])?;
+    let mut worker = env.worker("worker", &[]).await?;
     wait_for_log(
         &env.log("worker"),
         "cannot process tasks; retrying",
@@ -119,7 +121,7 @@ async fn sigterm_with_the_database_down_and_a_batch_in_hand_exits_zero_and_keeps
     })
     .await?;
     env.services_mut().postgres.start_again().await?;
-    let _worker = env.worker("worker-2", &[])?;
+    let _worker = env.worker("worker-2", &[]).await?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 30);
     Ok(())
 }
@@ -261,11 +263,11 @@ async fn sigterm_while_connecting_to_a_host_that_drops_packets_exits_in_time() -
         database: format!("postgres://app@127.0.0.1:{}/db", free_port()?),
         amqp: format!("amqp://app:pw@127.0.0.1:{}/%2f", blackhole.port),
     };
-    let port = free_port()?;
+    let socket = ListenSocket::loopback()?;
     let app_log = dir.path().join("app.log");
     let worker_log = dir.path().join("worker.log");
-    let mut app = stack::start_app(&binaries(), &urls, port, &[], &app_log).await?;
-    let mut worker = stack::start_worker(&binaries(), &urls, &[], &worker_log)?;
+    let mut app = stack::start_app_unready(&binaries(), &urls, &socket, &[], &app_log).await?;
+    let mut worker = stack::start_worker_unready(&binaries(), &urls, &[], &worker_log)?;
     wait_for_log(&worker_log, "worker started", Duration::from_secs(10)).await?;
 
     let started = Instant::now();
@@ -303,7 +305,7 @@ async fn the_consumer_backs_off_while_failing_and_starts_over_after_a_lasting_se
         &format!(":{}/", proxy.port),
     );
     let log = env.log("worker");
-    let _worker = stack::start_worker(&binaries(), &urls, &[], &log)?;
+    let _worker = stack::start_worker_unready(&binaries(), &urls, &[], &log)?;
     let retries = |text: &str| -> Vec<u64> {
         text.lines()
             .filter(|l| l.contains("consumer lost the broker"))

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_restart_under_load_loses_no_page_view() -> anyhow::Result<()> {
+    let _alone = crate::support::load_alone().await;
     let mut env = TestEnv::dedicated().await?;
     env.migrate()?;
     let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     let url = app.url("/");
 
     let load = tokio::spawn({
@@ -62,7 +63,7 @@ async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<(
     let backlog = hammer(&app.url("/"), 300, 8).await;
     assert!(backlog.iter().all(|r| r == &Ok(200)), "{backlog:?}");
     let app_pid = app.process.pid();
-    let mut worker = env.worker("worker", &[("PAGEVIEWS_PREFETCH", "5")])?;
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_PREFETCH", "5")]).await?;
     wait_until("the worker into the backlog", Duration::from_secs(20), || async {
         let (_, processed) = env.counts().await?;
         anyhow::ensure!(processed >= 5, "{processed}");
@@ -113,7 +114,7 @@ async fn an_app_killed_while_the_broker_is_away_loses_no_task() -> anyhow::Resul
     env.migrate()?;
     let sweep = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")];
     let mut app = env.app(&sweep).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     env.services_mut().rabbitmq.stop();
     let results = hammer(&app.url("/"), 50, 4).await;
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
@@ -132,6 +133,7 @@ async fn an_app_killed_while_the_broker_is_away_loses_no_task() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyhow::Result<()> {
+    let _alone = crate::support::load_alone().await;
     let env = TestEnv::dedicated().await?;
     env.migrate()?;
     // A backlog big enough to kill a worker half-way (tasks carry up to 64 ids): made in the
@@ -147,7 +149,7 @@ async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyho
     .await?;
 
     // Prefetch 1 makes the first worker slow enough to be killed half-way.
-    let mut first = env.worker("worker-1", &[("PAGEVIEWS_PREFETCH", "1")])?;
+    let mut first = env.worker("worker-1", &[("PAGEVIEWS_PREFETCH", "1")]).await?;
     wait_until("some tasks processed", Duration::from_secs(30), || async {
         let (_, processed) = env.counts().await?;
         anyhow::ensure!(processed >= 1_000, "{processed}");
@@ -165,7 +167,7 @@ async fn a_worker_killed_mid_backlog_leaves_every_task_processed_once() -> anyho
                        FROM page_views WHERE processed_at IS NOT NULL";
     let before = env.sql_count(fingerprint).await?;
 
-    let _second = env.worker("worker-2", &[])?;
+    let _second = env.worker("worker-2", &[]).await?;
     env.all_processed(Duration::from_secs(60)).await?;
     // Rows processed before the kill kept their processed_at: none was processed twice.
     let again =
@@ -186,7 +188,7 @@ async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going(
     let env = TestEnv::new().await?;
     env.migrate()?;
     let app = env.app(&[]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     let url = env.urls.amqp.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;

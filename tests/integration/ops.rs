@@ -116,7 +116,9 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() -> anyhow::
         .app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())])
         .await?;
     let worker_listen = format!("127.0.0.1:{worker_metrics}");
-    let _worker = env.worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])?;
+    let _worker = env
+        .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])
+        .await?;
     let c = crate::support::client();
     assert_eq!(c.get(app.url("/")).send().await?.status(), 200);
 

@@ -29,9 +29,9 @@ async fn counters_equal_count_star_after_concurrent_load_and_a_worker_kill() -> 
     let app = env.app(&[]).await?;
     // Small prefetch: many concurrent transactions, each adding to a counter row.
     let small = [("PAGEVIEWS_PREFETCH", "2")];
-    let _a = env.worker("worker-a", &small)?;
-    let mut b = env.worker("worker-b", &small)?;
-    let _c = env.worker("worker-c", &small)?;
+    let _a = env.worker("worker-a", &small).await?;
+    let mut b = env.worker("worker-b", &small).await?;
+    let _c = env.worker("worker-c", &small).await?;
     let load = tokio::spawn({
         let url = app.url("/");
         async move { hammer(&url, 4_000, 32).await }
@@ -43,7 +43,7 @@ async fn counters_equal_count_star_after_concurrent_load_and_a_worker_kill() -> 
     })
     .await?;
     b.stop_with(libc::SIGKILL, Duration::from_secs(5));
-    let _d = env.worker("worker-d", &small)?;
+    let _d = env.worker("worker-d", &small).await?;
     let results = load.await?;
     let ok = results.iter().filter(|r| r == &&Ok(200)).count() as i64;
     assert_eq!(ok, 4_000, "{:?}", results.iter().find(|r| r != &&Ok(200)));
@@ -76,7 +76,7 @@ async fn tasks_lost_after_their_confirm_are_processed_anyway() -> anyhow::Result
     // Deleted: the next publishes are unroutable (returned), then the app declares it again.
     on_channel(&env, |ch| ch.queue_delete(QUEUE, Default::default()).map(|_| ())).await?;
     assert!(hammer(&app.url("/"), 100, 8).await.iter().all(|r| r == &Ok(200)));
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 300);
     Ok(())
 }
@@ -88,7 +88,7 @@ async fn a_backlog_only_in_the_database_is_caught_up_at_full_speed() -> anyhow::
     env.migrate()?;
     const BACKLOG: i64 = 30_000;
     env.backlog_in_db(BACKLOG).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
     let started = Instant::now();
     let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "2")]).await?;
     // The old sweep offered 2 000 rows per interval, and none while the queue was non-empty.
@@ -162,7 +162,7 @@ async fn persistent_nacks_back_off_and_recover() -> anyhow::Result<()> {
     let refusals = log.matches("broker refused tasks").count();
     assert!((1..=8).contains(&refusals), "{refusals} refusal lines in 3 s:\n{log}");
     rabbit.ctl(&["clear_policy", "-p", &env.vhost, "refuse"])?;
-    let _worker = env.worker("worker", &classic)?;
+    let _worker = env.worker("worker", &classic).await?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 50);
     Ok(())
 }

@@ -9,7 +9,7 @@ async fn a_page_view_is_recorded_published_and_processed() -> anyhow::Result<()>
     let env = TestEnv::new().await?;
     env.migrate()?;
     let app = env.app(&[]).await?;
-    let _worker = env.worker("worker", &[])?;
+    let _worker = env.worker("worker", &[]).await?;
 
     let response = client()
         .get(app.url("/"))
@@ -95,8 +95,8 @@ async fn the_rollup_runs_once_per_interval_with_two_workers() -> anyhow::Result<
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
     let fast = [("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1")];
     let started = std::time::Instant::now();
-    let mut one = env.worker("worker-1", &fast)?;
-    let mut two = env.worker("worker-2", &fast)?;
+    let mut one = env.worker("worker-1", &fast).await?;
+    let mut two = env.worker("worker-2", &fast).await?;
     let runs = wait_until("three rollup runs", Duration::from_secs(10), || async {
         let runs = env
             .sql_count("SELECT runs AS n FROM scheduled_jobs WHERE name = 'rollup'")
@@ -130,7 +130,7 @@ async fn sigterm_mid_load_drains_and_exits_zero() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     env.migrate()?;
     let mut app = env.app(&[]).await?;
-    let mut worker = env.worker("worker", &[("PAGEVIEWS_PREFETCH", "10")])?;
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_PREFETCH", "10")]).await?;
     let load = tokio::spawn(hammer_url(app.url("/"), 1500, 8));
     wait_until("the worker busy with a backlog", Duration::from_secs(20), || async {
         let (rows, processed) = env.counts().await?;
@@ -154,6 +154,8 @@ async fn sigterm_mid_load_drains_and_exits_zero() -> anyhow::Result<()> {
         "app exited with {app_status:?}: {}",
         env.log_text(&format!("app-{}", app.port))
     );
+    // `systemctl stop pageviews-app.socket` too: what waits in its backlog is refused.
+    drop(app._socket);
     let results = load.await?;
     let answered = results.iter().filter(|r| r == &&Ok(200)).count();
     assert!(
@@ -161,8 +163,88 @@ async fn sigterm_mid_load_drains_and_exits_zero() -> anyhow::Result<()> {
         "only 200s or refused connections: {results:?}"
     );
     // Every task the app accepted was handed to the broker before it exited.
-    let _next = env.worker("worker-2", &[])?;
+    let _next = env.worker("worker-2", &[]).await?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, answered as i64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn app_and_worker_ping_the_watchdog_and_announce_stopping() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    // 300 ms: a ping every 150 ms, from a task on each binary's runtime.
+    let watchdog = [("WATCHDOG_USEC", "300000")];
+    let mut app = env.app(&watchdog).await?;
+    let mut worker = env.worker("worker", &watchdog).await?;
+    for process in [&app.process, &worker] {
+        let ready = process.notified().expect("started by the launcher");
+        assert!(ready.ready && !ready.stopping, "{ready:?}");
+        wait_until("three watchdog pings", Duration::from_secs(10), || async {
+            let pings = process.notified().unwrap().watchdog_pings;
+            anyhow::ensure!(pings >= 3, "{pings} pings");
+            Ok(())
+        })
+        .await?;
+    }
+    assert!(
+        app.process
+            .notified()
+            .unwrap()
+            .status
+            .starts_with("serving on 127.0.0.1:")
+    );
+    for process in [&mut app.process, &mut worker] {
+        let status = process.stop_async(libc::SIGTERM, Duration::from_secs(20)).await;
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        // Sent before the exit; the launcher's reader may still be handling it.
+        wait_until("STOPPING=1", Duration::from_secs(5), || async {
+            anyhow::ensure!(process.notified().unwrap().stopping, "not yet");
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_passed_socket_the_app_binds_its_own_unix_socket() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let socket = env.dir.path().join("app.sock");
+    let mut command = crate::support::binaries().app_command();
+    command
+        .env("DATABASE_URL", &env.urls.database)
+        .env("AMQP_URL", &env.urls.amqp)
+        .env("PAGEVIEWS_LISTEN", &socket);
+    let mut app = pageviews_testbed::activation::start(
+        "pageviews-app",
+        command,
+        None,
+        env.dir.path(),
+        &env.log("app-unix"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let meta = std::fs::symlink_metadata(&socket)?;
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(
+        env.log_text("app-unix")
+            .contains(&format!("listen=unix:{}", env.dir.path().join("app.sock").display()))
+    );
+    let status = app.stop_async(libc::SIGTERM, Duration::from_secs(20)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     Ok(())
 }
 

@@ -5,7 +5,8 @@
 
 use anyhow::Context;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use pageviews_testbed::process::{Process, free_port, wait_until};
+use pageviews_testbed::activation::ListenSocket;
+use pageviews_testbed::process::{Process, wait_until};
 use pageviews_testbed::{self as stack, Binaries, ScratchDir, Services, Urls};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -43,6 +44,13 @@ async fn shared() -> anyhow::Result<&'static Services> {
         .await
 }
 
+/// Held by the tests that put the machine under load (their figures mean something only if
+/// they do not share its cores with each other).
+pub async fn load_alone() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOAD.lock().await
+}
+
 pub fn binaries() -> Binaries {
     Binaries::new(
         env!("CARGO_BIN_EXE_pageviews-app"),
@@ -64,6 +72,8 @@ pub struct TestEnv {
 
 pub struct RunningApp {
     pub process: Process,
+    /// Held as systemd's socket unit holds it; passed to the app as fd 3.
+    pub _socket: ListenSocket,
     pub port: u16,
 }
 
@@ -139,15 +149,22 @@ impl TestEnv {
     }
 
     pub async fn app(&self, env: &[(&str, &str)]) -> anyhow::Result<RunningApp> {
-        let port = free_port()?;
+        let socket = ListenSocket::loopback()?;
+        let port = socket.port();
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        let process = stack::start_app(&binaries(), &self.urls, port, &env, &self.log(&format!("app-{port}"))).await?;
-        Ok(RunningApp { process, port })
+        let log = self.log(&format!("app-{port}"));
+        let process = stack::start_app(&binaries(), &self.urls, &socket, &env, &log).await?;
+        Ok(RunningApp {
+            process,
+            _socket: socket,
+            port,
+        })
     }
 
-    pub fn worker(&self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Process> {
+    /// Starts a worker and waits until it consumes (READY=1).
+    pub async fn worker(&self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Process> {
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        stack::start_worker(&binaries(), &self.urls, &env, &self.log(name))
+        stack::start_worker(&binaries(), &self.urls, &env, &self.log(name)).await
     }
 
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {

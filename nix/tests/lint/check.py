@@ -226,11 +226,12 @@ def blocks_at(text: str, path: list[str]) -> list[str]:
 
 
 def services_defined(text: str) -> set[str]:
-    """systemd.services names defined in parse output."""
-    names: set[str] = set()
-    for block in blocks_at(text, ["systemd", "services"]):
-        names.update(top_level_keys(block))
-    return {f"{n}.service" for n in names}
+    """systemd.services and systemd.sockets names defined in parse output, as unit names."""
+    units: set[str] = set()
+    for kind, suffix in (("services", "service"), ("sockets", "socket")):
+        for block in blocks_at(text, ["systemd", kind]):
+            units.update(f"{n}.{suffix}" for n in top_level_keys(block))
+    return units
 
 
 def module_units_by_role() -> dict[str, set[str]]:
@@ -624,7 +625,7 @@ def check_single_source_units() -> None:
         return
     pure = nix_eval(f"(import {MODULES}/service-config.nix).singleHost")
     assert isinstance(pure, dict)
-    defined = {u.removesuffix(".service") for u in services_defined(units_nix)}
+    defined = {u.removesuffix(".service") for u in services_defined(units_nix) if u.endswith(".service")}
     if defined != set(pure):
         fail(f"5 units.nix defines {sorted(defined)}, service-config.nix {sorted(pure)}")
     for path in module_files():

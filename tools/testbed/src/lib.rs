@@ -2,6 +2,7 @@
 //! RabbitMQ, the migration, app, worker and nginx. Used by `pageviews-stack` and by the
 //! integration tests, so both run the same code.
 
+pub mod activation;
 pub mod nginx;
 pub mod postgres;
 pub mod process;
@@ -9,8 +10,9 @@ pub mod rabbitmq;
 pub mod rabbitmq_cluster;
 pub mod tls;
 
+use activation::ListenSocket;
 use anyhow::Context;
-use process::{Process, tail, wait_until};
+use process::Process;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -166,50 +168,91 @@ pub fn migrate(binaries: &Binaries, urls: &Urls, log: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-/// Starts the app listening on `listen` and waits until `/healthz` answers.
-pub async fn start_app(
-    binaries: &Binaries,
-    urls: &Urls,
-    port: u16,
-    extra_env: &[(&str, String)],
-    log: &Path,
-) -> anyhow::Result<Process> {
+/// How long a service may take to send READY=1 (systemd's default TimeoutStartSec is 90 s).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The app's command on `urls`.
+fn app_command(binaries: &Binaries, urls: &Urls, extra_env: &[(&str, String)]) -> Command {
     let mut command = binaries.app_command();
-    command
-        .env("DATABASE_URL", &urls.database)
-        .env("AMQP_URL", &urls.amqp)
-        .env("PAGEVIEWS_LISTEN", format!("127.0.0.1:{port}"));
+    command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
     for (k, v) in extra_env {
         command.env(k, v);
     }
-    let mut process = Process::spawn("pageviews-app", &mut command, log)?;
-    let url = format!("http://127.0.0.1:{port}/healthz");
-    let client = reqwest::Client::new();
-    let ready = wait_until("pageviews-app", Duration::from_secs(30), || {
-        let request = client.get(&url).send();
-        async move { Ok(request.await?.error_for_status()?) }
-    })
-    .await;
-    if let Err(e) = ready {
-        let exited = process.try_wait();
-        anyhow::bail!("{e:#} (exit: {exited:?}); log:\n{}", tail(log, 20));
-    }
-    Ok(process)
+    command
 }
 
-/// Starts a worker.
-pub fn start_worker(
-    binaries: &Binaries,
-    urls: &Urls,
-    extra_env: &[(&str, String)],
-    log: &Path,
-) -> anyhow::Result<Process> {
+/// The worker's command on `urls`.
+fn worker_command(binaries: &Binaries, urls: &Urls, extra_env: &[(&str, String)]) -> Command {
     let mut command = binaries.worker_command();
     command.env("DATABASE_URL", &urls.database).env("AMQP_URL", &urls.amqp);
     for (k, v) in extra_env {
         command.env(k, v);
     }
-    Process::spawn("pageviews-worker", &mut command, log)
+    command
+}
+
+/// Starts the app on `socket`, passed the way systemd passes it, and waits for READY=1.
+/// Notify sockets go next to the log.
+pub async fn start_app(
+    binaries: &Binaries,
+    urls: &Urls,
+    socket: &ListenSocket,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = app_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::start("pageviews-app", command, Some(socket), dir, log, START_TIMEOUT).await
+}
+
+/// Starts the app on `socket` and waits until it answers `/healthz`, ready or not: with its
+/// database away it serves (503) but sends no READY=1.
+pub async fn start_app_unready(
+    binaries: &Binaries,
+    urls: &Urls,
+    socket: &ListenSocket,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = app_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    let mut process = activation::spawn("pageviews-app", command, Some(socket), dir, log)?;
+    let url = format!("http://127.0.0.1:{}/healthz", socket.port());
+    let client = reqwest::Client::new();
+    let serving = process::wait_until("pageviews-app", START_TIMEOUT, || {
+        let request = client.get(&url).send();
+        async move { Ok(request.await?.error_for_status()?) }
+    })
+    .await;
+    if let Err(e) = serving {
+        let exited = process.try_wait();
+        anyhow::bail!("{e:#} (exit: {exited:?}); log:\n{}", process::tail(log, 20));
+    }
+    Ok(process)
+}
+
+/// Starts a worker and waits for READY=1 (it consumes).
+pub async fn start_worker(
+    binaries: &Binaries,
+    urls: &Urls,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = worker_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::start("pageviews-worker", command, None, dir, log, START_TIMEOUT).await
+}
+
+/// Starts a worker without waiting for READY=1 (its broker or database away).
+pub fn start_worker_unready(
+    binaries: &Binaries,
+    urls: &Urls,
+    extra_env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Process> {
+    let command = worker_command(binaries, urls, extra_env);
+    let dir = log.parent().unwrap_or(Path::new("."));
+    activation::spawn("pageviews-worker", command, None, dir, log)
 }
 
 /// App, worker and nginx in front, on given database and broker URLs.
@@ -218,10 +261,29 @@ pub struct Deployment {
     pub nginx: nginx::Nginx,
     pub app: Process,
     pub worker: Process,
+    /// The app's listening socket, held here as systemd's `pageviews-app.socket` holds it.
+    pub app_socket: ListenSocket,
     pub app_port: u16,
     pub certificates: tls::Certificates,
     pub options: nginx::NginxOptions,
+    launch: Launch,
 }
+
+/// What restarting the app or the worker needs.
+struct Launch {
+    dir: PathBuf,
+    binaries: Binaries,
+    urls: Urls,
+    app_env: Vec<(String, String)>,
+    worker_env: Vec<(String, String)>,
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, String)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
+}
+
+/// How long a stopping app or worker may take to drain (the units' TimeoutStopSec).
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Deployment {
     /// Migrates, then starts the app, the worker and nginx; logs and configuration go to `dir`.
@@ -233,10 +295,19 @@ impl Deployment {
         app_env: &[(&str, String)],
         worker_env: &[(&str, String)],
     ) -> anyhow::Result<Deployment> {
+        let owned = |env: &[(&str, String)]| env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let launch = Launch {
+            dir: dir.to_owned(),
+            binaries: binaries.clone(),
+            urls: urls.clone(),
+            app_env: owned(app_env),
+            worker_env: owned(worker_env),
+        };
         migrate(binaries, urls, &dir.join("migrate.log"))?;
-        let app_port = process::free_port()?;
-        let app = start_app(binaries, urls, app_port, app_env, &dir.join("app.log")).await?;
-        let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log"))?;
+        let app_socket = ListenSocket::loopback()?;
+        let app_port = app_socket.port();
+        let app = start_app(binaries, urls, &app_socket, app_env, &dir.join("app.log")).await?;
+        let worker = start_worker(binaries, urls, worker_env, &dir.join("worker.log")).await?;
         let certificates = tls::generate(dir)?;
         options.upstreams = vec![format!("127.0.0.1:{app_port}")];
         let nginx = nginx::Nginx::start(&dir.join("nginx"), &options, &certificates).await?;
@@ -244,10 +315,43 @@ impl Deployment {
             nginx,
             app,
             worker,
+            app_socket,
             app_port,
             certificates,
             options,
+            launch,
         })
+    }
+
+    /// `systemctl restart pageviews-app`: SIGTERM, wait for the exit (requests in flight
+    /// finish), start a new app on the same socket and wait for its READY=1. Returns how the
+    /// old one exited.
+    pub async fn restart_app(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = self.app.stop_async(libc::SIGTERM, STOP_TIMEOUT).await;
+        let l = &self.launch;
+        self.app = start_app(
+            &l.binaries,
+            &l.urls,
+            &self.app_socket,
+            &borrowed(&l.app_env),
+            &l.dir.join("app.log"),
+        )
+        .await?;
+        status.context("the app was not running")
+    }
+
+    /// `systemctl restart pageviews-worker`, the same way.
+    pub async fn restart_worker(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = self.worker.stop_async(libc::SIGTERM, STOP_TIMEOUT).await;
+        let l = &self.launch;
+        self.worker = start_worker(
+            &l.binaries,
+            &l.urls,
+            &borrowed(&l.worker_env),
+            &l.dir.join("worker.log"),
+        )
+        .await?;
+        status.context("the worker was not running")
     }
 
     pub fn https_url(&self, path: &str) -> String {

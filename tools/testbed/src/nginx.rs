@@ -125,6 +125,31 @@ impl Nginx {
         })
     }
 
+    /// `systemctl reload nginx` (SIGHUP to the master): returns once the master runs new
+    /// worker processes and every old one has exited (each finishes its requests first).
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let master = self.process.pid();
+        let before = worker_pids(master)?;
+        anyhow::ensure!(!before.is_empty(), "nginx runs no worker processes");
+        // SAFETY: kill(2) on the master we started (not its group: workers take no SIGHUP).
+        if unsafe { libc::kill(master as i32, libc::SIGHUP) } != 0 {
+            bail!("cannot signal nginx: {}", std::io::Error::last_os_error());
+        }
+        wait_until("nginx's workers to be replaced", Duration::from_secs(20), || {
+            let before = before.clone();
+            async move {
+                let now = worker_pids(master)?;
+                anyhow::ensure!(
+                    !now.is_empty() && now.iter().all(|pid| !before.contains(pid)),
+                    "workers {now:?}, before the reload {before:?}"
+                );
+                Ok(())
+            }
+        })
+        .await
+        .with_context(|| format!("nginx error log:\n{}", tail(&self.dir.join("error.log"), 20)))
+    }
+
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
@@ -132,6 +157,13 @@ impl Nginx {
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
+}
+
+/// The master's children: its worker (and cache) processes.
+fn worker_pids(master: u32) -> anyhow::Result<Vec<u32>> {
+    let path = format!("/proc/{master}/task/{master}/children");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    Ok(text.split_whitespace().filter_map(|pid| pid.parse().ok()).collect())
 }
 
 fn prefix_args(dir: &Path, main: &Path) -> Vec<std::ffi::OsString> {

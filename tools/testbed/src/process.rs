@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub struct Process {
     name: String,
     child: Option<Child>,
+    /// Set for processes started by `activation::start`.
+    pub(crate) notify: Option<Box<crate::activation::NotifySocket>>,
 }
 
 impl Process {
@@ -34,6 +36,7 @@ impl Process {
         Ok(Process {
             name: name.to_owned(),
             child: Some(child),
+            notify: None,
         })
     }
 
@@ -70,6 +73,28 @@ impl Process {
         tracing::warn!(process = %self.name, "did not stop within {grace:?}; killing it");
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         child.wait().ok()
+    }
+
+    /// `stop_with` for async callers: waits without blocking a runtime thread.
+    pub async fn stop_async(&mut self, signal: i32, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(signal);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait() {
+                if let Some(child) = self.child.take() {
+                    // Helpers left in its group go too, as in `stop_with`. SAFETY: as above.
+                    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                }
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop_with(libc::SIGKILL, Duration::from_secs(5))
+    }
+
+    /// What the process told the launcher (processes started by `activation::start`).
+    pub fn notified(&self) -> Option<crate::activation::Notified> {
+        self.notify.as_ref().map(|n| n.notified())
     }
 
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {

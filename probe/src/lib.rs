@@ -102,7 +102,7 @@ impl Probe {
             result: self.redirect().await,
         });
         let processed = match visit {
-            Some((_, recorded)) => self.processed(recorded).await,
+            Some((visit, _)) => self.processed(visit).await,
             None => Err(anyhow::anyhow!("no visit was recorded")),
         };
         outcomes.push(Outcome {
@@ -192,25 +192,29 @@ impl Probe {
         Ok(format!("308 to {location}"))
     }
 
-    /// Waits until the page shows at least as many processed visits as were recorded when
-    /// the probe's own visit was.
-    async fn processed(&self, recorded: i64) -> anyhow::Result<String> {
+    /// Waits until the probe's own visit is processed (`GET /visits/{id}`).
+    async fn processed(&self, visit: i64) -> anyhow::Result<String> {
         let started = Instant::now();
         loop {
-            let body = self.client.get(self.url("/")).send().await?.text().await?;
-            let processed = number_after(&body, r#"<dd id="processed">"#).context("no processed total on the page")?;
-            if processed >= recorded {
+            let response = self.client.get(self.url(&format!("/visits/{visit}"))).send().await?;
+            ensure!(
+                response.status() == StatusCode::OK,
+                "GET /visits/{visit} answered {}",
+                response.status()
+            );
+            let state: serde_json::Value = response.json().await.context("/visits/{id} is not JSON")?;
+            if state["processed"] == true {
                 return Ok(format!(
-                    "{processed} processed after {:.1} s",
+                    "visit #{visit} processed after {:.1} s",
                     started.elapsed().as_secs_f64()
                 ));
             }
             ensure!(
                 started.elapsed() < self.patience,
-                "only {processed} of {recorded} processed after {:?}",
+                "visit #{visit} not processed after {:?}",
                 self.patience
             );
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

@@ -177,6 +177,16 @@ pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
     })
 }
 
+/// Whether the page view `id` is processed; `None` when there is no such row.
+pub async fn is_processed(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<Option<bool>> {
+    page_views::table
+        .find(id)
+        .select(page_views::processed_at.is_not_null())
+        .get_result(conn)
+        .await
+        .optional()
+}
+
 /// The highest id so far (0 for an empty table): the bench counts a step's rows after it.
 pub async fn max_id(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
     page_views::table

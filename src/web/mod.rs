@@ -7,6 +7,7 @@ pub mod listener;
 mod page;
 mod request_id;
 mod stats;
+mod visits;
 
 use crate::config::AppConfig;
 use crate::db::{self, Pool};
@@ -132,6 +133,7 @@ pub fn router(app: AppState) -> Router {
     Router::new()
         .route("/", get(page::show))
         .route("/stats", get(stats::show))
+        .route("/visits/{id}", get(visits::show))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

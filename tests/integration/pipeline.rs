@@ -4,6 +4,46 @@ use crate::support::{TestEnv, client, hammer};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
+/// `/visits/{id}` follows one visit: unprocessed while no worker runs, processed once one
+/// does; only the boolean, never the row; clear answers for ids that are not visits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_visit_can_be_followed_until_it_is_processed() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let page = client()
+        .get(app.url("/"))
+        .header("user-agent", "visit-follower/1.0")
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains(r#"<strong id="visit">#1</strong>"#), "{page}");
+
+    let response = client().get(app.url("/visits/1")).send().await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let body = response.text().await?;
+    assert_eq!(body, r#"{"id":1,"processed":false}"#, "the row's data must not show");
+
+    let _worker = env.worker("worker", &[]).await?;
+    wait_until("visit #1 processed", Duration::from_secs(20), || async {
+        let body = client().get(app.url("/visits/1")).send().await?.text().await?;
+        anyhow::ensure!(body == r#"{"id":1,"processed":true}"#, "{body}");
+        Ok(())
+    })
+    .await?;
+
+    let unknown = client().get(app.url("/visits/2")).send().await?;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.text().await?, "no visit #2\n");
+    let malformed = client().get(app.url("/visits/one")).send().await?;
+    assert_eq!(malformed.status(), 400);
+    assert!(malformed.text().await?.contains("Cannot parse"));
+    assert_eq!(env.exact_counts().await?, (1, 1), "following a visit records none");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_page_view_is_recorded_published_and_processed() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;

@@ -233,15 +233,17 @@ async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdow
 
 /// The thread: connects, publishes, reconnects with backoff, until shutdown.
 fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
-    let mut pending: VecDeque<i64> = VecDeque::new();
-    let mut backoff = Backoff::default();
-    let mut closed_at: Option<Instant> = None;
+    let mut state = State {
+        pending: VecDeque::new(),
+        backoff: Backoff::default(),
+        closed_at: None,
+    };
     loop {
         let delay = match connect(brokers) {
-            Ok((connection, channel)) => {
+            Ok((mut connection, channel)) => {
                 tracing::info!(broker = %brokers.current(), "publisher connected");
                 shared.connected.store(true, Ordering::Relaxed);
-                let result = session(&channel, rx, shared, &mut pending, &mut backoff, &mut closed_at);
+                let result = sessions(&mut connection, channel, rx, shared, &mut state);
                 shared.connected.store(false, Ordering::Relaxed);
                 shared.queue_ready.store(-1, Ordering::Relaxed);
                 match result {
@@ -251,44 +253,92 @@ fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
                     }
                     Err(e) => {
                         shared.metrics.failures.inc();
-                        let delay = backoff.next_delay();
-                        tracing::warn!(broker = %brokers.current(), error = %e, unconfirmed = pending.len(), retry_in_ms = delay.as_millis() as u64, "publisher lost the broker; reconnecting");
+                        let delay = state.backoff.next_delay();
+                        tracing::warn!(broker = %brokers.current(), error = %e, unconfirmed = state.pending.len(), retry_in_ms = delay.as_millis() as u64, "publisher lost the broker; reconnecting");
                         delay
                     }
                 }
             }
             Err(e) => {
-                let delay = backoff.next_delay();
+                let delay = state.backoff.next_delay();
                 tracing::warn!(broker = %brokers, error = %e, retry_in_ms = delay.as_millis() as u64, "publisher cannot reach the broker");
                 delay
             }
         };
-        // Keep taking ids meanwhile (the bound holds: they count in the backlog), so that a
-        // shutdown is noticed.
-        let until = Instant::now() + delay;
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            if closing(shared, &mut closed_at)
-                && (pending.is_empty() || closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
-            {
-                if !pending.is_empty() {
-                    tracing::warn!(
-                        unpublished = pending.len(),
-                        "stopping with unpublished tasks; the sweep publishes them after the restart"
-                    );
-                    shared.backlog.fetch_sub(pending.len(), Ordering::Relaxed);
+        if !wait(delay, rx, shared, &mut state) {
+            return;
+        }
+    }
+}
+
+/// What the publisher thread carries across sessions and connections.
+struct State {
+    /// Ids taken from the app and not yet confirmed, oldest first.
+    pending: VecDeque<i64>,
+    backoff: Backoff,
+    closed_at: Option<Instant>,
+}
+
+/// Sessions on one connection until shutdown or a failure. A refusal (nacks) ends a session;
+/// after a backoff the next one starts on a new channel: a quorum queue that refused publishes
+/// under a `reject-publish` limit went on refusing them on that channel once the limit was
+/// gone (RabbitMQ 3.10), while a new channel's publishes were taken.
+fn sessions(
+    connection: &mut amiquip::Connection,
+    mut channel: amiquip::Channel,
+    rx: &Receiver<Vec<i64>>,
+    shared: &Shared,
+    state: &mut State,
+) -> Result<(), SessionError> {
+    loop {
+        match session(&channel, rx, shared, state) {
+            Err(SessionError::Refused(messages)) => {
+                let delay = state.backoff.next_delay();
+                tracing::warn!(
+                    messages,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker refused tasks; retrying them on a new channel"
+                );
+                let _ = channel.close();
+                if !wait(delay, rx, shared, state) {
+                    return Ok(());
                 }
-                return;
+                channel = connection.open_channel(None)?;
+                channel.enable_publisher_confirms()?;
             }
-            match rx.recv_timeout(left.min(IDLE_POLL)) {
-                Ok(ids) => pending.extend(ids),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    closed_at.get_or_insert_with(Instant::now);
-                    std::thread::sleep(left.min(IDLE_POLL));
-                }
+            other => return other,
+        }
+    }
+}
+
+/// Waits `delay` before the next attempt, taking ids meanwhile (the bound holds: they count
+/// in the backlog) so that a shutdown is noticed. `false`: stop now (shutdown, and nothing
+/// pending or the drain deadline passed).
+fn wait(delay: Duration, rx: &Receiver<Vec<i64>>, shared: &Shared, state: &mut State) -> bool {
+    let until = Instant::now() + delay;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if closing(shared, &mut state.closed_at)
+            && (state.pending.is_empty() || state.closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
+        {
+            if !state.pending.is_empty() {
+                tracing::warn!(
+                    unpublished = state.pending.len(),
+                    "stopping with unpublished tasks; the sweep publishes them after the restart"
+                );
+                shared.backlog.fetch_sub(state.pending.len(), Ordering::Relaxed);
+            }
+            return false;
+        }
+        match rx.recv_timeout(left.min(IDLE_POLL)) {
+            Ok(ids) => state.pending.extend(ids),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                state.closed_at.get_or_insert_with(Instant::now);
+                std::thread::sleep(left.min(IDLE_POLL));
             }
         }
     }
+    true
 }
 
 fn connect(brokers: &mut Brokers) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
@@ -315,18 +365,24 @@ enum SessionError {
     Closed,
     #[error("{0} tasks returned as unroutable ({1}); declaring the topology again")]
     Unroutable(usize, String),
+    /// Messages the broker nacked (disk or memory alarm, queue limit).
+    #[error("the broker refused {0} messages")]
+    Refused(usize),
 }
 
-/// Publishes until shutdown (`Ok`) or a failure (`Err`, with the unconfirmed ids back at the
-/// front of `pending`).
+/// Publishes until shutdown (`Ok`) or a failure or refusal (`Err`, with the unconfirmed ids
+/// back at the front of `pending`).
 fn session(
     channel: &amiquip::Channel,
     rx: &Receiver<Vec<i64>>,
     shared: &Shared,
-    pending: &mut VecDeque<i64>,
-    backoff: &mut Backoff,
-    closed_at: &mut Option<Instant>,
+    state: &mut State,
 ) -> Result<(), SessionError> {
+    let State {
+        pending,
+        backoff,
+        closed_at,
+    } = state;
     let confirms = channel.listen_for_publisher_confirms()?;
     let returns = channel.listen_for_returns()?;
     let mut smoother = ConfirmSmoother::new();
@@ -457,15 +513,8 @@ fn session(
             return Err(SessionError::Unroutable(returned, reason));
         }
         if nacked > 0 {
-            // A broker that refuses messages (disk or memory alarm, queue limit): retry later,
-            // not in a loop.
-            let delay = backoff.next_delay();
-            tracing::warn!(
-                messages = nacked,
-                retry_in_ms = delay.as_millis() as u64,
-                "broker refused tasks; retrying them"
-            );
-            std::thread::sleep(delay);
+            // Retried later (`sessions`), not in a loop.
+            return Err(SessionError::Refused(nacked));
         } else if confirmed > 0 {
             // Reset only after the broker took work: a broker that accepts connections and
             // refuses publishes keeps the backoff growing.

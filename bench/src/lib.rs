@@ -231,7 +231,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     figures.push(Figure::new(
         "large.generate_secs",
         format!(
-            "{} rows added (INSERT … generate_series + ANALYZE)",
+            "{} rows added (INSERT … generate_series, VACUUM ANALYZE, CHECKPOINT)",
             settings.large_rows
         ),
         started.elapsed().as_secs_f64(),

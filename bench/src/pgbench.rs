@@ -7,11 +7,6 @@ use pageviews_testbed::postgres::DEBIAN_DIRS;
 use pageviews_testbed::process::find_program;
 use std::path::Path;
 
-/// The app's INSERT: one row, a JSONB document of the same shape and size built per row from a
-/// bound parameter (as the app binds its document), `RETURNING id`.
-const SCRIPT: &str = "\\set n random(1, 1000000000)\n\
-INSERT INTO page_views (data) VALUES (('{\"user_agent\": \"wrk\", \"cookie_names\": [], \"request_id\": \"' || lpad(:n::text, 32, '0') || '\"}')::jsonb) RETURNING id;\n";
-
 #[derive(Clone, Debug)]
 pub struct InsertRate {
     pub clients: u32,
@@ -29,7 +24,7 @@ pub async fn insert_rates(
     let url = postgres.create_database("pgbench").await?;
     pageviews::db::migrate(&url).await?;
     let script = dir.join("pgbench-insert.sql");
-    std::fs::write(&script, SCRIPT)?;
+    std::fs::write(&script, pageviews::db::page_views::PGBENCH_INSERT)?;
     let pgbench = find_program("pgbench", DEBIAN_DIRS, "postgresql")?;
     let mut rates = Vec::new();
     for &n in clients {
@@ -39,7 +34,9 @@ pub async fn insert_rates(
             .args(["-p", &postgres.port().to_string()])
             .args(["-c", &n.to_string(), "-T", &secs.to_string(), "-f"])
             .arg(&script)
-            .arg("pgbench");
+            .arg("pgbench")
+            // In the environment, not on the command line other users can read.
+            .env("PGPASSWORD", postgres.password());
         let text = super::output_of("pgbench", &mut command).await?;
         let (per_sec, latency_ms) = parse(&text).with_context(|| format!("cannot read pgbench's report:\n{text}"))?;
         rates.push(InsertRate {

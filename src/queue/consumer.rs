@@ -35,8 +35,42 @@ pub trait ConsumerEvents: Send + Sync {
 /// Ids per batch (one transaction), at most; deliveries are taken until it is reached.
 const MAX_BATCH_IDS: usize = 2_000;
 
+/// The consumer thread, the counterpart of `outbox::Outbox`: `start` it, give each of its
+/// batches a verdict, `shutdown`.
+pub struct Consumer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Consumer {
+    /// Starts the thread (it reconnects with backoff when the broker goes away); its batches
+    /// arrive on the receiver, each waiting for its verdict before the next is taken.
+    pub fn start(
+        mut brokers: Brokers,
+        prefetch: u16,
+        events: impl ConsumerEvents + 'static,
+    ) -> (Consumer, mpsc::Receiver<Batch>) {
+        let (tx, rx) = mpsc::channel(4);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("amqp-consumer".into())
+            .spawn(move || run(&mut brokers, prefetch, &tx, &thread_stop, &events))
+            .expect("spawning a thread only fails when the system is out of resources");
+        (Consumer { stop, thread }, rx)
+    }
+
+    /// Stops taking deliveries and waits for the thread. It waits for the verdict of the batch
+    /// in hand first, so whoever gives verdicts must be able to give up (deliveries left
+    /// unacked are redelivered).
+    pub async fn shutdown(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
 /// Consumes until `stop` is set; reconnects with backoff when the broker goes away.
-pub fn run(
+fn run(
     brokers: &mut Brokers,
     prefetch: u16,
     batches: &mpsc::Sender<Batch>,

@@ -9,11 +9,9 @@ pub use metrics::WorkerMetrics;
 
 use crate::config::WorkerConfig;
 use crate::db;
-use crate::queue::consumer::ConsumerEvents;
+use crate::queue::consumer::{Consumer, ConsumerEvents};
 use crate::shutdown;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use tokio::sync::mpsc;
 
 /// The consumer's events go to the metrics; the first time it consumes, the service manager is
 /// told the worker is ready.
@@ -56,22 +54,17 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (batches_tx, batches_rx) = mpsc::channel(4);
-    let stop_consumer = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let mut brokers = crate::queue::brokers::Brokers::from_config(&config.broker);
-        let events = Events {
+    let (consumer, batches) = Consumer::start(
+        crate::queue::brokers::Brokers::from_config(&config.broker),
+        config.prefetch,
+        Events {
             metrics: metrics.clone(),
             ready: std::sync::Once::new(),
-        };
-        let (stop, prefetch) = (stop_consumer.clone(), config.prefetch);
-        std::thread::Builder::new()
-            .name("amqp-consumer".into())
-            .spawn(move || crate::queue::consumer::run(&mut brokers, prefetch, &batches_tx, &stop, &events))?
-    };
+        },
+    );
     let processor = tokio::spawn(tasks::process_batches(
         pool.clone(),
-        batches_rx,
+        batches,
         metrics.clone(),
         stopping.clone(),
     ));
@@ -91,10 +84,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // The consumer stops taking deliveries. The processor finishes the batch in hand if the
     // database lets it, but gives up once the trigger has fired rather than retrying while
     // the database is away (the consumer thread waits for that verdict, so the trigger must
-    // fire before the join); unacked deliveries are redelivered.
-    stop_consumer.store(true, std::sync::atomic::Ordering::Relaxed);
+    // fire before the shutdown waits for the thread); unacked deliveries are redelivered.
     trigger.fire();
-    let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
+    consumer.shutdown().await;
     let _ = processor.await;
     let _ = scheduler.await;
     if let Some(server) = metrics_server {

@@ -1,7 +1,7 @@
 //! The entry points of the binaries, shared so the local launcher can run the same code as
 //! `pageviews-app` and `pageviews-worker` in its child processes.
 
-use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, Source, WorkerConfig};
+use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, WorkerConfig};
 use crate::telemetry;
 use std::future::Future;
 use std::process::ExitCode;
@@ -10,8 +10,18 @@ use std::process::ExitCode;
 pub fn app(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-app";
     match args {
-        [] => main_with(PROGRAM, AppConfig::from_source, crate::web::run),
-        [cmd] if cmd == "migrate" => main_with(PROGRAM, DatabaseConfig::from_source, migrate),
+        [] => main_with(
+            PROGRAM,
+            || AppConfig::from_source(&Environment),
+            crate::web::run,
+            log_failure,
+        ),
+        [cmd] if cmd == "migrate" => main_with(
+            PROGRAM,
+            || DatabaseConfig::from_source(&Environment),
+            migrate,
+            log_failure,
+        ),
         [flag] if flag == "--help" || flag == "-h" => {
             println!(
                 "usage: {PROGRAM} [migrate]\n  (no argument)  serve HTTP\n  migrate        apply pending database migrations and exit\nConfiguration is read from the environment; see README.md."
@@ -26,7 +36,12 @@ pub fn app(args: &[String]) -> ExitCode {
 pub fn worker(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-worker";
     match args {
-        [] => main_with(PROGRAM, WorkerConfig::from_source, crate::worker::run),
+        [] => main_with(
+            PROGRAM,
+            || WorkerConfig::from_source(&Environment),
+            crate::worker::run,
+            log_failure,
+        ),
         other => usage_error(PROGRAM, other, "(no arguments; configuration from the environment)"),
     }
 }
@@ -53,13 +68,41 @@ async fn migrate(config: DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,
-/// runs `run` on a multi-threaded runtime (exit 1 when it fails).
-fn main_with<C, F>(program: &str, load: fn(&dyn Source) -> Result<C, ConfigError>, run: fn(C) -> F) -> ExitCode
+/// The `main` of a tool that starts the stack (pageviews-stack, pageviews-bench): re-run as
+/// `<tool> app|worker`, it is that child (see [`child`]); else like the binaries, but a failure
+/// is printed plainly for the person at the terminal.
+pub fn launcher_main<C, F>(
+    program: &str,
+    usage: &str,
+    load: impl FnOnce() -> Result<C, ConfigError>,
+    run: impl FnOnce(C) -> F,
+) -> ExitCode
 where
     F: Future<Output = anyhow::Result<()>>,
 {
-    let config = match load(&Environment) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = child(program, &args, usage) {
+        return code;
+    }
+    main_with(program, load, run, |program, e| eprintln!("{program}: {e:#}"))
+}
+
+fn log_failure(program: &str, e: &anyhow::Error) {
+    tracing::error!(error = format!("{e:#}"), "{program} failed");
+}
+
+/// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,
+/// runs `run` on a multi-threaded runtime (exit 1, after `report`, when it fails).
+fn main_with<C, F>(
+    program: &str,
+    load: impl FnOnce() -> Result<C, ConfigError>,
+    run: impl FnOnce(C) -> F,
+    report: fn(&str, &anyhow::Error),
+) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let config = match load() {
         Ok(config) => config,
         Err(e) => return telemetry::config_error(program, &e),
     };
@@ -73,10 +116,13 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    // A blocking broker call still running (the broker gone) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "{program} failed");
+            report(program, &e);
             ExitCode::FAILURE
         }
     }

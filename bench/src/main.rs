@@ -10,44 +10,24 @@ use pageviews::config::{ConfigError, Environment, parsed};
 use pageviews_bench::{self as bench, Settings};
 use pageviews_testbed::ScratchDir;
 use std::process::ExitCode;
-use std::time::Duration;
 
 const PROGRAM: &str = "pageviews-bench";
 const DEFAULT_OUT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/latest.json");
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
     // The stack's app and worker are this executable re-run with a subcommand.
-    if let Some(code) = pageviews::cli::child(PROGRAM, &args, "(no arguments; settings from the environment)") {
-        return code;
-    }
-    let settings = match settings() {
-        Ok(settings) => settings,
-        Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
-    };
-    if let Err(code) = pageviews::telemetry::init_from_env(PROGRAM) {
-        return code;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime starts");
-    let result = runtime.block_on(async {
-        // Dropping the run on Ctrl-C kills wrk/pgbench (kill_on_drop) and stops the stack.
-        tokio::select! {
-            result = run(&settings) => result,
-            _ = pageviews::shutdown::signal() => Err(anyhow::anyhow!("interrupted; everything was stopped")),
-        }
-    });
-    // The broker client runs on a blocking thread that ends once the broker is gone.
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{PROGRAM}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    pageviews::cli::launcher_main(
+        PROGRAM,
+        "(no arguments; settings from the environment)",
+        settings,
+        |settings| async move {
+            // Dropping the run on Ctrl-C kills wrk/pgbench (kill_on_drop) and stops the stack.
+            tokio::select! {
+                result = run(&settings) => result,
+                _ = pageviews::shutdown::signal() => Err(anyhow::anyhow!("interrupted; everything was stopped")),
+            }
+        },
+    )
 }
 
 fn settings() -> Result<Settings, ConfigError> {

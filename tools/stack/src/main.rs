@@ -13,30 +13,9 @@ use std::time::Duration;
 const PROGRAM: &str = "pageviews-stack";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
     // The launcher runs the app and the worker as children of itself, so `cargo run` of this
     // one binary is enough.
-    if let Some(code) = pageviews::cli::child(PROGRAM, &args, "(no arguments; see README.md)") {
-        return code;
-    }
-    let options = match options() {
-        Ok(options) => options,
-        Err(e) => return pageviews::telemetry::config_error(PROGRAM, &e),
-    };
-    if let Err(code) = pageviews::telemetry::init_from_env(PROGRAM) {
-        return code;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime starts");
-    match runtime.block_on(run(options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{PROGRAM}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    pageviews::cli::launcher_main(PROGRAM, "(no arguments; see README.md)", options, run)
 }
 
 /// Nodes in the RabbitMQ cluster; 1 is a single broker.

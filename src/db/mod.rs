@@ -111,6 +111,15 @@ pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
     }
 }
 
+/// Whether a pooled connection answers a query, within the pool's timeout (readiness, the
+/// `database_up` gauge).
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    run(pool, async |conn| {
+        diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
+    })
+    .await
+}
+
 /// A database error: no connection, or the query failed (requests wrap it in `AppError`).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

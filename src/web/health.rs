@@ -6,28 +6,15 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use diesel_async::RunQueryDsl;
 use std::time::Instant;
 
 pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Whether a pooled connection answers, within the pool's timeout.
-async fn database(app: &AppState) -> Result<(), String> {
-    match app.pool.get().await {
-        Ok(mut conn) => diesel::sql_query("SELECT 1")
-            .execute(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// Ready when the database answers and the outbox is connected to the broker.
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
-    let database = database(&app).await;
+    let database = crate::db::ping(&app.pool).await;
     let broker = app.outbox.is_connected();
     let mut body = String::new();
     match &database {
@@ -51,7 +38,9 @@ pub async fn metrics(State(app): State<AppState>) -> impl axum::response::IntoRe
     app.metrics.broker_connected.set(i64::from(app.outbox.is_connected()));
     // Checked at scrape time (at most PAGEVIEWS_DB_TIMEOUT_MS): the alert on an unreachable
     // database needs no traffic to fire.
-    app.metrics.database_up.set(i64::from(database(&app).await.is_ok()));
+    app.metrics
+        .database_up
+        .set(i64::from(crate::db::ping(&app.pool).await.is_ok()));
     crate::metrics::exposition(&app.registry)
 }
 

@@ -192,26 +192,32 @@ impl Probe {
         Ok(format!("308 to {location}"))
     }
 
-    /// Waits until the probe's own visit is processed (`GET /visits/{id}`).
+    /// Waits until the probe's own visit is processed (`GET /visits/{id}`); an answer other
+    /// than "processed" (a 503 while the database restarts, a 429) is retried until
+    /// `patience` runs out, and the last one is reported.
     async fn processed(&self, visit: i64) -> anyhow::Result<String> {
         let started = Instant::now();
         loop {
-            let response = self.client.get(self.url(&format!("/visits/{visit}"))).send().await?;
-            ensure!(
-                response.status() == StatusCode::OK,
-                "GET /visits/{visit} answered {}",
-                response.status()
-            );
-            let state: serde_json::Value = response.json().await.context("/visits/{id} is not JSON")?;
-            if state["processed"] == true {
-                return Ok(format!(
-                    "visit #{visit} processed after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                ));
-            }
+            let last = match self.client.get(self.url(&format!("/visits/{visit}"))).send().await {
+                Ok(response) if response.status() == StatusCode::OK => {
+                    let state: serde_json::Value = response
+                        .json()
+                        .await
+                        .with_context(|| format!("/visits/{visit} did not answer JSON"))?;
+                    if state["processed"] == true {
+                        return Ok(format!(
+                            "visit #{visit} processed after {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                    "not processed yet".to_owned()
+                }
+                Ok(response) => format!("GET /visits/{visit} answered {}", response.status()),
+                Err(e) => format!("GET /visits/{visit} failed: {e}"),
+            };
             ensure!(
                 started.elapsed() < self.patience,
-                "visit #{visit} not processed after {:?}",
+                "visit #{visit} not processed after {:?} ({last})",
                 self.patience
             );
             tokio::time::sleep(Duration::from_millis(200)).await;

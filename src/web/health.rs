@@ -19,7 +19,8 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
     let mut body = String::new();
     match &database {
         Ok(()) => body.push_str("database: ok\n"),
-        Err(e) => body.push_str(&format!("database: unavailable ({e})\n")),
+        Err(crate::db::DbError::Pool(e)) => body.push_str(&format!("database: unavailable ({e})\n")),
+        Err(crate::db::DbError::Query(e)) => body.push_str(&format!("database: query failed ({e})\n")),
     }
     body.push_str(if broker {
         "broker: ok\n"

@@ -74,7 +74,13 @@ async fn a_database_restart_gives_quick_503s_then_recovers() -> anyhow::Result<(
     assert_eq!(response.headers()["retry-after"], "5");
     assert!(response.text().await?.contains("Temporarily unavailable"));
     assert!(took < Duration::from_secs(3), "503 took {took:?}");
-    assert_eq!(client().get(app.url("/readyz")).send().await?.status(), 503);
+    let ready = client().get(app.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    let ready = ready.text().await?;
+    assert!(
+        ready.starts_with("database: unavailable (") && ready.ends_with("broker: ok\n"),
+        "{ready}"
+    );
     let metrics = client().get(app.url("/metrics")).send().await?.text().await?;
     assert!(metrics.contains("\npageviews_database_up 0\n"), "{metrics}");
     let mut worker = env.worker("worker", &[("PAGEVIEWS_PREFETCH", "5")]).await?;

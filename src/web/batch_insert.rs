@@ -3,7 +3,7 @@
 //! right after the commit. One statement and one commit (one WAL flush) for many rows is what
 //! lets the app go past the single-row INSERT rate of the database.
 //!
-//! There is no timer: a batch is whatever arrived while the previous INSERTs were running, so
+//! There is no timer: a batch is whatever arrived while the previous INSERT was running, so
 //! a lone request waits for nobody and a busy app writes bigger batches.
 //!
 //! Every page view has a deadline, `PAGEVIEWS_DB_TIMEOUT_MS` after it arrived: the request is
@@ -17,15 +17,11 @@ use crate::db::{self, Pool};
 use crate::queue::outbox::Outbox;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Rows per INSERT at most: enough that a slow commit (a busy disk) still carries many rows.
 const MAX_ROWS: usize = 256;
-/// INSERTs running at once; while it is busy, new page views gather into the next batch. One:
-/// the fewest commits per row. At 32 connections through nginx + TLS it served 1.20× the
-/// requests of 4 INSERTs in flight (p99 9 ms both; bench/README.md).
-const IN_FLIGHT: usize = 1;
 /// Page views waiting for an INSERT, at most; beyond, requests are answered 503 at once
 /// (the database is not keeping up, and their deadline would pass anyway).
 const QUEUE_LIMIT: usize = 4_096;
@@ -73,14 +69,11 @@ impl InsertBatcher {
     }
 }
 
+/// One batch at a time: a batch is whatever arrived while the previous INSERT ran. One INSERT
+/// in flight gave the fewest commits per row: at 32 connections through nginx + TLS it served
+/// 1.20× the requests of 4 in flight (p99 9 ms both; bench/README.md).
 async fn run(mut rx: mpsc::Receiver<Visit>, pool: Pool, outbox: Outbox, metrics: Arc<AppMetrics>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let mut batch = vec![first];
         while batch.len() < MAX_ROWS {
             match rx.try_recv() {
@@ -88,32 +81,28 @@ async fn run(mut rx: mpsc::Receiver<Visit>, pool: Pool, outbox: Outbox, metrics:
                 Err(_) => break,
             }
         }
-        let (pool, outbox, metrics) = (pool.clone(), outbox.clone(), metrics.clone());
-        tokio::spawn(async move {
-            // Requests whose deadline has passed were answered 503 already: not stored.
-            let now = Instant::now();
-            batch.retain(|v| v.deadline > now + MARGIN);
-            let Some(budget_ends) = batch.iter().map(|v| v.deadline - MARGIN).min() else {
-                return;
-            };
-            let (data, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|v| (v.data, v.reply)).unzip();
-            match insert(&pool, &data, budget_ends).await {
-                Ok(ids) => {
-                    metrics.recorded.inc_by(ids.len() as u64);
-                    outbox.offer(ids.clone());
-                    for (id, reply) in ids.into_iter().zip(replies) {
-                        let _ = reply.send(Ok(id));
-                    }
-                }
-                Err(e) => {
-                    let e = Arc::new(e);
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+        // Requests whose deadline has passed were answered 503 already: not stored.
+        let now = Instant::now();
+        batch.retain(|v| v.deadline > now + MARGIN);
+        let Some(budget_ends) = batch.iter().map(|v| v.deadline - MARGIN).min() else {
+            continue;
+        };
+        let (data, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|v| (v.data, v.reply)).unzip();
+        match insert(&pool, &data, budget_ends).await {
+            Ok(ids) => {
+                metrics.recorded.inc_by(ids.len() as u64);
+                outbox.offer(ids.clone());
+                for (id, reply) in ids.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(id));
                 }
             }
-            drop(slot);
-        });
+            Err(e) => {
+                let e = Arc::new(e);
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 

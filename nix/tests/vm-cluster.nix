@@ -5,7 +5,8 @@
 {
   pkgs,
   module,
-  probe,
+  # Lazy: only the client nodes read it (the nixos-eval harness evaluates the others without it).
+  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
   tls,
   secrets,
   ...

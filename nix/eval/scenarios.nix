@@ -136,6 +136,72 @@
   withoutExec = lib.mapAttrs (_: c: removeAttrs c ["ExecStart"]);
   deployed = withoutExec (lib.genAttrs (lib.attrNames pure.singleHost) (n: example.config.systemd.services.${n}.serviceConfig));
   scored = withoutExec pure.singleHost;
+
+  # The VM tests (nix/tests), each as the test framework evaluates it: its nodes with the
+  # addresses nixos/lib/testing/network.nix gives (sorted names -> 192.168.1.<n>) and `nodes`
+  # the attrset of their configs, then its testScript applied to them. The constants the
+  # Python gets are read from the nodes' options, so a wrong option path there fails here
+  # rather than in a VM build. (The harness evaluates some nodes of three of the tests, but no
+  # script: its runNixOSTest stub wants a string, where nixos/lib/testing/testScript.nix
+  # declares `either str (functionTo str)`.)
+  flakeImages = lib.mapAttrs (_: i: i // i.args.passthru) {inherit (flake.self.packages.x86_64-linux) app-image worker-image;};
+  testArgs = {
+    inherit pkgs secrets;
+    tls = import (root + "/nix/tests/tls.nix") {inherit pkgs;};
+    module = {imports = [module withPackage];};
+    probe = fakePackage // {name = "pageviews-probe-0.1.0";};
+    images = flakeImages;
+  };
+  vmTest = file: let
+    test = import (root + "/nix/tests/${file}") testArgs;
+    names = lib.sort lib.lessThan (lib.attrNames test.nodes);
+    num = lib.listToAttrs (lib.imap1 (i: n: lib.nameValuePair n i) names);
+    evs = lib.mapAttrs (n: m:
+      eval [
+        m
+        {
+          networking.hostName = n;
+          networking.primaryIPAddress = "192.168.1.${toString num.${n}}";
+          _module.args.nodes = lib.mkForce nodes;
+        }
+      ])
+    test.nodes;
+    nodes = lib.mapAttrs (_: e: e.config) evs;
+    script = test.testScript {inherit nodes;};
+    failed = lib.filterAttrs (_: fa: fa != []) (lib.mapAttrs (_: failedAssertions) evs);
+    commonPy = builtins.readFile (root + "/nix/tests/common.py");
+  in
+    check (failed == {} && has commonPy script) {
+      inherit (test) name;
+      failedAssertions = failed;
+      # the lines before common.py: the constants
+      constants = lib.head (lib.splitString commonPy script);
+    };
+
+  # Monitoring with the real services.prometheus declarations, where the cache has them (an
+  # extension of the harness's cache: nixos/modules/services/monitoring/prometheus/default.nix
+  # at the cache's nixpkgs path).
+  prometheusModule = paths.cache + "/nixpkgs/nixos/modules/services/monitoring/prometheus/default.nix";
+  # pageviews with its Prometheus jobs on one host, with `modules` besides.
+  monitored = modules:
+    eval ([
+        module
+        withPackage
+        {
+          services.pageviews = {
+            enable = true;
+            tls.selfSigned = true;
+            prometheus.enable = true;
+          };
+        }
+      ]
+      ++ modules);
+  # A check that could not run here: scripts/nixos-eval prints SKIPPED and the reason.
+  skipped = reason: {
+    ok = true;
+    skipped = reason;
+    detail = {};
+  };
 in {
   checks = {
     # F1: the postgresql module's own mkDefault is the only definition of the package.
@@ -192,6 +258,71 @@ in {
         failedAssertions = failedAssertions ev;
         package = ev.config.services.pageviews.package.name;
       };
+
+    # The harness's flake summary but its two VM-test fields (its runNixOSTest stub fails on
+    # our testScript functions; the vm* checks here evaluate those scripts).
+    flakeOutputs = let
+      sm = removeAttrs flake.summary ["testNames" "testScriptBytes"];
+      want = {
+        packages = ["app-image" "default" "pageviews" "pageviews-probe" "worker-image"];
+        checks = ["vm-cluster" "vm-images" "vm-single" "vm-split"];
+      };
+    in
+      check (builtins.deepSeq sm (sm.exampleFailedAssertions
+        == []
+        && sm.packages.x86_64-linux == want.packages
+        && lib.all (c: lib.elem c sm.checks.x86_64-linux) want.checks))
+      sm;
+    vmSingle = vmTest "vm-single.nix";
+    vmSplit = vmTest "vm-split.nix";
+    vmImages = vmTest "vm-images.nix";
+    vmCluster = vmTest "vm-cluster.nix";
+
+    # services.pageviews.prometheus: scrape jobs for the app and the worker and the alert
+    # rules in a real services.prometheus; without services.prometheus.enable, the assertion.
+    prometheusJobs =
+      if !builtins.pathExists prometheusModule
+      then skipped "no ${prometheusModule}"
+      else let
+        ev = monitored [prometheusModule {services.prometheus.enable = true;}];
+        p = ev.config.services.prometheus;
+        jobs =
+          map (j: {
+            inherit (j) job_name;
+            targets = lib.concatMap (s: s.targets) j.static_configs;
+          })
+          p.scrapeConfigs;
+      in
+        check (noFailedAssertions ev
+          && jobs
+          == [
+            {
+              job_name = "pageviews-app";
+              targets = ["127.0.0.1:9102"];
+            }
+            {
+              job_name = "pageviews-worker";
+              targets = [ev.config.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN];
+            }
+          ]
+          && p.ruleFiles == [(root + "/ops/prometheus/alerts.yml")]) {
+          inherit jobs;
+          ruleFiles = map toString p.ruleFiles;
+          failedAssertions = failedAssertions ev;
+        };
+    prometheusNeedsTheServer =
+      if !builtins.pathExists prometheusModule
+      then skipped "no ${prometheusModule}"
+      else let
+        fa = failedAssertions (monitored [prometheusModule]);
+      in
+        check (lib.any (has "needs services.prometheus.enable") fa) {failedAssertions = fa;};
+    # Without services.prometheus declared at all (the harness's module set): the same
+    # assertion, not an evaluation error.
+    prometheusUndeclared = let
+      fa = failedAssertions (monitored []);
+    in
+      check (lib.any (has "needs services.prometheus.enable") fa) {failedAssertions = fa;};
 
     # 5: what the module deploys is what systemd-score scores (ExecStart aside: a store path
     # there, a placeholder in the score).

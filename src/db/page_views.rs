@@ -7,7 +7,9 @@
 
 use super::schema::page_views;
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Double, Int8, Jsonb, SmallInt, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -36,26 +38,13 @@ pub async fn insert(
     data: &[serde_json::Value],
     budget: std::time::Duration,
 ) -> QueryResult<Vec<i64>> {
-    let mut ids: Vec<i64> = diesel::sql_query(
-        "WITH inserted AS ( \
-             INSERT INTO page_views (data) \
-             SELECT d FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(d, n) \
-             WHERE (SELECT clock_timestamp() < statement_timestamp() + make_interval(secs => $3)) \
-             ORDER BY n \
-             RETURNING id), \
-         counted AS ( \
-             UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) \
-             WHERE shard = $2) \
-         SELECT id FROM inserted",
-    )
-    .bind::<Array<Jsonb>, _>(data)
-    .bind::<SmallInt, _>(next_shard())
-    .bind::<Double, _>(budget.as_secs_f64())
-    .load::<Id>(conn)
-    .await?
-    .into_iter()
-    .map(|r| r.id)
-    .collect();
+    let mut ids: Vec<i64> = InsertBatch {
+        data,
+        budget: budget.as_secs_f64(),
+        shard: next_shard(),
+    }
+    .load(conn)
+    .await?;
     // The sequence hands out ids in the order the SELECT produces the rows; sorting makes the
     // pairing independent of the order RETURNING lists them in.
     ids.sort_unstable();
@@ -63,6 +52,92 @@ pub async fn insert(
         return Err(diesel::result::Error::NotFound);
     }
     Ok(ids)
+}
+
+/// The two statements of every batch, as queries of their own type: diesel prepares each once
+/// per connection and reuses it. It never caches the text of a `sql_query`, so every call of
+/// one was a round trip to prepare it and a parse, analysis and plan on the server: a quarter
+/// of PostgreSQL's CPU at GET / c=32 in `perf` (bench/README.md).
+///
+/// The INSERT: all of `data` in order, or nothing once the budget is spent; the count is added
+/// to counter row `shard`.
+struct InsertBatch<'a> {
+    data: &'a [serde_json::Value],
+    budget: f64,
+    shard: i16,
+}
+
+impl Query for InsertBatch<'_> {
+    type SqlType = Int8;
+}
+
+/// The cache key: the type (its SQL never changes), whatever the borrowed values.
+impl QueryId for InsertBatch<'_> {
+    type QueryId = InsertBatch<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for InsertBatch<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH inserted AS ( \
+                 INSERT INTO page_views (data) \
+                 SELECT d FROM unnest(",
+        );
+        out.push_bind_param::<Array<Jsonb>, _>(self.data)?;
+        out.push_sql(
+            "::jsonb[]) WITH ORDINALITY AS t(d, n) \
+                 WHERE (SELECT clock_timestamp() < statement_timestamp() + make_interval(secs => ",
+        );
+        out.push_bind_param::<Double, _>(&self.budget)?;
+        out.push_sql(
+            ")) \
+                 ORDER BY n \
+                 RETURNING id), \
+             counted AS ( \
+                 UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) \
+                 WHERE shard = ",
+        );
+        out.push_bind_param::<SmallInt, _>(&self.shard)?;
+        out.push_sql(") SELECT id FROM inserted");
+        Ok(())
+    }
+}
+
+/// The worker's UPDATE: `ids` (locked by the caller) not yet processed are marked and counted
+/// in counter row `shard`; returns them with when each was recorded.
+struct ProcessBatch<'a> {
+    ids: &'a [i64],
+    shard: i16,
+}
+
+impl Query for ProcessBatch<'_> {
+    type SqlType = (Int8, Timestamptz);
+}
+
+impl QueryId for ProcessBatch<'_> {
+    type QueryId = ProcessBatch<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for ProcessBatch<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH done AS ( \
+                 UPDATE page_views SET processed_at = now() \
+                 WHERE id = ANY(",
+        );
+        out.push_bind_param::<Array<Int8>, _>(self.ids)?;
+        out.push_sql(
+            ") AND processed_at IS NULL RETURNING id, created_at), \
+             counted AS ( \
+                 UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
+                 WHERE shard = ",
+        );
+        out.push_bind_param::<SmallInt, _>(&self.shard)?;
+        out.push_sql(" AND EXISTS (SELECT 1 FROM done)) SELECT id, created_at FROM done");
+        Ok(())
+    }
 }
 
 /// Unprocessed rows older than `grace` with an id above `after`, in id order: what the sweep
@@ -98,14 +173,6 @@ pub struct Processed {
     pub missing: Vec<i64>,
 }
 
-#[derive(QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Int8)]
-    id: i64,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
-}
-
 /// Marks page views processed, each at most once, in one transaction that also counts them.
 pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Processed> {
     let mut ids = ids.to_vec();
@@ -121,20 +188,12 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
             .for_update()
             .load(conn)
             .await?;
-        let done: Vec<Row> = diesel::sql_query(
-            "WITH done AS ( \
-                 UPDATE page_views SET processed_at = now() \
-                 WHERE id = ANY($1) AND processed_at IS NULL RETURNING id, created_at), \
-             counted AS ( \
-                 UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
-                 WHERE shard = $2 AND EXISTS (SELECT 1 FROM done)) \
-             SELECT id, created_at FROM done",
-        )
-        .bind::<Array<Int8>, _>(&existing)
-        .bind::<SmallInt, _>(next_shard())
+        let done: Vec<(i64, DateTime<Utc>)> = ProcessBatch {
+            ids: &existing,
+            shard: next_shard(),
+        }
         .load(conn)
         .await?;
-        let done: Vec<(i64, DateTime<Utc>)> = done.into_iter().map(|r| (r.id, r.created_at)).collect();
         let (duplicates, missing) = ids
             .iter()
             .copied()
@@ -167,7 +226,8 @@ struct Sums {
 /// The counters' sums: a read of [`SHARDS`] rows, whatever the size of the table.
 pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
     let sums: Sums = diesel::sql_query(
-        "SELECT COALESCE(sum(recorded), 0)::bigint AS recorded,                 COALESCE(sum(processed), 0)::bigint AS processed FROM page_view_counts",
+        "SELECT COALESCE(sum(recorded), 0)::bigint AS recorded, \
+         COALESCE(sum(processed), 0)::bigint AS processed FROM page_view_counts",
     )
     .get_result(conn)
     .await?;

@@ -291,3 +291,33 @@ async fn without_a_passed_socket_the_app_binds_its_own_unix_socket() -> anyhow::
 async fn hammer_url(url: String, n: usize, concurrency: usize) -> Vec<Result<u16, String>> {
     hammer(&url, n, concurrency).await
 }
+
+/// The two statements of every batch are prepared once per connection and reused, not parsed
+/// and planned again for each batch (diesel never caches the text of a `sql_query`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_batch_statements_are_prepared_once_per_connection() -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    use pageviews::db::page_views;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let mut conn = env.db().await?;
+    for _ in 0..3 {
+        let rows = [serde_json::json!({"n": 1}), serde_json::json!({"n": 2})];
+        let ids = page_views::insert(&mut conn, &rows, Duration::from_secs(5)).await?;
+        assert_eq!(page_views::process(&mut conn, &ids).await?.done.len(), 2);
+    }
+    // Only named (prepared) statements are listed; an unnamed one per call would leave none.
+    let prepared: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_prepared_statements \
+         WHERE statement LIKE 'WITH inserted AS%' OR statement LIKE 'WITH done AS%'",
+    )
+    .get_result(&mut conn)
+    .await?;
+    assert_eq!(prepared.n, 2, "the INSERT and the UPDATE, each prepared once");
+    Ok(())
+}

@@ -1,11 +1,13 @@
 //! The benchmark behind `pageviews-bench`: starts the local stack (durable PostgreSQL) with
 //! nginx's per-client limits raised for the run, measures this machine's limits (pgbench
-//! INSERTs, RabbitMQ publishes and consumes, on quorum and classic queues), then loads `GET /` with wrk through nginx + TLS
+//! INSERTs, RabbitMQ publishes and consumes, on quorum and classic queues, the disk's flush
+//! latency), then loads `GET /` with wrk through nginx + TLS
 //! and straight to the app, checks that every answered request is a stored row and how fast
 //! the worker drains the backlog, and samples memory. Every figure is reported with its ratio
 //! to a limit measured in the same run, because timings on a shared machine are noisy.
 
 mod broker;
+mod disk;
 mod pgbench;
 mod report;
 mod wrk;
@@ -77,6 +79,11 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         settings.secs
     );
     let inserts = pgbench::insert_rates(&stack.services.postgres, dir, &INSERT_CLIENTS, settings.secs).await?;
+    eprintln!("limits: disk flushes (8 KB + fdatasync), {} s", settings.secs);
+    let flush = {
+        let (dir, secs) = (dir.to_owned(), settings.secs as f64);
+        tokio::task::spawn_blocking(move || disk::measure(&dir, secs)).await??
+    };
     eprintln!("limits: RabbitMQ publishes and consumes");
     let secs = settings.secs as f64 / 2.0;
     // Both queue types, alternating twice so neither always runs on a warmer or quieter
@@ -114,6 +121,25 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         ));
     }
+    figures.push(Figure::new(
+        "limit.disk_flush",
+        format!(
+            "limit: disk flush, 8 KB + fdatasync (p50 {:.2} ms, p99 {:.2} ms, max {:.0} ms)",
+            flush.p50_ms, flush.p99_ms, flush.max_ms
+        ),
+        flush.per_sec,
+        "/s",
+    ));
+    figures.push(Figure::new(
+        "limit.disk_flush.stalls",
+        format!(
+            "disk flushes of {} ms or more in {} s (each stalls the batch being committed)",
+            disk::STALL.as_millis(),
+            settings.secs
+        ),
+        flush.stalls as f64,
+        "",
+    ));
     let batch = pageviews::queue::outbox::MAX_BATCH;
     figures.push(Figure::new(
         "limit.publish_batched",

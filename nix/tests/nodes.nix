@@ -32,6 +32,14 @@ in {
     environment.systemPackages = [probe pkgs.curl];
   };
 
+  # The test certificate for the public name, on the host that serves HTTPS.
+  certificate = {
+    services.pageviews.tls = {
+      certificateFile = tls.cert;
+      keyFile = tls.key;
+    };
+  };
+
   # `pageviews-sql 'SELECT …'` on a data host: psql as the superuser on the pageviews
   # database, unaligned tuples only, stops on the first error.
   sql = {config, ...}: {

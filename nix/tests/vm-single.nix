@@ -34,14 +34,10 @@ in {
     client = shared.client "server";
 
     server = {
-      imports = [module shared.sql shared.tools (shared.sized 2048)];
+      imports = [module shared.certificate shared.sql shared.tools (shared.sized 2048)];
       services.pageviews = {
         enable = true;
         inherit (tls) domain;
-        tls = {
-          certificateFile = tls.cert;
-          keyFile = tls.key;
-        };
       };
     };
   };

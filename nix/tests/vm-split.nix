@@ -54,11 +54,7 @@ in {
     client = shared.client "proxy";
 
     proxy = {
-      imports = [(pageviews ["proxy"])];
-      services.pageviews.tls = {
-        certificateFile = tls.cert;
-        keyFile = tls.key;
-      };
+      imports = [(pageviews ["proxy"]) shared.certificate];
     };
 
     app = {

@@ -178,6 +178,20 @@ def restart_broker_under_traffic(client, broker, data) -> None:
     traffic_across(client, data, "pageviews-restart-traffic", disrupt)
 
 
+def deploy_under_traffic(client, app, proxy, data) -> None:
+    """A deploy under traffic, twice: the app restarted on the socket systemd keeps open
+    (connections wait in its backlog meanwhile), nginx reloaded; no request fails."""
+    app.succeed("systemctl is-active pageviews-app.socket")
+
+    def deploy() -> None:
+        for _ in range(2):
+            restart_unit(app, "pageviews-app.service")
+            proxy.succeed("systemctl reload nginx.service")
+            proxy.sleep(1)
+
+    traffic_across(client, data, "pageviews-deploy-traffic", deploy)
+
+
 def check_notify_unit(machine, unit: str, watchdog: str) -> None:
     """`unit` is Type=notify with the module's watchdog (`watchdog`: its WatchdogSec)."""
     shown = machine.succeed(f"systemctl show -p Type,WatchdogUSec {unit}").split()

@@ -40,16 +40,7 @@ with subtest("RabbitMQ restarts under traffic and nothing is lost"):
 with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
     check_notify_unit(server, "pageviews-app.service", APP_WATCHDOG)
     check_notify_unit(server, "pageviews-worker.service", WORKER_WATCHDOG)
-    # The socket outlives the app: connections wait in its backlog during a restart.
-    server.succeed("systemctl is-active pageviews-app.socket")
-
-    def deploy() -> None:
-        for _ in range(2):
-            restart_unit(server, "pageviews-app.service")
-            server.succeed("systemctl reload nginx.service")
-            server.sleep(1)
-
-    traffic_across(client, server, "pageviews-deploy-traffic", deploy)
+    deploy_under_traffic(client, server, server, server)
 
 with subtest("app and worker units are sandboxed"):
     check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])

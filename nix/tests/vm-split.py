@@ -45,16 +45,7 @@ with subtest("RabbitMQ restarts under traffic and nothing is lost"):
 with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
     check_notify_unit(app, "pageviews-app.service", APP_WATCHDOG)
     check_notify_unit(app, "pageviews-worker.service", WORKER_WATCHDOG)
-    # The socket outlives the app: connections wait in its backlog during a restart.
-    app.succeed("systemctl is-active pageviews-app.socket")
-
-    def deploy() -> None:
-        for _ in range(2):
-            restart_unit(app, "pageviews-app.service")
-            proxy.succeed("systemctl reload nginx.service")
-            proxy.sleep(1)
-
-    traffic_across(client, data, "pageviews-deploy-traffic", deploy)
+    deploy_under_traffic(client, app, proxy, data)
 
 with subtest("app and worker units are sandboxed"):
     check_sandbox(app, ["pageviews-app.service", "pageviews-worker.service"])

@@ -383,6 +383,20 @@ def crate_binaries() -> set[str]:
     return bins
 
 
+def common_used_by(tree: ast.AST, common_tree: ast.Module) -> list[ast.stmt]:
+    """The parts of common.py a test's script runs: its top-level statements but function
+    definitions, and the functions the script calls, directly or through other functions."""
+    defs = {d.name: d for d in common_tree.body if isinstance(d, ast.FunctionDef)}
+    used: set[str] = set()
+    todo = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in defs]
+    while todo:
+        name = todo.pop()
+        if name not in used:
+            used.add(name)
+            todo += [n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs]
+    return [d for d in common_tree.body if not isinstance(d, ast.FunctionDef) or d.name in used]
+
+
 def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Module) -> None:
     name = nix_file.stem
     print(f"\n== {name}")
@@ -450,10 +464,11 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
                     ok(f"{node}.{method}: {unit} exists on {node} (roles {sorted(per_node[node][0])})")
                 else:
                     fail(f"{node}.{method}: {unit} is not defined on node {node}")
-    for lit in string_literals(common_tree):
+    common_used = ast.Module(body=common_used_by(tree, common_tree), type_ignores=[])
+    for lit in string_literals(common_used):
         for unit in UNIT_RE.findall(lit):
             if unit not in all_units:
-                fail(f"common.py names {unit}, which no node of {name} has")
+                fail(f"common.py names {unit}, which no node of {name} has (code {name}.py runs)")
     # commands the scripts call that the test's Nix side provides
     literals = string_literals(tree) + string_literals(common_tree)
     commands = set()

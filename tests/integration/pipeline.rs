@@ -1,6 +1,6 @@
 //! The happy path through the real binaries: record, publish, process, roll up, observe.
 
-use crate::support::{TestEnv, client, hammer};
+use crate::support::{TestEnv, client, count_on, hammer};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
@@ -296,13 +296,7 @@ async fn hammer_url(url: String, n: usize, concurrency: usize) -> Vec<Result<u16
 /// and planned again for each batch (diesel never caches the text of a `sql_query`).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_batch_statements_are_prepared_once_per_connection() -> anyhow::Result<()> {
-    use diesel_async::RunQueryDsl;
     use pageviews::db::page_views;
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
     let env = TestEnv::new().await?;
     env.migrate()?;
     let mut conn = env.db().await?;
@@ -312,12 +306,12 @@ async fn the_batch_statements_are_prepared_once_per_connection() -> anyhow::Resu
         assert_eq!(page_views::process(&mut conn, &ids).await?.done.len(), 2);
     }
     // Only named (prepared) statements are listed; an unnamed one per call would leave none.
-    let prepared: Count = diesel::sql_query(
+    let prepared = count_on(
+        &mut conn,
         "SELECT count(*) AS n FROM pg_prepared_statements \
          WHERE statement LIKE 'WITH inserted AS%' OR statement LIKE 'WITH done AS%'",
     )
-    .get_result(&mut conn)
     .await?;
-    assert_eq!(prepared.n, 2, "the INSERT and the UPDATE, each prepared once");
+    assert_eq!(prepared, 2, "the INSERT and the UPDATE, each prepared once");
     Ok(())
 }

@@ -230,18 +230,23 @@ impl TestEnv {
     }
 
     pub async fn sql_count(&self, query: &str) -> anyhow::Result<i64> {
-        #[derive(diesel::QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
-        let mut conn = self.db().await?;
-        let row: Count = diesel::sql_query(query)
-            .get_result(&mut conn)
-            .await
-            .with_context(|| query.to_owned())?;
-        Ok(row.n)
+        count_on(&mut self.db().await?, query).await
     }
+}
+
+/// The `n` column of the one row `query` returns, on `conn` (for what only that connection
+/// sees, such as its prepared statements).
+pub async fn count_on(conn: &mut AsyncPgConnection, query: &str) -> anyhow::Result<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let row: Count = diesel::sql_query(query)
+        .get_result(conn)
+        .await
+        .with_context(|| query.to_owned())?;
+    Ok(row.n)
 }
 
 pub fn client() -> reqwest::Client {

@@ -213,9 +213,15 @@ async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going(
     .await??;
     assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
     env.all_processed(Duration::from_secs(20)).await?;
-    wait_until("three dead letters", Duration::from_secs(20), || async {
+    // 60 s: twice in about ten runs under the whole suite's load, one of the three was still
+    // missing after 20 s (cause not found; the worker's log is in the error for next time).
+    wait_until("three dead letters", Duration::from_secs(60), || async {
         let depth = env.queue_depth(DEAD_LETTER_QUEUE)?;
-        anyhow::ensure!(depth == 3, "{depth} dead-lettered");
+        anyhow::ensure!(
+            depth == 3,
+            "{depth} dead-lettered; worker log:\n{}",
+            env.log_text("worker")
+        );
         Ok(())
     })
     .await?;

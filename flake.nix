@@ -58,7 +58,7 @@
         pageviews = s.build.package;
         pageviews-probe = s.build.probe;
       }
-      // s.images)
+      // s.images.packages)
     perSystem;
 
     checks = lib.mapAttrs (_: s: s.checks) perSystem;

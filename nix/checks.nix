@@ -11,11 +11,13 @@
   inherit (pkgs) lib;
   inherit (build) commonArgs cargoArtifacts;
 
-  # Files that must stay out of the package source (tools/nixfmt-check, scripts/, .ci/, nix/ but nix/nginx/).
+  # What may be in the package's and the tests' sources.
   srcCheck = import ./package-src-check.nix {
     inherit lib root;
-    inherit (build) srcFileset;
+    inherit (build) srcFileset testSrcFileset;
   };
+  # clippy --all-targets, rustfmt and the tests read the tests' source.
+  testArgs = commonArgs // {src = build.testSrc;};
 
   nixFiles = lib.fileset.toSource {
     inherit root;
@@ -30,25 +32,25 @@ in {
       touch "$out"
     ''
     else ''
-      echo "nix/package.nix: the package source holds files that are not part of the build:" >&2
+      echo "nix/package.nix: the package or the tests' source holds files their builds do not read:" >&2
       printf '  %s\n' ${lib.escapeShellArgs srcCheck.offending} >&2
       exit 1
     ''
   );
 
-  clippy = craneLib.cargoClippy (commonArgs
+  clippy = craneLib.cargoClippy (testArgs
     // {
       inherit cargoArtifacts;
       cargoClippyExtraArgs = "--all-targets -- --deny warnings";
     });
 
-  fmt = craneLib.cargoFmt {inherit (commonArgs) src pname version;};
+  fmt = craneLib.cargoFmt {inherit (testArgs) src pname version;};
 
   # The integration tests start their own throwaway PostgreSQL, RabbitMQ and nginx from
   # the binaries on PATH (loopback only, data under $TMPDIR), so the sandbox needs no
   # network. cargo test (not nextest) keeps one process per test binary, so a harness
   # shared by all tests of that binary is started once.
-  tests = craneLib.cargoTest (commonArgs
+  tests = craneLib.cargoTest (testArgs
     // {
       inherit cargoArtifacts;
       nativeCheckInputs = [

@@ -3,6 +3,10 @@
 #
 #   nix build .#app-image && docker load < result
 #   docker run --rm -e DATABASE_URL=... -e AMQP_URL=... -p 8000:8000 pageviews-app:<version>
+#
+# `packages` are the flake's image outputs; `ports` says where each listens, as a plain
+# attrset beside them (the VM test reads it): what a builder passes through on the image
+# derivation differs between nixpkgs versions, so nothing relies on it.
 {
   pkgs,
   package,
@@ -27,12 +31,17 @@
       install -D -m 0555 ${package}/bin/pageviews-${component} "$out/bin/pageviews-${component}"
     '';
 
-  # `port`: where the image listens (passthru, so the VM test reads it from here).
+  ports = {
+    app-image = 8000;
+    worker-image = 9100;
+  };
+
   mkImage = {
     component,
     listenVariable,
-    port,
-  }:
+  }: let
+    port = ports."${component}-image";
+  in
     pkgs.dockerTools.buildLayeredImage {
       name = "pageviews-${component}";
       tag = version;
@@ -58,18 +67,17 @@
         ExposedPorts."${toString port}/tcp" = {};
         Labels = labels component;
       };
-      passthru = {inherit port;};
     };
 in {
-  app-image = mkImage {
-    component = "app";
-    listenVariable = "PAGEVIEWS_LISTEN";
-    port = 8000;
-  };
-
-  worker-image = mkImage {
-    component = "worker";
-    listenVariable = "PAGEVIEWS_METRICS_LISTEN";
-    port = 9100;
+  inherit ports;
+  packages = {
+    app-image = mkImage {
+      component = "app";
+      listenVariable = "PAGEVIEWS_LISTEN";
+    };
+    worker-image = mkImage {
+      component = "worker";
+      listenVariable = "PAGEVIEWS_METRICS_LISTEN";
+    };
   };
 }

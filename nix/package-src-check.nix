@@ -1,19 +1,25 @@
-# Which files of the package source (nix/package.nix `srcFileset`) should not be in it:
-# tools/nixfmt-check (its own crate, for scripts/check-nix only), scripts/, .ci/, and nix/ except the nginx snippets the crate embeds (nix/nginx/). Each one
-# would rebuild the package when edited. Needs only nixpkgs' lib (lib.fileset):
-# checks.nix fails `nix flake check` on a non-empty `offending`; scripts/check-nix
-# evaluates it with the nixos-eval harness's lib when that is present.
+# What may be in the package source (nix/package.nix `srcFileset`) and in the tests' source
+# (`testSrcFileset`); anything else would rebuild them when edited. Needs only nixpkgs' lib
+# (lib.fileset): checks.nix fails `nix flake check` on a non-empty `offending`, and
+# scripts/check-nix evaluates it with the nixos-eval harness's lib when that is present.
 {
   lib,
   root,
   srcFileset,
+  testSrcFileset,
 }: let
   prefix = toString root + "/";
-  files = map (f: lib.removePrefix prefix (toString f)) (lib.fileset.toList srcFileset);
-  outside = f:
-    lib.any (p: lib.hasPrefix p f) ["tools/nixfmt-check/" "scripts/" ".ci/"]
-    || (lib.hasPrefix "nix/" f && !lib.hasPrefix "nix/nginx/" f);
+  relative = set: map (f: lib.removePrefix prefix (toString f)) (lib.fileset.toList set);
+  under = dirs: f: lib.any (d: lib.hasPrefix d f) dirs;
+  # cargo loads every workspace member to build one: their manifests and Rust sources.
+  cargoSource = f:
+    (lib.hasSuffix ".rs" f || lib.hasSuffix ".toml" f || baseNameOf f == "Cargo.lock")
+    && !(under ["tests/" "tools/nixfmt-check/"] f);
+  inPackage = f: cargoSource f || under ["migrations/" "templates/" "static/"] f;
+  inTests = f: inPackage f || under ["tests/" "nix/nginx/" "ops/"] f;
+  files = relative srcFileset;
+  testFiles = relative testSrcFileset;
 in {
-  inherit files;
-  offending = lib.filter outside files;
+  inherit files testFiles;
+  offending = lib.filter (f: !inPackage f) files ++ lib.filter (f: !inTests f) testFiles;
 }

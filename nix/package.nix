@@ -9,29 +9,40 @@
 }: let
   inherit (lib) fileset;
 
-  # cleanCargoSource would drop what the crate reads at compile time (askama templates,
-  # diesel migrations) and the static files we install, so list them explicitly.
-  # Everything else (nix/, scripts/, docs) stays out, so editing it does not rebuild. The
-  # workspace members (tools/testbed, tools/stack, bench/, probe/) must be there for cargo to
-  # load the workspace; commonCargoSources would also take tools/nixfmt-check (a crate of its
-  # own, used only by scripts/check-nix), so that is cut out. nix/package-src-check.nix fails
-  # `nix flake check` and scripts/check-nix if a file of tools/nixfmt-check, nix/ (but
-  # nix/nginx/), scripts/ or .ci/ gets back in.
+  # Two sources, each holding only what its builds read, so that editing anything else
+  # rebuilds nothing:
+  # - `src`, the package's: the workspace's manifests and Rust sources (cargo loads every
+  #   member to build one), what the service crate reads at compile time (askama templates,
+  #   diesel migrations) and the static files installed beside it. cleanCargoSource would
+  #   drop the latter; the root's tests/ (the integration tests) and tools/nixfmt-check (a
+  #   crate of its own for scripts/check-nix) are cut out.
+  # - `testSrc`, for clippy --all-targets, rustfmt and the tests: `src` plus the integration
+  #   tests, the nginx snippets the testbed embeds and the ops files the tests check.
+  # nix/package-src-check.nix says what may be in each; `nix flake check` and scripts/check-nix
+  # fail on anything else, and .ci/run runs the builds and the tests in exactly these files
+  # (scripts/nix-source materialises them).
   srcFileset = fileset.unions [
-    (fileset.difference (craneLib.fileset.commonCargoSources root) (fileset.maybeMissing (root + "/tools/nixfmt-check")))
+    (fileset.difference (craneLib.fileset.commonCargoSources root) (fileset.unions [
+      (fileset.maybeMissing (root + "/tools/nixfmt-check"))
+      (fileset.maybeMissing (root + "/tests"))
+    ]))
     (root + "/migrations")
     (root + "/templates")
     (root + "/static")
-    # Non-Rust test fixtures and the shared nginx snippets, if the crate reads them
-    # (the local launcher and the integration tests use the same nginx hardening).
-    (fileset.maybeMissing (root + "/tests"))
-    (fileset.maybeMissing (root + "/nix/nginx"))
-    # The alert rules and dashboard the ops tests check.
-    (fileset.maybeMissing (root + "/ops"))
+  ];
+  testSrcFileset = fileset.unions [
+    srcFileset
+    (root + "/tests")
+    (root + "/nix/nginx")
+    (root + "/ops")
   ];
   src = fileset.toSource {
     inherit root;
     fileset = srcFileset;
+  };
+  testSrc = fileset.toSource {
+    inherit root;
+    fileset = testSrcFileset;
   };
 
   crateName = craneLib.crateNameFromCargoToml {cargoToml = root + "/Cargo.toml";};
@@ -80,5 +91,5 @@
       };
     });
 in {
-  inherit srcFileset src commonArgs cargoArtifacts package probe;
+  inherit srcFileset testSrcFileset src testSrc commonArgs cargoArtifacts package probe;
 }

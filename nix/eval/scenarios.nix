@@ -133,7 +133,7 @@
   # service-config.nix's `singleHost`, which scripts/systemd-score scores.
   pure = import (root + "/nix/modules/service-config.nix");
   example = h.example;
-  withoutExec = lib.mapAttrs (_: c: removeAttrs c ["ExecStart"]);
+  withoutExec = lib.mapAttrs (_: c: removeAttrs c ["ExecStart" "ExecStartPre"]);
   deployed = withoutExec (lib.genAttrs (lib.attrNames pure.singleHost) (n: example.config.systemd.services.${n}.serviceConfig));
   scored = withoutExec pure.singleHost;
 
@@ -144,7 +144,12 @@
   # rather than in a VM build. (The harness evaluates some nodes of three of the tests, but no
   # script: its runNixOSTest stub wants a string, where nixos/lib/testing/testScript.nix
   # declares `either str (functionTo str)`.)
-  flakeImages = lib.mapAttrs (_: i: i // i.args.passthru) {inherit (flake.self.packages.x86_64-linux) app-image worker-image;};
+  # The images as the flake builds them: the ports beside them, nothing merged in (what a
+  # builder passes through on its result is not modelled, so a test must not rely on it).
+  flakeImages = import (root + "/nix/images.nix") {
+    inherit pkgs;
+    package = fakePackage // {meta.description = "pageviews";};
+  };
   testArgs = {
     inherit pkgs secrets;
     tls = import (root + "/nix/tests/tls.nix") {inherit pkgs;};
@@ -152,13 +157,33 @@
     probe = fakePackage // {name = "pageviews-probe-0.1.0";};
     images = flakeImages;
   };
-  vmTest = file: let
+  # `specialisation` (nixos/modules/system/activation/specialisation.nix), which the harness
+  # neither loads nor stubs: there `configuration` is typed as the parent extended with
+  # extendModules; here it is a deferred module that `specialised` applies the same way.
+  specialisationStub = {
+    options.specialisation = lib.mkOption {
+      default = {};
+      type = lib.types.attrsOf (lib.types.submodule {
+        options.inheritParentConfig = lib.mkOption {
+          type = lib.types.bool;
+          default = true;
+        };
+        options.configuration = lib.mkOption {
+          type = lib.types.deferredModule;
+          default = {};
+        };
+      });
+    };
+  };
+  specialised = ev: lib.mapAttrs (_: s: ev.extendModules {modules = [s.configuration];}) ev.config.specialisation;
+  vmNodes = file: let
     test = import (root + "/nix/tests/${file}") testArgs;
     names = lib.sort lib.lessThan (lib.attrNames test.nodes);
     num = lib.listToAttrs (lib.imap1 (i: n: lib.nameValuePair n i) names);
     evs = lib.mapAttrs (n: m:
       eval [
         m
+        specialisationStub
         {
           networking.hostName = n;
           networking.primaryIPAddress = "192.168.1.${toString num.${n}}";
@@ -167,6 +192,9 @@
       ])
     test.nodes;
     nodes = lib.mapAttrs (_: e: e.config) evs;
+  in {inherit test evs nodes;};
+  vmTest = file: let
+    inherit (vmNodes file) test evs nodes;
     script = test.testScript {inherit nodes;};
     failed = lib.filterAttrs (_: fa: fa != []) (lib.mapAttrs (_: failedAssertions) evs);
     commonPy = builtins.readFile (root + "/nix/tests/common.py");
@@ -196,6 +224,40 @@
         }
       ]
       ++ modules);
+  # A deploy (`nixos-rebuild switch`) as switch-to-configuration and systemd carry it out.
+  # For each unit whose file changed, switch-to-configuration leaves it (restartIfChanged =
+  # false), reloads it (reloadIfChanged), restarts it in place (stopIfChanged = false), or
+  # else stops it before the activation and starts it after; systemd stops with a unit every
+  # unit that Requires=, BindsTo= or is PartOf= it (and stopped that way they wait for the
+  # start phase too). `stoppedBy old new` is the set of units a switch from old to new stops.
+  unitsOf = ev: let
+    sl = ev._module.args.utils.systemdUtils.lib;
+    c = ev.config.systemd;
+  in
+    lib.mapAttrs' (n: s: lib.nameValuePair "${n}.service" (s // {text = (sl.serviceToUnit s).text + scriptsOf s;})) c.services
+    // lib.mapAttrs' (n: s: lib.nameValuePair "${n}.socket" (s // {text = (sl.socketToUnit s).text;})) c.sockets
+    // lib.mapAttrs' (n: t: lib.nameValuePair "${n}.target" (t // {text = (sl.targetToUnit t).text;})) c.targets;
+  # The harness's stub store paths are named, not hashed: a script whose text changed keeps its
+  # path there, where a real store path changes, so the texts count too.
+  scriptsOf = s: lib.concatMapStrings (v: v.text or "") (lib.filter builtins.isAttrs (lib.flatten (lib.attrValues s.serviceConfig)));
+  hardDeps = u: u.requires ++ u.bindsTo ++ u.partOf;
+  stoppedBy = old: new: let
+    a = unitsOf old;
+    b = unitsOf new;
+    changed = lib.filter (n: a ? ${n} && a.${n}.text != b.${n}.text) (lib.attrNames b);
+    stopsWhenChanged = u: (u.restartIfChanged or true) && !(u.reloadIfChanged or false) && (u.stopIfChanged or true);
+    first = lib.filter (n: stopsWhenChanged b.${n}) changed;
+    grow = set: lib.unique (set ++ lib.filter (n: lib.any (d: lib.elem d set) (hardDeps b.${n})) (lib.attrNames b));
+  in {
+    inherit changed;
+    stopped = lib.foldl' (set: _: grow set) first (lib.attrNames b);
+  };
+  # The units that must stay up through a deploy: the app's socket keeps connections waiting
+  # while the app and the worker are restarted in place; nginx reloads or restarts in place.
+  staysUp = ["pageviews-app.socket" "pageviews-app.service" "pageviews-worker.service" "nginx.service"];
+  exampleWith = modules: eval ([module exampleFile] ++ modules);
+  otherPackage = fakePackage // {outPath = "${paths.fakestore}/pageviews-0.1.0-other";};
+
   # A check that could not run here: scripts/nixos-eval prints SKIPPED and the reason.
   skipped = reason: {
     ok = true;
@@ -265,7 +327,7 @@ in {
       sm = removeAttrs flake.summary ["testNames" "testScriptBytes"];
       want = {
         packages = ["app-image" "default" "pageviews" "pageviews-probe" "worker-image"];
-        checks = ["vm-cluster" "vm-images" "vm-single" "vm-split"];
+        checks = ["vm-cluster" "vm-images" "vm-single" "vm-split" "vm-switch"];
       };
     in
       check (builtins.deepSeq sm (sm.exampleFailedAssertions
@@ -277,6 +339,55 @@ in {
     vmSplit = vmTest "vm-split.nix";
     vmImages = vmTest "vm-images.nix";
     vmCluster = vmTest "vm-cluster.nix";
+    vmSwitch = vmTest "vm-switch.nix";
+    # vm-switch's premise: switching to its specialisations stops nothing that must stay up;
+    # the app setting changes every pageviews unit, the nginx one only what reloads nginx.
+    vmSwitchPremise = let
+      server = (vmNodes "vm-switch.nix").evs.server;
+      children = specialised server;
+      r = lib.mapAttrs (_: stoppedBy server) children;
+      failed = lib.filterAttrs (_: fa: fa != []) (lib.mapAttrs (_: failedAssertions) children);
+    in
+      check (failed
+        == {}
+        && lib.all (x: !lib.any (u: lib.elem u x.stopped) staysUp) (lib.attrValues r)
+        && lib.all (u: lib.elem u r.app-setting.changed) ["pageviews-app.service" "pageviews-worker.service" "pageviews-migrate.service"]
+        && lib.elem "nginx-config-reload.service" r.nginx-config.changed
+        && !lib.elem "nginx.service" r.nginx-config.changed) (r // {failedAssertions = failed;});
+
+    # `nixos-rebuild switch` to a new package, and to a changed setting: app and worker are
+    # restarted in place (their socket holds the connections) and nothing stops them; no unit
+    # they depend on is stopped with them.
+    switchNewPackage = let
+      r = stoppedBy (exampleWith [{services.pageviews.package = fakePackage;}]) (exampleWith [{services.pageviews.package = otherPackage;}]);
+    in
+      check (lib.elem "pageviews-app.service" r.changed && !lib.any (u: lib.elem u r.stopped) staysUp) r;
+    switchNewSetting = let
+      r = stoppedBy (exampleWith [withPackage]) (exampleWith [withPackage {services.pageviews.settings.RUST_LOG = "debug";}]);
+    in
+      check (lib.elem "pageviews-app.service" r.changed && !lib.any (u: lib.elem u r.stopped) staysUp) r;
+    # A changed nginx configuration is reloaded (nginx-config-reload), nginx itself untouched;
+    # the app's group is on the nginx unit, so a change of it restarts nginx (a reload would
+    # keep the workers' old groups: 502 on the app's socket).
+    switchNginxConfig = let
+      r = stoppedBy (exampleWith [withPackage]) (exampleWith [withPackage {services.pageviews.nginx.rateLimit = "20r/s";}]);
+      nginx = (exampleWith [withPackage]).config;
+    in
+      check (lib.elem "nginx-config-reload.service" r.changed
+        && !lib.elem "nginx.service" r.changed
+        && lib.elem "pageviews-app" nginx.systemd.services.nginx.serviceConfig.SupplementaryGroups
+        && !lib.elem "pageviews-app" (nginx.users.users.nginx.extraGroups or [])) (r
+        // {
+          groups = nginx.systemd.services.nginx.serviceConfig.SupplementaryGroups or null;
+        });
+    # PostgreSQL restarted (a new minor version, a changed setting): systemd stops what depends
+    # on it hard; the app and the worker ride it out with their pool (quick 503s meanwhile).
+    postgresqlRestartKeepsTheApp = let
+      units = unitsOf example;
+      grow = set: lib.unique (set ++ lib.filter (n: lib.any (d: lib.elem d set) (hardDeps units.${n})) (lib.attrNames units));
+      stopped = lib.foldl' (set: _: grow set) ["postgresql.service"] (lib.attrNames units);
+    in
+      check (!lib.any (u: lib.elem u stopped) staysUp) {inherit stopped;};
 
     # services.pageviews.prometheus: scrape jobs for the app and the worker and the alert
     # rules in a real services.prometheus; without services.prometheus.enable, the assertion.
@@ -324,7 +435,7 @@ in {
     in
       check (lib.any (has "needs services.prometheus.enable") fa) {failedAssertions = fa;};
 
-    # 5: what the module deploys is what systemd-score scores (ExecStart aside: a store path
+    # 5: what the module deploys is what systemd-score scores (ExecStart, ExecStartPre aside: store paths
     # there, a placeholder in the score).
     unitsSingleSource = check (noFailedAssertions example && deployed == scored) {
       onlyDeployed = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (scored.${n}.${k} or null) != v) c) deployed;

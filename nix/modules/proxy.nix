@@ -110,14 +110,23 @@ in {
       };
     };
 
+    # A changed nginx configuration is reloaded (the nixpkgs module's nginx-config-reload unit:
+    # `nginx -t`, then SIGHUP), not restarted: connections in progress are kept.
+    services.nginx.enableReload = lib.mkDefault true;
+
     # nginx reaches the app's Unix socket through the app's group (socket 0660, dir 0750).
-    users.users.nginx.extraGroups = lib.mkIf (!splitApp) [common.users.app];
+    # On the unit, not in users.users.nginx.extraGroups: a reload keeps the workers' groups of
+    # their start, whereas a change of the unit restarts nginx with the new ones.
+    systemd.services.nginx.serviceConfig.SupplementaryGroups = lib.mkIf (!splitApp) [common.users.app];
 
     # Self-signed certificate made on the host at first boot (never in the store).
     systemd.services.pageviews-selfsigned-cert = lib.mkIf cfg.tls.selfSigned {
       description = "pageviews: self-signed TLS certificate for ${cfg.domain}";
       requiredBy = ["nginx.service"];
       before = ["nginx.service"];
+      # It only makes a certificate once; run again on a deploy (a new openssl), it would be
+      # stopped first, and nginx, which requires it, with it.
+      restartIfChanged = false;
       path = [pkgs.openssl pkgs.coreutils];
       serviceConfig = {
         Type = "oneshot";

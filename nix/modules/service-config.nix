@@ -84,6 +84,7 @@ let
     dbPasswordFiles,
     amqpPasswordFiles,
     execStart,
+    migrated,
   }: let
     u = users owner;
     # IP allow-list: loopback, plus the data host (and the nodes of a RabbitMQ cluster) and
@@ -103,12 +104,15 @@ let
     appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses;};
     # app and worker: long-running, restarted whatever the exit, both credentials;
     # READY=1 (app: once the database answers; worker: once it consumes) and WATCHDOG=1
-    # from the async runtime.
+    # from the async runtime. They start only once the migrations succeeded: ordered after
+    # pageviews-migrate and checking it (`migrated`, outside the sandbox: "+"), where
+    # Requires= would also stop them whenever that unit is stopped, as a deploy does.
     daemon = who: extra:
       base u.${who}
       // {
         Type = "notify";
         WatchdogSec = watchdogSec;
+        ExecStartPre = "+${migrated}";
         ExecStart = execStart.${who};
         LoadCredential = dbCredential dbPasswordFiles.${who} ++ amqpCredential who;
         Restart = "always";
@@ -172,5 +176,6 @@ in {
       app = "/nix/store/00000000000000000000000000000000-pageviews-app-start";
       worker = "/nix/store/00000000000000000000000000000000-pageviews-worker-start";
     };
+    migrated = "/nix/store/00000000000000000000000000000000-systemd/bin/systemctl is-active --quiet pageviews-migrate.service";
   };
 }

@@ -81,6 +81,7 @@
     inherit (common) brokerAddresses;
     dbPasswordFiles = cfg.database.passwordFiles;
     amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
+    migrated = "${config.systemd.package}/bin/systemctl is-active --quiet pageviews-migrate.service";
     execStart = {
       migrate = mkStart {
         name = "pageviews-app";
@@ -124,6 +125,12 @@ in {
     users.groups = lib.genAttrs (lib.attrValues users) (_: {});
 
     systemd.services = {
+      # A deploy (switch-to-configuration) restarts changed units in place (stopIfChanged =
+      # false) instead of stopping them before the activation and starting them after: the
+      # migrations, then (ordered after them) the app, whose socket holds connections
+      # meanwhile, and the worker. app and worker only Want the migrations: Requires= would
+      # make systemd stop them with it, for the whole activation (nix/eval/scenarios.nix
+      # `switchNewPackage` models this).
       pageviews-migrate = mkUnit {
         name = "pageviews-migrate";
         description = "pageviews: database migrations";
@@ -131,6 +138,7 @@ in {
           # The database must be there; on one host wait for postgresql-setup's roles.
           requires = lib.optional localData "postgresql.target";
           after = lib.optional localData "postgresql.target";
+          stopIfChanged = false;
         };
       };
 
@@ -139,11 +147,11 @@ in {
         description = "pageviews: HTTP app";
         extra = {
           wantedBy = ["multi-user.target"];
-          requires = ["pageviews-migrate.service" "pageviews-app.socket"];
+          requires = ["pageviews-app.socket"];
+          wants = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service" "pageviews-app.socket"];
-          # A changed unit is restarted, not stopped and started: for a socket-activated
-          # service, stop-and-start makes switch-to-configuration stop the socket too,
-          # refusing connections during the deploy.
+          # Stop-and-start would also make switch-to-configuration stop the socket, refusing
+          # connections during the deploy.
           stopIfChanged = false;
         };
       };
@@ -153,8 +161,9 @@ in {
         description = "pageviews: background worker";
         extra = {
           wantedBy = ["multi-user.target"];
-          requires = ["pageviews-migrate.service"];
+          wants = ["pageviews-migrate.service"];
           after = ["pageviews-migrate.service"];
+          stopIfChanged = false;
         };
       };
     };

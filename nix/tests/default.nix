@@ -3,6 +3,7 @@
 #   vm-single  client + one server running the whole stack (plain `services.pageviews.enable`)
 #   vm-images  the app and worker OCI images under podman against a data node
 #   vm-cluster proxy, two app hosts, a 3-node RabbitMQ cluster, a database host: failover
+#   vm-switch  client + one server: `nixos-rebuild switch` (specialisations) under load
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
 # next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
@@ -22,4 +23,5 @@ in {
   vm-single = run ./vm-single.nix;
   vm-images = run ./vm-images.nix;
   vm-cluster = run ./vm-cluster.nix;
+  vm-switch = run ./vm-switch.nix;
 }

@@ -15,8 +15,8 @@
   inherit (pkgs) lib;
   shared = import ./nodes.nix {inherit pkgs probe tls;};
   ref = image: "${image.imageName}:${image.imageTag}";
-  appRef = ref images.app-image;
-  workerRef = ref images.worker-image;
+  appRef = ref images.packages.app-image;
+  workerRef = ref images.packages.worker-image;
 
   # KEY=VALUE files for `podman run --env-file` (test-only passwords, see secrets.nix),
   # built from the data host's own settings.
@@ -40,8 +40,8 @@
   constants = nodes: let
     data = nodes.data.services.pageviews;
   in {
-    APP_PORT = images.app-image.port;
-    WORKER_METRICS = "127.0.0.1:${toString images.worker-image.port}";
+    APP_PORT = images.ports.app-image;
+    WORKER_METRICS = "127.0.0.1:${toString images.ports.worker-image}";
     PG_PORT = data.database.port;
     AMQP_PORT = data.rabbitmq.port;
   };
@@ -75,13 +75,13 @@ in {
         containers = {
           pageviews-app = {
             image = appRef;
-            imageFile = images.app-image;
+            imageFile = images.packages.app-image;
             environmentFiles = [(envFile nodes "pageviews-app" "app")];
             extraOptions = hardened;
           };
           pageviews-worker = {
             image = workerRef;
-            imageFile = images.worker-image;
+            imageFile = images.packages.worker-image;
             environmentFiles = [(envFile nodes "pageviews-worker" "worker")];
             extraOptions = hardened;
           };
@@ -102,7 +102,7 @@ in {
           TimeoutStartSec = "10min";
         };
         script = ''
-          podman load -i ${images.app-image}
+          podman load -i ${images.packages.app-image}
           for _ in $(seq 90); do
             if podman run --rm --pull=never --network=host --read-only --cap-drop=all \
               --env-file ${envFile nodes "pageviews" "owner"} ${appRef} migrate; then

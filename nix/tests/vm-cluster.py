@@ -41,7 +41,7 @@ def wait_cluster(size: int) -> None:
     def formed(_: bool) -> bool:
         return len(running_nodes()) == size
 
-    retry(formed, timeout=300)
+    retry(formed, timeout_seconds=300)
 
 
 def tasks_queue() -> dict:
@@ -107,7 +107,7 @@ with subtest("three brokers form one cluster; the task queue is a quorum queue o
         queue = tasks_queue()
         return queue["type"] == "quorum" and len(queue["members"]) == 3
 
-    retry(replicated, timeout=180)
+    retry(replicated, timeout_seconds=180)
 
 with subtest("a page view is recorded on db and processed by a worker"):
     check_page_view(client, db, ORIGIN)

@@ -144,11 +144,18 @@
   # rather than in a VM build. (The harness evaluates some nodes of three of the tests, but no
   # script: its runNixOSTest stub wants a string, where nixos/lib/testing/testScript.nix
   # declares `either str (functionTo str)`.)
-  # The images as the flake builds them: the ports beside them, nothing merged in (what a
-  # builder passes through on its result is not modelled, so a test must not rely on it).
-  flakeImages = import (root + "/nix/images.nix") {
-    inherit pkgs;
-    package = fakePackage // {meta.description = "pageviews";};
+  # The images as the flake's outputs give them (the harness's buildLayeredImage stub: what a
+  # real one returns, `imageName`/`imageTag`, and nothing of our `passthru`), with the ports
+  # beside them.
+  flakeImages = {
+    packages = {inherit (flake.self.packages.x86_64-linux) app-image worker-image;};
+    inherit
+      (import (root + "/nix/images.nix") {
+        pkgs = throw "images.nix: ports need no pkgs";
+        package = throw "images.nix: ports need no package";
+      })
+      ports
+      ;
   };
   testArgs = {
     inherit pkgs secrets;

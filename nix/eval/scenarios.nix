@@ -265,6 +265,21 @@
   exampleWith = modules: eval ([module exampleFile] ++ modules);
   otherPackage = fakePackage // {outPath = "${paths.fakestore}/pageviews-0.1.0-other";};
 
+  # The daily logical backup with the real services.postgresqlBackup, where the cache has it
+  # (an extension of the harness's cache, like the prometheus module).
+  backupModule = paths.cache + "/nixpkgs/nixos/modules/services/backup/postgresql-backup.nix";
+  # It compresses with pkgs.gzip, which the harness's pkgs lacks.
+  withGzip = {
+    _module.args.pkgs = lib.mkForce (pkgs
+      // {
+        gzip = {
+          type = "derivation";
+          name = "gzip";
+          outPath = "${paths.fakestore}/gzip";
+        };
+      });
+  };
+
   # A check that could not run here: scripts/nixos-eval prints SKIPPED and the reason.
   skipped = reason: {
     ok = true;
@@ -395,6 +410,26 @@ in {
       stopped = lib.foldl' (set: _: grow set) ["postgresql.service"] (lib.attrNames units);
     in
       check (!lib.any (u: lib.elem u stopped) staysUp) {inherit stopped;};
+
+    # The example host (one host) dumps the pageviews database daily by default, as plain SQL
+    # without CREATE DATABASE; `database.backup.enable = false` turns it off.
+    backupOnByDefault =
+      if !builtins.pathExists backupModule
+      then skipped "no ${backupModule}"
+      else let
+        on = (exampleWith [withPackage withGzip backupModule]).config;
+        off = (exampleWith [withPackage withGzip backupModule {services.pageviews.database.backup.enable = false;}]).config;
+        unit = on.systemd.services.postgresqlBackup-pageviews or null;
+      in
+        check (unit
+          != null
+          && lib.toList unit.startAt == ["*-*-* 01:15:00"]
+          && has "pg_dump  pageviews" unit.script
+          && on.services.postgresqlBackup.location == "/var/backup/postgresql"
+          && !(off.systemd.services ? postgresqlBackup-pageviews)) {
+          script = unit.script or null;
+          startAt = unit.startAt or null;
+        };
 
     # services.pageviews.prometheus: scrape jobs for the app and the worker and the alert
     # rules in a real services.prometheus; without services.prometheus.enable, the assertion.

@@ -23,6 +23,7 @@ in {
     ./firewall.nix
     ./prometheus.nix
     ./cluster.nix
+    ./backup.nix
   ];
 
   options.services.pageviews = {

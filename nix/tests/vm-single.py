@@ -44,3 +44,20 @@ with subtest("a deploy under traffic: app restarts, nginx reloads, no request fa
 
 with subtest("app and worker units are sandboxed"):
     check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])
+
+with subtest("the daily logical backup restores: the same rows and counters"):
+    dump = "/var/backup/postgresql/pageviews.sql.gz"
+    server.succeed("systemctl start postgresqlBackup-pageviews.service")
+    server.succeed(f"test -s {dump}")
+    psql = "runuser -u postgres -- psql -X -q -t -A -v ON_ERROR_STOP=1"
+    server.succeed("runuser -u postgres -- createdb -O pageviews pageviews_drill")
+    server.succeed(f"zcat {dump} | {psql} -d pageviews_drill")
+    for query in (
+        "SELECT count(*), count(processed_at), max(id) FROM page_views",
+        "SELECT sum(recorded), sum(processed) FROM page_view_counts",
+        "SELECT count(*) FROM __diesel_schema_migrations",
+    ):
+        live = server.succeed(f"{psql} -d pageviews -c '{query}'")
+        restored = server.succeed(f"{psql} -d pageviews_drill -c '{query}'")
+        assert live == restored, f"{query}: {live.strip()} live, {restored.strip()} restored"
+    server.succeed("runuser -u postgres -- dropdb pageviews_drill")

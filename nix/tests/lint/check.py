@@ -72,6 +72,8 @@ NIXPKGS_UNITS = {
     # the data host's single broker, or a broker host's cluster node
     "rabbitmq.service": (("data", "broker"), "data.nix", RABBITMQ_ENABLED),
     "nginx.service": (("proxy",), "proxy.nix", "services.nginx = {\n      enable = true;"),
+    # services.postgresqlBackup's unit for the default database name
+    "postgresqlBackup-pageviews.service": (("data",), "backup.nix", "databases = [cfg.database.name];"),
 }
 GENERIC_UNITS = {"multi-user.target", "network-online.target", "network.target"}
 UNIT_RE = re.compile(r"\b([A-Za-z0-9@_.-]+\.(?:service|target|socket|timer))\b")

@@ -128,6 +128,9 @@ impl App {
     }
 }
 
+/// A request not answered within this time is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Every route, in one place.
 pub fn router(app: AppState) -> Router {
     Router::new()
@@ -139,7 +142,7 @@ pub fn router(app: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(10),
+            REQUEST_TIMEOUT,
         ))
         // Outside the timeout, so a request it cuts is counted and timed too.
         .layer(axum::middleware::from_fn_with_state(

@@ -33,7 +33,7 @@ pub async fn bind(listen: &Listen) -> std::io::Result<Listener> {
         Listen::Unix(path) => {
             // A socket left by a previous run would make bind fail; anything else is kept.
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-                std::fs::remove_file(path).map_err(with_context)?;
+                remove_if_stale(path).await.map_err(with_context)?;
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(with_context)?;
             // Owner and group (nginx is put in the app's group) may connect; nobody else.
@@ -41,6 +41,33 @@ pub async fn bind(listen: &Listen) -> std::io::Result<Listener> {
             Ok(Listener::Unix(listener))
         }
         Listen::Inherited(fd) => inherited(*fd).map_err(with_context),
+    }
+}
+
+/// Removes the socket file at `path` only when nothing listens on it any more (connecting is
+/// refused): a live one (the socket unit's, another instance's) keeps its path, else its
+/// clients would silently reach this process instead, and nothing once it exits.
+async fn remove_if_stale(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let in_use = || {
+        std::io::Error::new(
+            ErrorKind::AddrInUse,
+            format!(
+                "{} is in use: a process accepts connections on it (stop it, or listen elsewhere)",
+                path.display()
+            ),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(1), tokio::net::UnixStream::connect(path)).await {
+        // A full backlog (WouldBlock) or no answer at all: someone listens.
+        Ok(Ok(_)) | Err(_) => Err(in_use()),
+        Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => Err(in_use()),
+        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot tell whether {} is in use: {e}", path.display()),
+        )),
     }
 }
 

@@ -9,7 +9,7 @@ mod request_id;
 mod stats;
 mod visits;
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, Listen};
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use crate::queue::brokers::Brokers;
@@ -189,7 +189,9 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let (trigger, stopping) = shutdown::channel();
     let operations = match &config.metrics_listen {
         Some(listen) => {
-            let listener = listener::bind(listen).await?;
+            let listener = listener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PAGEVIEWS_APP_METRICS_LISTEN: {e}"))?;
             tracing::info!(%listen, "app metrics listening");
             let mut stopping = stopping.clone();
             let router = operations_router(app.clone());
@@ -200,7 +202,13 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let listener = listener::bind(&config.listen).await?;
+    let variable = match config.listen {
+        Listen::Inherited(_) => "LISTEN_FDS",
+        _ => "PAGEVIEWS_LISTEN",
+    };
+    let listener = listener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("{variable}: {e}"))?;
     let address = listener.address();
     let pool_size = config.database.pool_size;
     let warmed = tokio::select! {

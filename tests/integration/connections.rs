@@ -170,3 +170,33 @@ async fn connections_without_a_request_are_closed() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     Ok(())
 }
+
+/// R12: a socket another process listens on (the one `pageviews-app.socket` holds, say) is
+/// never replaced: the app refuses to start and names the setting; the socket keeps working.
+#[test]
+fn a_live_unix_socket_is_never_taken_over() -> anyhow::Result<()> {
+    let dir = pageviews_testbed::ScratchDir::new("pageviews-live-socket")?;
+    let path = dir.path().join("app.sock");
+    let holder = std::os::unix::net::UnixListener::bind(&path)?;
+    let listen = path.to_str().expect("a UTF-8 path");
+    let (code, stderr) = crate::config_errors::run(
+        crate::support::binaries().app_command(),
+        &[
+            ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+            ("AMQP_URL", "amqp://u:p@127.0.0.1:1/%2f"),
+            ("PAGEVIEWS_LISTEN", listen),
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("PAGEVIEWS_LISTEN: cannot listen on unix:{listen}")) && stderr.contains("is in use"),
+        "{stderr}"
+    );
+    // Connections still reach the process that held the socket first.
+    let _client = std::os::unix::net::UnixStream::connect(&path)?;
+    holder.set_nonblocking(true)?;
+    holder
+        .accept()
+        .map_err(|e| anyhow::anyhow!("the holder's socket was replaced: {e}"))?;
+    Ok(())
+}

@@ -9,7 +9,7 @@ mod request_id;
 mod stats;
 mod visits;
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, Listen};
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use crate::queue::brokers::Brokers;
@@ -128,6 +128,9 @@ impl App {
     }
 }
 
+/// A request not answered within this time is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Every route, in one place.
 pub fn router(app: AppState) -> Router {
     Router::new()
@@ -139,7 +142,7 @@ pub fn router(app: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(10),
+            REQUEST_TIMEOUT,
         ))
         // Outside the timeout, so a request it cuts is counted and timed too.
         .layer(axum::middleware::from_fn_with_state(
@@ -186,7 +189,9 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let (trigger, stopping) = shutdown::channel();
     let operations = match &config.metrics_listen {
         Some(listen) => {
-            let listener = listener::bind(listen).await?;
+            let listener = listener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PAGEVIEWS_APP_METRICS_LISTEN: {e}"))?;
             tracing::info!(%listen, "app metrics listening");
             let mut stopping = stopping.clone();
             let router = operations_router(app.clone());
@@ -197,7 +202,13 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let listener = listener::bind(&config.listen).await?;
+    let variable = match config.listen {
+        Listen::Inherited(_) => "LISTEN_FDS",
+        _ => "PAGEVIEWS_LISTEN",
+    };
+    let listener = listener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("{variable}: {e}"))?;
     let address = listener.address();
     let pool_size = config.database.pool_size;
     let warmed = tokio::select! {

@@ -43,7 +43,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
 
     let metrics_server = match &config.metrics_listen {
         Some(listen) => {
-            let listener = crate::web::listener::bind(listen).await?;
+            let listener = crate::web::listener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PAGEVIEWS_METRICS_LISTEN: {e}"))?;
             tracing::info!(%listen, "worker metrics listening");
             Some(tokio::spawn(metrics::serve(
                 listener,

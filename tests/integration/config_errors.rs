@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn run(command: Command, env: &[(&str, &str)]) -> (i32, String) {
+pub fn run(command: Command, env: &[(&str, &str)]) -> (i32, String) {
     let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
     run_os(command, &env)
 }

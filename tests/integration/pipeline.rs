@@ -253,6 +253,8 @@ async fn without_a_passed_socket_the_app_binds_its_own_unix_socket() -> anyhow::
     let env = TestEnv::new().await?;
     env.migrate()?;
     let socket = env.dir.path().join("app.sock");
+    // A socket file left by an earlier process, which nothing listens on: replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket)?);
     let mut command = crate::support::binaries().app_command();
     command
         .env("DATABASE_URL", &env.urls.database)

@@ -4,6 +4,7 @@
 mod browser;
 mod cluster;
 mod config_errors;
+mod database;
 mod deploys;
 mod failures;
 mod faults;

@@ -29,29 +29,71 @@ struct Id {
     id: i64,
 }
 
-/// Records page views in one statement (one commit) and returns their ids, in the order of
-/// `data`. The statement also adds them to a counter row. It inserts nothing (and fails) if
-/// the server gets to writing more than `budget` after receiving it: the check is evaluated
-/// once, after the table lock is granted, so all rows or none.
+/// Why a batch of page views is not known to be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// The transaction failed before its COMMIT was sent: nothing is stored.
+    #[error("{0}")]
+    NotStored(diesel::result::Error),
+    /// No answer by the deadline, before the COMMIT was sent: nothing is stored.
+    #[error("no answer from the database in time")]
+    TimedOut,
+    /// The COMMIT was sent, and failed or did not answer in time: the rows may be stored.
+    #[error("the outcome of COMMIT is unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+/// Records page views in one transaction and returns their ids, in the order of `data`; its
+/// INSERT also adds them to a counter row.
+///
+/// The INSERT runs under `statement_timeout = budget` (`SET LOCAL`), so the server gives up
+/// on its own, lock waits included, and the failure is certain. Past `give_up` this side
+/// stops waiting: before the COMMIT was sent that is certain too (the server rolls back when
+/// the connection, then broken and dropped by the pool, closes); after, it is not. A COMMIT
+/// that fails is counted as unknown as well: an error during a synchronous-replication wait
+/// or a lost connection comes after the commit may have happened.
 pub async fn insert(
     conn: &mut AsyncPgConnection,
     data: &[serde_json::Value],
     budget: std::time::Duration,
-) -> QueryResult<Vec<i64>> {
-    let mut ids: Vec<i64> = InsertBatch {
+    give_up: tokio::time::Instant,
+) -> Result<Vec<i64>, InsertError> {
+    use diesel_async::{AnsiTransactionManager, TransactionManager};
+    // 0 would mean no timeout at all.
+    let timeout_ms = budget.as_millis().max(1);
+    let begin = format!("BEGIN; SET LOCAL statement_timeout = {timeout_ms}");
+    match tokio::time::timeout_at(give_up, AnsiTransactionManager::begin_transaction_sql(conn, &begin)).await {
+        Err(_) => return Err(InsertError::TimedOut),
+        Ok(Err(e)) => return Err(InsertError::NotStored(e)),
+        Ok(Ok(())) => {}
+    }
+    let inserted = InsertBatch {
         data,
-        budget: budget.as_secs_f64(),
         shard: next_shard(),
     }
-    .load(conn)
-    .await?;
+    .load::<i64>(conn);
+    let ids = match tokio::time::timeout_at(give_up, inserted).await {
+        Err(_) => return Err(InsertError::TimedOut),
+        Ok(Ok(ids)) if ids.len() == data.len() => Ok(ids),
+        Ok(Ok(_)) => Err(diesel::result::Error::NotFound),
+        Ok(Err(e)) => Err(e),
+    };
+    let mut ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => {
+            // Whether or not the rollback gets through, nothing is committed.
+            let _ = tokio::time::timeout_at(give_up, AnsiTransactionManager::rollback_transaction(conn)).await;
+            return Err(InsertError::NotStored(e));
+        }
+    };
     // The sequence hands out ids in the order the SELECT produces the rows; sorting makes the
     // pairing independent of the order RETURNING lists them in.
     ids.sort_unstable();
-    if ids.len() != data.len() {
-        return Err(diesel::result::Error::NotFound);
+    match tokio::time::timeout_at(give_up, AnsiTransactionManager::commit_transaction(conn)).await {
+        Err(_) => Err(InsertError::OutcomeUnknown("no answer to COMMIT in time".into())),
+        Ok(Err(e)) => Err(InsertError::OutcomeUnknown(e.to_string())),
+        Ok(Ok(())) => Ok(ids),
     }
-    Ok(ids)
 }
 
 /// The two statements of every batch, as queries of their own type: diesel prepares each once
@@ -59,11 +101,9 @@ pub async fn insert(
 /// one was a round trip to prepare it and a parse, analysis and plan on the server: a quarter
 /// of PostgreSQL's CPU at GET / c=32 in `perf` (bench/README.md).
 ///
-/// The INSERT: all of `data` in order, or nothing once the budget is spent; the count is added
-/// to counter row `shard`.
+/// The INSERT: all of `data` in order; the count is added to counter row `shard`.
 struct InsertBatch<'a> {
     data: &'a [serde_json::Value],
-    budget: f64,
     shard: i16,
 }
 
@@ -87,11 +127,6 @@ impl QueryFragment<Pg> for InsertBatch<'_> {
         out.push_bind_param::<Array<Jsonb>, _>(self.data)?;
         out.push_sql(
             "::jsonb[]) WITH ORDINALITY AS t(d, n) \
-                 WHERE (SELECT clock_timestamp() < statement_timestamp() + make_interval(secs => ",
-        );
-        out.push_bind_param::<Double, _>(&self.budget)?;
-        out.push_sql(
-            ")) \
                  ORDER BY n \
                  RETURNING id), \
              counted AS ( \

@@ -20,6 +20,10 @@ pub enum AppError {
     /// The request's `PAGEVIEWS_DB_TIMEOUT_MS` passed before its row was stored (none is).
     #[error("database unavailable: no answer within PAGEVIEWS_DB_TIMEOUT_MS")]
     DeadlinePassed,
+    /// A page view's COMMIT was sent and its outcome never came back: the row may exist, so the
+    /// answer must not invite a retry (which could store it twice).
+    #[error("the page view may or may not be stored: {0}")]
+    OutcomeUnknown(String),
     /// `/stats` before any figures could be read.
     #[error("the figures could not be read yet")]
     FiguresUnavailable,
@@ -37,8 +41,27 @@ impl From<diesel::result::Error> for AppError {
     }
 }
 
+impl AppError {
+    fn outcome_unknown(&self) -> bool {
+        match self {
+            AppError::OutcomeUnknown(_) => true,
+            AppError::Batch(e) => e.outcome_unknown(),
+            _ => false,
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        if self.outcome_unknown() {
+            tracing::error!(error = %self, "request failed; its page view may have been stored");
+            let page = Html(
+                "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Error</title></head>\
+                 <body><h1>Something went wrong</h1><p>Your visit may have been recorded; \
+                 loading the page again may record it twice.</p></body></html>\n",
+            );
+            return (StatusCode::INTERNAL_SERVER_ERROR, page).into_response();
+        }
         tracing::error!(error = %self, "request failed");
         let page = Html(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unavailable</title></head>\

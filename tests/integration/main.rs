@@ -5,6 +5,7 @@ mod browser;
 mod cluster;
 mod config_errors;
 mod connections;
+mod database;
 mod deploys;
 mod failures;
 mod faults;

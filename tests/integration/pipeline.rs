@@ -304,7 +304,8 @@ async fn the_batch_statements_are_prepared_once_per_connection() -> anyhow::Resu
     let mut conn = env.db().await?;
     for _ in 0..3 {
         let rows = [serde_json::json!({"n": 1}), serde_json::json!({"n": 2})];
-        let ids = page_views::insert(&mut conn, &rows, Duration::from_secs(5)).await?;
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+        let ids = page_views::insert(&mut conn, &rows, Duration::from_secs(5), give_up).await?;
         assert_eq!(page_views::process(&mut conn, &ids).await?.done.len(), 2);
     }
     // Only named (prepared) statements are listed; an unnamed one per call would leave none.

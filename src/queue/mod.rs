@@ -216,6 +216,27 @@ impl Backoff {
 /// host drops packets still ends in time.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a shutdown waits for a client thread that holds nothing to lose (beyond the
+/// publisher's drain): enough to finish a batch in hand and close the connection, not to
+/// wait out a connect attempt.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Waits for a client thread to end, for at most `limit()` (asked again while waiting: what
+/// the thread still holds may change it). `false`: it had not ended and is left running, for
+/// the process to end: it may be in a call without a deadline of its own (a connect attempt
+/// of up to `CONNECT_TIMEOUT`, a call on a connection the broker has blocked).
+pub async fn join_within(thread: std::thread::JoinHandle<()>, limit: impl Fn() -> Duration) -> bool {
+    let started = Instant::now();
+    while !thread.is_finished() {
+        if started.elapsed() >= limit() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = thread.join();
+    true
+}
+
 /// A broker error, as text without the URL's credentials: amiquip puts the whole URL, password
 /// included, in the text of its connection errors.
 #[derive(Debug, thiserror::Error)]

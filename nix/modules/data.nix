@@ -106,6 +106,8 @@ in {
       inherit (cfg.rabbitmq) port;
       configItems = {
         "loopback_users.guest" = "true";
+        # Twice the largest valid task (README, "Task messages"); RabbitMQ's default is 128 MiB.
+        "max_message_size" = "65536";
       };
     };
 

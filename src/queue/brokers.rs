@@ -60,15 +60,20 @@ impl Brokers {
 
     /// Tries every node once, the one after the last connected first (the first node at
     /// start), and returns the connection of the first that answers with the topology
-    /// declared; the error of the last node tried when none does.
-    pub fn open(&mut self) -> super::Result<(Connection, Channel)> {
+    /// declared; the error of the last node tried when none does. `Ok(None)`: `stop` said so
+    /// before a node was tried (each attempt takes up to `CONNECT_TIMEOUT`, so a shutdown
+    /// must not wait for a round over every node).
+    pub fn open(&mut self, stop: &dyn Fn() -> bool) -> super::Result<Option<(Connection, Channel)>> {
         let n = self.nodes.len();
         let start = self.current.map_or(0, |i| (i + 1) % n);
         let mut last_error = None;
         for i in (0..n).map(|k| (start + k) % n) {
+            if stop() {
+                return Ok(None);
+            }
             self.current = Some(i);
             match super::open(&self.nodes[i], self.queue_type) {
-                Ok(pair) => return Ok(pair),
+                Ok(pair) => return Ok(Some(pair)),
                 Err(e) => {
                     explain_queue_type_mismatch(&e, self.queue_type);
                     tracing::debug!(broker = %redacted(&self.nodes[i]), error = %e, "broker node did not answer");
@@ -144,11 +149,20 @@ mod tests {
             .map(|v| format!("amqp://u:secret@127.0.0.1:1/{v}"))
             .to_vec();
         let mut brokers = Brokers::new(nodes, QueueType::Quorum);
-        assert!(brokers.open().is_err());
+        let go_on = || false;
+        assert!(brokers.open(&go_on).is_err());
         assert_eq!(brokers.current(), "127.0.0.1:1/c", "a fresh client starts at the first");
         brokers.current = Some(0); // as if connected to the first and then lost it
-        assert!(brokers.open().is_err());
+        assert!(brokers.open(&go_on).is_err());
         assert_eq!(brokers.current(), "127.0.0.1:1/a", "tried b, c, then a last");
+        // Stopping after the first attempt: the others are not tried.
+        let tried = std::cell::Cell::new(0);
+        let stop_after_one = || {
+            tried.set(tried.get() + 1);
+            tried.get() > 1
+        };
+        assert!(matches!(brokers.open(&stop_after_one), Ok(None)));
+        assert_eq!(brokers.current(), "127.0.0.1:1/b", "only b was tried");
         assert_eq!(brokers.to_string(), "127.0.0.1:1/a,127.0.0.1:1/b,127.0.0.1:1/c");
     }
 }

@@ -5,7 +5,7 @@
 //! dead-lettered on its own (a message of just that id), the rest of its message processed.
 
 use super::brokers::Brokers;
-use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task};
+use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,12 +60,18 @@ impl Consumer {
         (Consumer { stop, thread }, rx)
     }
 
-    /// Stops taking deliveries and waits for the thread. It waits for the verdict of the batch
-    /// in hand first, so whoever gives verdicts must be able to give up (deliveries left
-    /// unacked are redelivered).
+    /// Stops taking deliveries and waits for the thread, up to [`STOP_GRACE`]. It waits for the
+    /// verdict of the batch in hand first, so whoever gives verdicts must be able to give up.
+    /// A thread still connecting, or still waiting after that, is left behind: its deliveries
+    /// are unacked, and the broker redelivers them.
     pub async fn shutdown(self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+        if !super::join_within(self.thread, || STOP_GRACE).await {
+            tracing::warn!(
+                grace_ms = STOP_GRACE.as_millis() as u64,
+                "the consumer did not stop in time (connecting, or a batch in hand); its unacked tasks will be redelivered"
+            );
+        }
     }
 }
 
@@ -103,7 +109,9 @@ fn session(
     events: &dyn ConsumerEvents,
     backoff: &mut Backoff,
 ) -> super::Result<()> {
-    let (connection, channel) = brokers.open()?;
+    let Some((connection, channel)) = brokers.open(&|| stop.load(Ordering::Relaxed))? else {
+        return Ok(());
+    };
     channel.qos(0, prefetch, false)?;
     let consumer = channel.basic_consume(QUEUE, ConsumerOptions::default())?;
     tracing::info!(broker = %brokers.current(), prefetch, "consumer connected");

@@ -17,6 +17,9 @@ pub const DEAD_LETTER_QUEUE: &str = "pageviews.dead";
 
 /// Ids in one task message, at most (the publisher sends up to `outbox::IDS_PER_MESSAGE`).
 pub const MAX_IDS: usize = 1_000;
+/// Bytes in one task message, at most: 1 000 ids of up to 19 digits, their commas and some
+/// whitespace. A longer body cannot be a valid task and is dead-lettered unread.
+pub const MAX_TASK_BYTES: usize = MAX_IDS * 32;
 
 /// The task: "process these page views". The rows in PostgreSQL are the source of truth.
 ///
@@ -52,8 +55,16 @@ impl Task {
         serde_json::to_vec(&wire).expect("a list of integers always serialises")
     }
 
-    /// Parses a message body; the error says what was wrong, for the dead-letter log line.
+    /// Parses a message body; the error says what was wrong, for the dead-letter log line. A
+    /// body over [`MAX_TASK_BYTES`] is refused before any parsing: parsed, a few megabytes of
+    /// `1,1,1,...` take twenty times their size in memory.
     pub fn parse(body: &[u8]) -> std::result::Result<Task, String> {
+        if body.len() > MAX_TASK_BYTES {
+            return Err(format!(
+                "task body of {} bytes is over the limit of {MAX_TASK_BYTES} ({MAX_IDS} ids)",
+                body.len()
+            ));
+        }
         let shown = || String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
         let wire: Wire = serde_json::from_slice(body).map_err(|e| {
             format!(
@@ -205,6 +216,27 @@ impl Backoff {
 /// host drops packets still ends in time.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a shutdown waits for a client thread that holds nothing to lose (beyond the
+/// publisher's drain): enough to finish a batch in hand and close the connection, not to
+/// wait out a connect attempt.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Waits for a client thread to end, for at most `limit()` (asked again while waiting: what
+/// the thread still holds may change it). `false`: it had not ended and is left running, for
+/// the process to end: it may be in a call without a deadline of its own (a connect attempt
+/// of up to `CONNECT_TIMEOUT`, a call on a connection the broker has blocked).
+pub async fn join_within(thread: std::thread::JoinHandle<()>, limit: impl Fn() -> Duration) -> bool {
+    let started = Instant::now();
+    while !thread.is_finished() {
+        if started.elapsed() >= limit() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = thread.join();
+    true
+}
+
 /// A broker error, as text without the URL's credentials: amiquip puts the whole URL, password
 /// included, in the text of its connection errors.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +316,15 @@ mod tests {
             Task::parse(br#"{"v": 2, "page_view_ids": []}"#)
                 .unwrap_err()
                 .contains("0 page_view_ids")
+        );
+        let widest = Task {
+            page_view_ids: vec![i64::MAX; MAX_IDS],
+        };
+        assert!(widest.to_bytes().len() <= MAX_TASK_BYTES);
+        assert_eq!(Task::parse(&widest.to_bytes()), Ok(widest));
+        assert_eq!(
+            Task::parse(&vec![b' '; MAX_TASK_BYTES + 1]).unwrap_err(),
+            "task body of 32001 bytes is over the limit of 32000 (1000 ids)"
         );
     }
 

@@ -15,7 +15,7 @@
 //!   worker marks each row processed once.
 
 use super::brokers::Brokers;
-use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, Task};
+use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Registry};
 use crate::shutdown::{self, Shutdown};
@@ -175,14 +175,26 @@ impl Outbox {
     }
 
     /// Stops the sweep, publishes what the outbox holds (for up to 5 s if the broker is away;
-    /// the next sweep publishes the rest) and waits for the thread.
+    /// the next sweep publishes the rest) and waits for the thread: up to `STOP_GRACE` more,
+    /// or only that when it holds nothing. A thread still busy then (a connect attempt, a
+    /// blocked connection) is left to end with the process.
     pub async fn shutdown(&self) {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(running) = running else { return };
         running.stop_sweep.fire();
         let _ = running.sweep.await;
-        self.handle.shared.closing.store(true, Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || running.thread.join()).await;
+        let shared = &self.handle.shared;
+        shared.closing.store(true, Ordering::Relaxed);
+        let limit = || match shared.backlog.load(Ordering::Relaxed) {
+            0 => STOP_GRACE,
+            _ => DRAIN_DEADLINE + STOP_GRACE,
+        };
+        if !super::join_within(running.thread, limit).await {
+            tracing::warn!(
+                unpublished = shared.backlog.load(Ordering::Relaxed),
+                "the publisher did not stop in time; the sweep publishes what it held after the restart"
+            );
+        }
     }
 }
 
@@ -239,8 +251,13 @@ fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
         closed_at: None,
     };
     loop {
-        let delay = match connect(brokers) {
-            Ok((mut connection, channel)) => {
+        let connected = connect(brokers, &|| must_stop(shared, &state));
+        let delay = match connected {
+            Ok(None) => {
+                stop(shared, &mut state);
+                return;
+            }
+            Ok(Some((mut connection, channel))) => {
                 tracing::info!(broker = %brokers.current(), "publisher connected");
                 shared.connected.store(true, Ordering::Relaxed);
                 let result = sessions(&mut connection, channel, rx, shared, &mut state);
@@ -311,22 +328,33 @@ fn sessions(
     }
 }
 
+/// Whether the thread should stop instead of trying again: shutdown, and nothing pending or
+/// the drain deadline passed.
+fn must_stop(shared: &Shared, state: &State) -> bool {
+    (shared.closing.load(Ordering::Relaxed) || state.closed_at.is_some())
+        && (state.pending.is_empty() || state.closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
+}
+
+/// Gives up what is pending (the sweep publishes it after the restart).
+fn stop(shared: &Shared, state: &mut State) {
+    if !state.pending.is_empty() {
+        tracing::warn!(
+            unpublished = state.pending.len(),
+            "stopping with unpublished tasks; the sweep publishes them after the restart"
+        );
+        shared.backlog.fetch_sub(state.pending.len(), Ordering::Relaxed);
+        state.pending.clear();
+    }
+}
+
 /// Waits `delay` before the next attempt, taking ids meanwhile (the bound holds: they count
-/// in the backlog) so that a shutdown is noticed. `false`: stop now (shutdown, and nothing
-/// pending or the drain deadline passed).
+/// in the backlog) so that a shutdown is noticed. `false`: stop now (`must_stop`).
 fn wait(delay: Duration, rx: &Receiver<Vec<i64>>, shared: &Shared, state: &mut State) -> bool {
     let until = Instant::now() + delay;
     while let Some(left) = until.checked_duration_since(Instant::now()) {
-        if closing(shared, &mut state.closed_at)
-            && (state.pending.is_empty() || state.closed_at.is_some_and(|t| t.elapsed() > DRAIN_DEADLINE))
-        {
-            if !state.pending.is_empty() {
-                tracing::warn!(
-                    unpublished = state.pending.len(),
-                    "stopping with unpublished tasks; the sweep publishes them after the restart"
-                );
-                shared.backlog.fetch_sub(state.pending.len(), Ordering::Relaxed);
-            }
+        closing(shared, &mut state.closed_at);
+        if must_stop(shared, state) {
+            stop(shared, state);
             return false;
         }
         match rx.recv_timeout(left.min(IDLE_POLL)) {
@@ -341,10 +369,15 @@ fn wait(delay: Duration, rx: &Receiver<Vec<i64>>, shared: &Shared, state: &mut S
     true
 }
 
-fn connect(brokers: &mut Brokers) -> super::Result<(amiquip::Connection, amiquip::Channel)> {
-    let (connection, channel) = brokers.open()?;
+fn connect(
+    brokers: &mut Brokers,
+    stop: &dyn Fn() -> bool,
+) -> super::Result<Option<(amiquip::Connection, amiquip::Channel)>> {
+    let Some((connection, channel)) = brokers.open(stop)? else {
+        return Ok(None);
+    };
     channel.enable_publisher_confirms()?;
-    Ok((connection, channel))
+    Ok(Some((connection, channel)))
 }
 
 /// Whether shutdown has begun (the app said so, or every handle is gone).

@@ -15,7 +15,15 @@ pub async fn process_batches(
     metrics: Arc<WorkerMetrics>,
     mut stopping: Shutdown,
 ) {
-    while let Some(batch) = batches.recv().await {
+    // Batches handed over before shutdown are processed; after it, none is waited for (the
+    // consumer thread may be left in a connect attempt, holding the sender).
+    loop {
+        let batch = tokio::select! {
+            biased;
+            batch = batches.recv() => batch,
+            () = stopping.wait() => batches.try_recv().ok(),
+        };
+        let Some(batch) = batch else { return };
         let verdict = process_with_retry(&pool, &batch.ids, &metrics, &mut stopping).await;
         let _ = batch.reply.send(verdict);
     }

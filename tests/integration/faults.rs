@@ -237,3 +237,91 @@ async fn malformed_and_bogus_tasks_are_dead_lettered_and_the_worker_keeps_going(
     );
     Ok(())
 }
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kib * 1024)
+}
+
+/// Publishes each body to the task exchange on a fresh connection; the error of the first
+/// publish the broker refuses (it closes the channel, seen at the next synchronous call).
+async fn publish_raw(url: &str, bodies: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;
+        for body in &bodies {
+            channel.basic_publish(EXCHANGE, amiquip::Publish::new(body, ROUTING_KEY))?;
+            channel.queue_declare_passive(QUEUE)?;
+        }
+        connection.close()?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Issue 21 row 6: a task body far over what 1 000 ids take is dead-lettered unread (before:
+/// parsed whole, 30 MB took the worker from 7 MB to 622 MB), and the broker refuses bodies
+/// over its configured `max_message_size` at publish.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversize_task_is_refused_by_the_broker_or_dead_lettered_unread() -> anyhow::Result<()> {
+    const HUGE: usize = 30 << 20;
+    // "1,1,1,...": the most ids per byte, the worst case for a parser.
+    let ids_body = |len: usize| {
+        let mut body = br#"{"v":2,"page_view_ids":["#.to_vec();
+        while body.len() < len - 3 {
+            body.extend_from_slice(b"1,");
+        }
+        body.truncate(len - 3);
+        body.extend_from_slice(b"1]}");
+        assert_eq!(body.len(), len);
+        body
+    };
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let refused = publish_raw(&env.urls.amqp, vec![ids_body(HUGE)]).await;
+    let refusal = format!("{:#}", refused.expect_err("the broker took a 30 MB message"));
+    assert!(refusal.contains("larger than configured max size"), "{refusal}");
+
+    // A broker without that setting (RabbitMQ's default takes 128 MB): the worker's own bound.
+    let rabbit = &env.services().rabbitmq;
+    rabbit.ctl(&["eval", "application:set_env(rabbit, max_message_size, 134217728)."])?;
+    let app = env.app(&[]).await?;
+    let mut worker = env.worker("worker", &[]).await?;
+    let before = peak_rss(worker.pid())?;
+    let just_over = pageviews::queue::MAX_TASK_BYTES + 1;
+    publish_raw(&env.urls.amqp, vec![ids_body(HUGE), ids_body(just_over)]).await?;
+    assert_eq!(client().get(app.url("/")).send().await?.status(), 200);
+    assert_eq!(
+        env.all_processed(Duration::from_secs(30)).await?,
+        1,
+        "the worker kept going"
+    );
+    wait_until("two dead letters", Duration::from_secs(30), || async {
+        let depth = env.queue_depth(DEAD_LETTER_QUEUE)?;
+        anyhow::ensure!(depth == 2, "{depth} dead-lettered");
+        Ok(())
+    })
+    .await?;
+    assert!(worker.try_wait().is_none(), "the worker exited");
+    // amiquip holds the 30 MB body once; nothing beyond that is proportional to it.
+    let peak = peak_rss(worker.pid())?;
+    eprintln!(
+        "worker peak RSS {} MB before, {} MB after a {} MB body",
+        before >> 20,
+        peak >> 20,
+        HUGE >> 20
+    );
+    assert!(peak < before + 3 * HUGE as u64, "peak RSS {peak} bytes");
+    let log = env.log_text("worker");
+    for size in [HUGE, just_over] {
+        let line = format!("task body of {size} bytes is over the limit");
+        assert!(log.contains(&line), "no {line:?} in:\n{log}");
+    }
+    Ok(())
+}

@@ -9,6 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 const PACKAGE: &str = "rabbitmq-server";
+/// `max_message_size`: twice the largest valid task (`pageviews::queue::MAX_TASK_BYTES`), so
+/// a body between the two reaches the worker, which dead-letters it with a log line saying
+/// why, and a larger one is refused at publish. RabbitMQ's default takes 128 MiB.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 
 pub struct RabbitMq {
     dir: PathBuf,
@@ -29,10 +33,14 @@ impl RabbitMq {
         let password = crate::generate_password()?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-        // The default user is made at the node's first boot instead of guest.
+        // The default user is made at the node's first boot instead of guest. Messages are
+        // bounded as in the NixOS module (nix/modules/data.nix).
         crate::write_private(
             &dir.join("rabbitmq.conf"),
-            format!("log.console = true\nlog.file = false\ndefault_user = {user}\ndefault_pass = {password}\n"),
+            format!(
+                "log.console = true\nlog.file = false\ndefault_user = {user}\ndefault_pass = {password}\n\
+                 max_message_size = {MAX_MESSAGE_SIZE}\n"
+            ),
         )?;
         let mut node = RabbitMq {
             dir: dir.to_owned(),

@@ -4,9 +4,10 @@
 use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, WorkerConfig};
 use crate::telemetry;
 use std::future::Future;
+use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-/// `pageviews-app [migrate]`
+/// `pageviews-app [migrate | scram-verifier]`
 pub fn app(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-app";
     match args {
@@ -22,13 +23,25 @@ pub fn app(args: &[String]) -> ExitCode {
             migrate,
             log_failure,
         ),
+        [cmd] if cmd == "scram-verifier" => {
+            match scram_verifier(std::io::stdin().lock(), std::io::stdin().is_terminal()) {
+                Ok(verifier) => {
+                    println!("{verifier}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{PROGRAM} scram-verifier: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         [flag] if flag == "--help" || flag == "-h" => {
             println!(
-                "usage: {PROGRAM} [migrate]\n  (no argument)  serve HTTP\n  migrate        apply pending database migrations and exit\nConfiguration is read from the environment; see README.md."
+                "usage: {PROGRAM} [migrate | scram-verifier]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\nConfiguration is read from the environment; see README.md."
             );
             ExitCode::SUCCESS
         }
-        other => usage_error(PROGRAM, other, "[migrate]"),
+        other => usage_error(PROGRAM, other, "[migrate | scram-verifier]"),
     }
 }
 
@@ -60,6 +73,38 @@ pub fn child(program: &str, args: &[String], usage: &str) -> Option<ExitCode> {
 pub fn usage_error(program: &str, args: &[String], usage: &str) -> ExitCode {
     eprintln!("{program}: unexpected arguments {args:?}; usage: {program} {usage}");
     ExitCode::from(2)
+}
+
+/// Longest password `scram-verifier` accepts (the generated ones are 64 characters).
+const MAX_PASSWORD: u64 = 1024;
+
+/// The SCRAM-SHA-256 verifier of the password on `input` (a file, not a terminal: typed
+/// passwords would echo), as PostgreSQL stores it: `ALTER ROLE … PASSWORD '<verifier>'` sets
+/// the password without the server ever receiving it, so neither `pg_stat_activity` nor the
+/// log can show it. Trailing newlines are dropped, as `$(cat file)` drops them where the units
+/// build the connection URL from the same file.
+fn scram_verifier(input: impl Read, is_terminal: bool) -> Result<String, String> {
+    if is_terminal {
+        return Err("reads the password from stdin, which is a terminal; redirect it from the password file".into());
+    }
+    let mut password = Vec::new();
+    input
+        .take(MAX_PASSWORD + 1)
+        .read_to_end(&mut password)
+        .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+    if password.len() as u64 > MAX_PASSWORD {
+        return Err(format!("the password on stdin is longer than {MAX_PASSWORD} bytes"));
+    }
+    while password.last() == Some(&b'\n') {
+        password.pop();
+    }
+    if password.is_empty() {
+        return Err("the password on stdin is empty".into());
+    }
+    if password.contains(&0) {
+        return Err("the password on stdin contains a NUL byte, which PostgreSQL cannot take".into());
+    }
+    Ok(postgres_protocol::password::scram_sha_256(&password))
 }
 
 async fn migrate(config: DatabaseConfig) -> anyhow::Result<()> {
@@ -125,5 +170,55 @@ where
             report(program, &e);
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64, as PostgreSQL's
+    /// `password_encryption = scram-sha-256` stores it (the shape it recognises as already
+    /// hashed instead of hashing it again).
+    fn parts(verifier: &str) -> (&str, &str, &str, &str) {
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$").expect(verifier);
+        let (iterations, rest) = rest.split_once(':').expect(verifier);
+        let (salt, keys) = rest.split_once('$').expect(verifier);
+        let (stored, server) = keys.split_once(':').expect(verifier);
+        (iterations, salt, stored, server)
+    }
+
+    fn base64_len(s: &str) -> usize {
+        assert!(
+            s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+            "{s}"
+        );
+        s.len()
+    }
+
+    #[test]
+    fn scram_verifier_has_postgresqls_format_and_a_fresh_salt() {
+        let a = scram_verifier(&b"correct horse\n"[..], false).unwrap();
+        let (iterations, salt, stored, server) = parts(&a);
+        assert_eq!(iterations, "4096");
+        // 16 bytes of salt, 32-byte keys.
+        assert_eq!(base64_len(salt), 24);
+        assert_eq!(base64_len(stored), 44);
+        assert_eq!(base64_len(server), 44);
+        assert!(!a.contains("correct horse"));
+        let b = scram_verifier(&b"correct horse"[..], false).unwrap();
+        assert_ne!(parts(&a).1, parts(&b).1, "every verifier gets its own salt");
+    }
+
+    #[test]
+    fn scram_verifier_refuses_what_is_not_a_password_file() {
+        let err = |input: &[u8], tty| scram_verifier(input, tty).unwrap_err();
+        assert!(err(b"secret", true).contains("terminal"));
+        assert!(err(b"", false).contains("empty"));
+        assert!(err(b"\n\n", false).contains("empty"));
+        assert!(err(b"a\0b", false).contains("NUL"));
+        let long = vec![b'x'; MAX_PASSWORD as usize + 1];
+        assert!(err(&long, false).contains("longer than 1024 bytes"));
+        assert!(scram_verifier(&long[1..], false).is_ok());
     }
 }

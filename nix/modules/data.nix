@@ -15,12 +15,7 @@
   seed = !clustered || (self != null && self == lib.head cfg.rabbitmq.cluster.nodes);
   db = cfg.database.name;
   runtimeRoles = [users.app users.worker];
-  quoted = role: ''"${role}"'';
-  runtimeList = lib.concatMapStringsSep ", " quoted runtimeRoles;
   rabbitmqctl = "${config.services.rabbitmq.package}/sbin/rabbitmqctl";
-  # Names the app and worker declare at connect: exchange pageviews, queues pageviews.tasks
-  # and pageviews.dead, exchange pageviews.dead.
-  permission = ''^pageviews(\..*)?$'';
 in {
   config = lib.mkIf (cfg.enable && (common.localData || common.localBroker)) {
     services.postgresql = lib.mkIf common.localData {
@@ -63,33 +58,21 @@ in {
       };
     };
 
-    # Grants (idempotent, on every start of postgresql-setup, as the superuser): runtime
-    # roles get CONNECT, USAGE on the schema and SELECT/INSERT/UPDATE on the owner's tables,
-    # now and for tables the migrations create later (ALTER DEFAULT PRIVILEGES).
-    # Split: set the role passwords from credentials (psql reads the file itself, so the
-    # password is neither in argv nor in the store).
+    # Access rules and (split) passwords, on every start of postgresql-setup, as the superuser:
+    # src/db/setup.sql, the file the tests run (the grants there, migrations/README.md says
+    # why). Passwords reach the server only as SCRAM-SHA-256 verifiers, made here from the
+    # credentials and handed to psql in its environment (never argv, the store or SQL text).
     systemd.services.postgresql-setup = lib.mkIf common.localData {
       serviceConfig.LoadCredential = lib.mkIf splitData (lib.mapAttrsToList (who: file: "db-${who}:${file}") cfg.database.passwordFiles);
       script = lib.mkAfter ''
-        psql -d ${db} -v ON_ERROR_STOP=1 <<'EOF'
-          REVOKE ALL ON DATABASE ${db} FROM PUBLIC;
-          GRANT CONNECT ON DATABASE ${db} TO ${runtimeList};
-          REVOKE CREATE ON SCHEMA public FROM PUBLIC;
-          GRANT USAGE ON SCHEMA public TO ${runtimeList};
-          GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO ${runtimeList};
-          GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO ${runtimeList};
-          ALTER DEFAULT PRIVILEGES FOR ROLE ${quoted users.owner} IN SCHEMA public
-            GRANT SELECT, INSERT, UPDATE ON TABLES TO ${runtimeList};
-          ALTER DEFAULT PRIVILEGES FOR ROLE ${quoted users.owner} IN SCHEMA public
-            GRANT USAGE, SELECT ON SEQUENCES TO ${runtimeList};
-        EOF
-        ${lib.optionalString splitData (lib.concatStrings (lib.mapAttrsToList (who: role: ''
-            psql -d postgres -v ON_ERROR_STOP=1 <<'EOF'
-              \set pw `cat "$CREDENTIALS_DIRECTORY/db-${who}"`
-              ALTER ROLE ${quoted role} PASSWORD :'pw';
-            EOF
-          '')
-          users))}
+        ${lib.optionalString splitData (lib.concatMapStrings (who: let
+          var = "PAGEVIEWS_${lib.toUpper who}_VERIFIER";
+        in ''
+          ${var}="$(${cfg.package}/bin/pageviews-app scram-verifier < "$CREDENTIALS_DIRECTORY/db-${who}")"
+          export ${var}
+        '') (lib.attrNames users))}
+        psql -d ${lib.escapeShellArg db} ${lib.escapeShellArgs (lib.mapAttrsToList (name: value: "--variable=${name}=${value}") ({inherit db;} // users))} \
+          ${lib.optionalString splitData "--variable=passwords=1"} -f ${../../src/db/setup.sql}
       '';
     };
 
@@ -111,10 +94,10 @@ in {
       };
     };
 
-    # RabbitMQ has no NixOS options for users: create the vhost and one user per service
-    # with permissions on that vhost only, and delete guest. Passwords come from files via
-    # credentials and reach rabbitmqctl on stdin, never argv. Runs on every boot (idempotent,
-    # re-applies changed passwords).
+    # RabbitMQ has no NixOS options for users: src/queue/rabbitmq-setup.sh (the file the tests
+    # run) creates the vhost and one user per service with the permissions its client needs,
+    # and deletes guest. Passwords come from files via credentials and reach rabbitmqctl on
+    # stdin, never argv. Runs on every boot (idempotent, re-applies changed passwords).
     systemd.services.pageviews-rabbitmq-setup = lib.mkIf (common.localBroker && seed) {
       description = "pageviews: RabbitMQ vhost, users and permissions";
       wantedBy = ["multi-user.target"];
@@ -133,26 +116,8 @@ in {
         UMask = "0077";
       };
       script = ''
-        set -eu
-        ${rabbitmqctl} await_startup --timeout 300
-        if ! ${rabbitmqctl} list_vhosts --quiet --no-table-headers | grep -qxF '${cfg.rabbitmq.vhost}'; then
-          ${rabbitmqctl} add_vhost '${cfg.rabbitmq.vhost}'
-        fi
-        existing="$(${rabbitmqctl} list_users --quiet --no-table-headers | cut -f1)"
-        ${lib.concatMapStrings (who: let
-          user = users.${who};
-        in ''
-          if printf '%s\n' "$existing" | grep -qxF '${user}'; then
-            printf '%s\n' "$(cat "$CREDENTIALS_DIRECTORY/amqp-${who}")" | ${rabbitmqctl} change_password '${user}'
-          else
-            printf '%s\n' "$(cat "$CREDENTIALS_DIRECTORY/amqp-${who}")" | ${rabbitmqctl} add_user '${user}'
-          fi
-          ${rabbitmqctl} set_user_tags '${user}'
-          ${rabbitmqctl} set_permissions -p '${cfg.rabbitmq.vhost}' '${user}' '${permission}' '${permission}' '${permission}'
-        '') ["app" "worker"]}
-        if printf '%s\n' "$existing" | grep -qxF guest; then
-          ${rabbitmqctl} delete_user guest
-        fi
+        ${pkgs.runtimeShell} ${../../src/queue/rabbitmq-setup.sh} ${rabbitmqctl} ${lib.escapeShellArgs [cfg.rabbitmq.vhost users.app]} \
+          "$CREDENTIALS_DIRECTORY/amqp-app" ${lib.escapeShellArg users.worker} "$CREDENTIALS_DIRECTORY/amqp-worker"
       '';
     };
   };

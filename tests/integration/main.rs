@@ -15,4 +15,5 @@ mod outbox;
 mod page;
 mod pipeline;
 mod proxy;
+mod setup;
 mod support;

@@ -100,7 +100,7 @@ impl Postgres {
             ]);
         }
         as_server_user(&mut command, &self.dir)?;
-        let log = self.dir.join("postgres.log");
+        let log = self.log();
         self.process = Some(Process::spawn("postgres", &mut command, &log)?);
         let url = self.admin_url();
         wait_until("PostgreSQL", Duration::from_secs(30), || async {
@@ -123,6 +123,11 @@ impl Postgres {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's log (stderr).
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("postgres.log")
     }
 
     /// The generated superuser password (for tests that check it never reaches a log).

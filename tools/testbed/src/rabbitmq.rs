@@ -109,11 +109,23 @@ impl RabbitMq {
         Ok(self.url(vhost))
     }
 
+    /// A command running `program` in the environment that makes `rabbitmqctl` manage this
+    /// node without `-n` (for scripts that run it).
+    pub fn ctl_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        self.environment(&mut command);
+        command
+    }
+
+    /// The path of `rabbitmqctl`.
+    pub fn ctl_path(&self) -> PathBuf {
+        self.bin_dir.join("rabbitmqctl")
+    }
+
     /// Runs `rabbitmqctl` against this node; the output on success.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut command = Command::new(self.bin_dir.join("rabbitmqctl"));
-        self.environment(&mut command);
-        let output = command
+        let output = self
+            .ctl_command(self.ctl_path())
             .arg("-n")
             .arg(self.node_name())
             .args(args)

@@ -16,7 +16,8 @@
     (lib.hasSuffix ".rs" f || lib.hasSuffix ".toml" f || baseNameOf f == "Cargo.lock")
     && !(under ["tests/" "tools/nixfmt-check/"] f);
   inPackage = f: cargoSource f || under ["migrations/" "templates/" "static/"] f;
-  inTests = f: inPackage f || under ["tests/" "nix/nginx/" "ops/"] f;
+  setupFile = f: lib.hasPrefix "src/" f && (lib.hasSuffix ".sql" f || lib.hasSuffix ".sh" f);
+  inTests = f: inPackage f || setupFile f || under ["tests/" "nix/nginx/" "ops/"] f;
   files = relative srcFileset;
   testFiles = relative testSrcFileset;
 in {

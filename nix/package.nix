@@ -17,7 +17,8 @@
   #   drop the latter; the root's tests/ (the integration tests) and tools/nixfmt-check (a
   #   crate of its own for scripts/check-nix) are cut out.
   # - `testSrc`, for clippy --all-targets, rustfmt and the tests: `src` plus the integration
-  #   tests, the nginx snippets the testbed embeds and the ops files the tests check.
+  #   tests, the setup SQL and script of src/ (the NixOS module runs them, the tests too), the
+  #   nginx snippets the testbed embeds and the ops files the tests check.
   # nix/package-src-check.nix says what may be in each; `nix flake check` and scripts/check-nix
   # fail on anything else, and .ci/run runs the builds and the tests in exactly these files
   # (scripts/nix-source materialises them).
@@ -32,6 +33,8 @@
   ];
   testSrcFileset = fileset.unions [
     srcFileset
+    # The database and broker setup the NixOS module runs; the tests run the same files.
+    (fileset.fileFilter (f: f.hasExt "sql" || f.hasExt "sh") (root + "/src"))
     (root + "/tests")
     (root + "/nix/nginx")
     (root + "/ops")

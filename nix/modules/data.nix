@@ -115,8 +115,9 @@ in {
         LoadCredential = map (who: "amqp-${who}:${common.amqpPasswordFile who}") ["app" "worker"];
         UMask = "0077";
       };
+      # Run by the bash that runs this unit's script ($BASH): the file is a plain bash script.
       script = ''
-        ${pkgs.runtimeShell} ${../../src/queue/rabbitmq-setup.sh} ${rabbitmqctl} ${lib.escapeShellArgs [cfg.rabbitmq.vhost users.app]} \
+        "$BASH" ${../../src/queue/rabbitmq-setup.sh} ${rabbitmqctl} ${lib.escapeShellArgs [cfg.rabbitmq.vhost users.app]} \
           "$CREDENTIALS_DIRECTORY/amqp-app" ${lib.escapeShellArg users.worker} "$CREDENTIALS_DIRECTORY/amqp-worker"
       '';
     };

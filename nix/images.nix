@@ -3,11 +3,15 @@
 #
 #   nix build .#app-image && docker load < result
 #   docker run --rm -e DATABASE_URL=... -e AMQP_URL=... -p 8000:8000 pageviews-app:<version>
+#
+# The app image serves /metrics and /readyz on a port of their own (9102), not on the page's
+# (8000): publishing 8000 does not make them public.
 {
   pkgs,
   package,
 }: let
   inherit (package) version;
+  inherit (pkgs) lib;
 
   # 65534 is "nobody" in fakeNss's /etc/passwd; numeric so no lookup is needed.
   user = "65534:65534";
@@ -27,11 +31,13 @@
       install -D -m 0555 ${package}/bin/pageviews-${component} "$out/bin/pageviews-${component}"
     '';
 
-  # `port`: where the image listens (passthru, so the VM test reads it from here).
+  # `port`: where the image listens (passthru, so the VM test reads it from here);
+  # `operations`: the app's second listener (PAGEVIEWS_APP_METRICS_LISTEN), if any.
   mkImage = {
     component,
     listenVariable,
     port,
+    operations ? null,
   }:
     pkgs.dockerTools.buildLayeredImage {
       name = "pageviews-${component}";
@@ -54,8 +60,11 @@
             "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
           ]
           # Inside a container it must listen on all interfaces of its network namespace.
-          ++ ["${listenVariable}=0.0.0.0:${toString port}"];
-        ExposedPorts."${toString port}/tcp" = {};
+          ++ ["${listenVariable}=0.0.0.0:${toString port}"]
+          ++ lib.optional (operations != null) "${operations.variable}=0.0.0.0:${toString operations.port}";
+        ExposedPorts =
+          {"${toString port}/tcp" = {};}
+          // lib.optionalAttrs (operations != null) {"${toString operations.port}/tcp" = {};};
         Labels = labels component;
       };
       passthru = {inherit port;};
@@ -65,6 +74,10 @@ in {
     component = "app";
     listenVariable = "PAGEVIEWS_LISTEN";
     port = 8000;
+    operations = {
+      variable = "PAGEVIEWS_APP_METRICS_LISTEN";
+      port = 9102;
+    };
   };
 
   worker-image = mkImage {

@@ -8,6 +8,7 @@ mod connections;
 mod deploys;
 mod failures;
 mod faults;
+mod health;
 mod migrations;
 mod ops;
 mod outbox;

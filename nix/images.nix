@@ -6,12 +6,15 @@
 #
 # `packages` are the flake's image outputs; `ports` says where each listens, as a plain
 # attrset beside them (the VM test reads it): what a builder passes through on the image
-# derivation differs between nixpkgs versions, so nothing relies on it.
+# derivation differs between nixpkgs versions, so nothing relies on it. The app image
+# serves /metrics and /readyz on a port of their own (`app-operations`, 9102), not on the
+# page's (8000): publishing 8000 does not make them public.
 {
   pkgs,
   package,
 }: let
   inherit (package) version;
+  inherit (pkgs) lib;
 
   # 65534 is "nobody" in fakeNss's /etc/passwd; numeric so no lookup is needed.
   user = "65534:65534";
@@ -33,12 +36,15 @@
 
   ports = {
     app-image = 8000;
+    app-operations = 9102;
     worker-image = 9100;
   };
 
+  # `operations`: the app's second listener (PAGEVIEWS_APP_METRICS_LISTEN), if any.
   mkImage = {
     component,
     listenVariable,
+    operations ? null,
   }: let
     port = ports."${component}-image";
   in
@@ -63,8 +69,11 @@
             "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
           ]
           # Inside a container it must listen on all interfaces of its network namespace.
-          ++ ["${listenVariable}=0.0.0.0:${toString port}"];
-        ExposedPorts."${toString port}/tcp" = {};
+          ++ ["${listenVariable}=0.0.0.0:${toString port}"]
+          ++ lib.optional (operations != null) "${operations.variable}=0.0.0.0:${toString operations.port}";
+        ExposedPorts =
+          {"${toString port}/tcp" = {};}
+          // lib.optionalAttrs (operations != null) {"${toString operations.port}/tcp" = {};};
         Labels = labels component;
       };
     };
@@ -74,6 +83,10 @@ in {
     app-image = mkImage {
       component = "app";
       listenVariable = "PAGEVIEWS_LISTEN";
+      operations = {
+        variable = "PAGEVIEWS_APP_METRICS_LISTEN";
+        port = ports.app-operations;
+      };
     };
     worker-image = mkImage {
       component = "worker";

@@ -120,11 +120,60 @@ pub fn parsed<T: FromStr>(src: &dyn Source, name: &str, default: T, expected: &s
     }
 }
 
-fn positive_secs(src: &dyn Source, name: &str, default: u64) -> Result<Duration, ConfigError> {
-    match parsed(src, name, default, "a whole number of seconds")? {
-        0 => Err(ConfigError::new(name, "must be at least 1 second")),
-        secs => Ok(Duration::from_secs(secs)),
+/// A whole number of `unit`s ("" for a count) from 1 to `max`; `max_meaning` says what `max`
+/// is, for the error.
+fn bounded(
+    src: &dyn Source,
+    name: &str,
+    default: u64,
+    unit: &str,
+    max: u64,
+    max_meaning: &str,
+) -> Result<u64, ConfigError> {
+    let expected = if unit.is_empty() {
+        "a whole number".to_owned()
+    } else {
+        format!("a whole number of {unit}s")
+    };
+    let least = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    match parsed(src, name, default, &expected)? {
+        0 => Err(ConfigError::new(name, format!("must be at least 1{least}"))),
+        n if n > max => Err(ConfigError::new(
+            name,
+            format!("{n} is more than {max} ({max_meaning})"),
+        )),
+        n => Ok(n),
     }
+}
+
+/// The longest interval a `*_SECS` setting takes: a day.
+const MAX_INTERVAL_SECS: u64 = 86_400;
+
+fn interval_secs(src: &dyn Source, name: &str, default: u64) -> Result<Duration, ConfigError> {
+    bounded(src, name, default, "second", MAX_INTERVAL_SECS, "a day").map(Duration::from_secs)
+}
+
+/// `WATCHDOG_USEC` as systemd passes it (sd_watchdog_enabled(3)): how often the service
+/// manager wants to hear from the process, `None` when unset, 0, or meant for another
+/// process (`WATCHDOG_PID`). A value that is not a number is an error: ignoring it would
+/// mean no pings, and the manager killing the process.
+pub fn watchdog(src: &dyn Source) -> Result<Option<Duration>, ConfigError> {
+    const NAME: &str = "WATCHDOG_USEC";
+    let Some(usec) = optional(src, NAME)? else {
+        return Ok(None);
+    };
+    let usec: u64 = usec
+        .parse()
+        .map_err(|_| ConfigError::new(NAME, format!("{usec:?} is not a whole number of microseconds")))?;
+    let for_us = match optional(src, "WATCHDOG_PID")? {
+        None => true,
+        Some(pid) => pid.parse::<u32>().is_ok_and(|pid| pid == std::process::id()),
+    };
+    Ok((usec > 0 && for_us).then(|| Duration::from_micros(usec)))
 }
 
 /// A value that must not appear in logs or `Debug` output.
@@ -238,22 +287,26 @@ impl DatabaseConfig {
         let url = required(src, NAME)?;
         tokio_postgres::Config::from_str(&url)
             .map_err(|e| ConfigError::new(NAME, format!("not a PostgreSQL connection URL: {e}")))?;
-        let pool_size = parsed(src, "PAGEVIEWS_DB_POOL_SIZE", 16u32, "a whole number")?;
-        if pool_size == 0 {
-            return Err(ConfigError::new("PAGEVIEWS_DB_POOL_SIZE", "must be at least 1"));
-        }
-        let timeout_ms = parsed(
+        let pool_size = bounded(
+            src,
+            "PAGEVIEWS_DB_POOL_SIZE",
+            16,
+            "",
+            1000,
+            "ten times PostgreSQL's default max_connections",
+        )?;
+        // Also the app's statement_timeout, which PostgreSQL takes up to 2^31-1 ms only.
+        let timeout_ms = bounded(
             src,
             "PAGEVIEWS_DB_TIMEOUT_MS",
-            1500u64,
-            "a whole number of milliseconds",
+            1500,
+            "millisecond",
+            600_000,
+            "ten minutes",
         )?;
-        if timeout_ms == 0 {
-            return Err(ConfigError::new("PAGEVIEWS_DB_TIMEOUT_MS", "must be at least 1"));
-        }
         Ok(Self {
             url: Secret(url),
-            pool_size,
+            pool_size: pool_size as u32,
             timeout: Duration::from_millis(timeout_ms),
         })
     }
@@ -302,6 +355,7 @@ pub struct AppConfig {
 impl AppConfig {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let configured = Listen::from_source(src, "PAGEVIEWS_LISTEN")?;
+        watchdog(src)?;
         Ok(Self {
             listen: match inherited_socket()? {
                 Some(fd) => Listen::Inherited(fd),
@@ -309,7 +363,7 @@ impl AppConfig {
             },
             database: DatabaseConfig::from_source(src)?,
             broker: BrokerConfig::from_source(src)?,
-            sweep_interval: positive_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,
+            sweep_interval: interval_secs(src, "PAGEVIEWS_SWEEP_INTERVAL_SECS", 10)?,
             metrics_listen: Listen::from_source(src, "PAGEVIEWS_APP_METRICS_LISTEN")?,
         })
     }
@@ -341,11 +395,12 @@ impl WorkerConfig {
                 "must be at least 1 (0 would mean unlimited)",
             ));
         }
+        watchdog(src)?;
         Ok(Self {
             database: DatabaseConfig::from_source(src)?,
             broker: BrokerConfig::from_source(src)?,
             prefetch,
-            rollup_interval: positive_secs(src, "PAGEVIEWS_ROLLUP_INTERVAL_SECS", 60)?,
+            rollup_interval: interval_secs(src, "PAGEVIEWS_ROLLUP_INTERVAL_SECS", 60)?,
             metrics_listen: Listen::from_source(src, "PAGEVIEWS_METRICS_LISTEN")?,
         })
     }
@@ -447,6 +502,28 @@ mod tests {
         );
         let worker = WorkerConfig::from_source(&env(&[("PAGEVIEWS_PREFETCH", "0")])).unwrap_err();
         assert!(worker.to_string().starts_with("PAGEVIEWS_PREFETCH: must be at least 1"));
+    }
+
+    #[test]
+    fn the_watchdog_follows_systemds_rules() {
+        let pid = std::process::id().to_string();
+        let watchdog = |pairs: &[(&str, &str)]| watchdog(&env(pairs));
+        assert_eq!(watchdog(&[]).unwrap(), None);
+        assert_eq!(watchdog(&[("WATCHDOG_USEC", "0")]).unwrap(), None);
+        assert_eq!(
+            watchdog(&[("WATCHDOG_USEC", "300000")]).unwrap(),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(
+            watchdog(&[("WATCHDOG_USEC", "300000"), ("WATCHDOG_PID", &pid)]).unwrap(),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(
+            watchdog(&[("WATCHDOG_USEC", "300000"), ("WATCHDOG_PID", "1")]).unwrap(),
+            None,
+            "meant for another process"
+        );
+        assert!(watchdog(&[("WATCHDOG_USEC", "5s")]).is_err());
     }
 
     #[test]

@@ -21,12 +21,18 @@ fn send(states: &[NotifyState]) {
 
 /// When the manager asked for a watchdog (`WATCHDOG_USEC`, `WatchdogSec=`), pings it at half
 /// the interval from a task on the current runtime: if the runtime wedges, the pings stop and
-/// the manager restarts the process.
+/// the manager restarts the process. The configuration has checked the variable at start.
 pub fn spawn_watchdog() {
-    let Some(timeout) = sd_notify::watchdog_enabled() else {
-        return;
+    let timeout = match crate::config::watchdog(&crate::config::Environment) {
+        Ok(Some(timeout)) => timeout,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::error!(%error, "no watchdog pings");
+            return;
+        }
     };
-    let every = timeout / 2;
+    // At least 1 µs: tokio's interval refuses a zero period.
+    let every = (timeout / 2).max(std::time::Duration::from_micros(1));
     tracing::info!(every_ms = every.as_millis() as u64, "watchdog pings enabled");
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);

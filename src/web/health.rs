@@ -1,33 +1,77 @@
 //! Operational routes: liveness, readiness, metrics, and the request counter middleware.
-//! nginx keeps `/readyz` and `/metrics` off the public side.
+//! nginx keeps `/readyz` and `/metrics` off the public side; with `PAGEVIEWS_APP_METRICS_LISTEN`
+//! they are served on that listener only.
 
 use super::AppState;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the outbox is connected to the broker.
-pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
-    let database = crate::db::ping(&app.pool).await;
-    let broker = app.outbox.is_connected();
-    let mut body = String::new();
-    match &database {
-        Ok(()) => body.push_str("database: ok\n"),
-        Err(crate::db::DbError::Pool(e)) => body.push_str(&format!("database: unavailable ({e})\n")),
-        Err(crate::db::DbError::Query(e)) => body.push_str(&format!("database: query failed ({e})\n")),
+/// How long one answer of the database serves readiness checks and scrapes.
+const CHECK_REUSE: Duration = Duration::from_secs(1);
+
+/// What the last database check found, in the app's words (what the database or the pool
+/// said goes to the log, never into a response).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseState {
+    Ok,
+    NoConnection,
+    QueryFailed,
+}
+
+/// The database check behind `/readyz` and `pageviews_database_up`: one query at a time on
+/// the request pool, its result reused for `CHECK_REUSE`, so a burst of checks costs the
+/// requests one connection for one query, not one each.
+#[derive(Default)]
+pub struct DatabaseCheck(tokio::sync::Mutex<Option<(Instant, DatabaseState)>>);
+
+impl DatabaseCheck {
+    /// Within `PAGEVIEWS_DB_TIMEOUT_MS` (the pool's wait and the statement timeout), plus the
+    /// wait for a check already running.
+    pub async fn state(&self, pool: &crate::db::Pool) -> DatabaseState {
+        let mut last = self.0.lock().await;
+        if let Some((at, state)) = *last
+            && at.elapsed() < CHECK_REUSE
+        {
+            return state;
+        }
+        let state = match crate::db::ping(pool).await {
+            Ok(()) => DatabaseState::Ok,
+            Err(error) => {
+                tracing::warn!(%error, "readiness check: the database did not answer");
+                match error {
+                    crate::db::DbError::Pool(_) => DatabaseState::NoConnection,
+                    crate::db::DbError::Query(_) => DatabaseState::QueryFailed,
+                }
+            }
+        };
+        *last = Some((Instant::now(), state));
+        state
     }
+}
+
+/// Ready when the database answers and the outbox is connected to the broker; one line per
+/// dependency.
+pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
+    let database = app.database_check.state(&app.pool).await;
+    let broker = app.outbox.is_connected();
+    let mut body = String::from(match database {
+        DatabaseState::Ok => "database: ok\n",
+        DatabaseState::NoConnection => "database: unavailable (no connection)\n",
+        DatabaseState::QueryFailed => "database: unavailable (query failed)\n",
+    });
     body.push_str(if broker {
         "broker: ok\n"
     } else {
         "broker: unavailable\n"
     });
-    let status = if database.is_ok() && broker {
+    let status = if database == DatabaseState::Ok && broker {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -37,11 +81,9 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
 
 pub async fn metrics(State(app): State<AppState>) -> impl axum::response::IntoResponse {
     app.metrics.broker_connected.set(i64::from(app.outbox.is_connected()));
-    // Checked at scrape time (at most PAGEVIEWS_DB_TIMEOUT_MS): the alert on an unreachable
-    // database needs no traffic to fire.
-    app.metrics
-        .database_up
-        .set(i64::from(crate::db::ping(&app.pool).await.is_ok()));
+    // Checked at scrape time: the alert on an unreachable database needs no traffic to fire.
+    let database = app.database_check.state(&app.pool).await;
+    app.metrics.database_up.set(i64::from(database == DatabaseState::Ok));
     crate::metrics::exposition(&app.registry)
 }
 

@@ -36,6 +36,8 @@ pub struct App {
     page_stats: page::StatsCache,
     /// What `/metrics` exposes: `metrics` and the publisher's.
     registry: Registry,
+    /// The database's answer to `/readyz` and scrapes.
+    database_check: health::DatabaseCheck,
 }
 
 pub struct AppMetrics {
@@ -124,6 +126,7 @@ impl App {
             batcher,
             page_stats: page::StatsCache::default(),
             registry,
+            database_check: health::DatabaseCheck::default(),
         })
     }
 }
@@ -131,15 +134,22 @@ impl App {
 /// A request not answered within this time is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Every route, in one place.
-pub fn router(app: AppState) -> Router {
-    Router::new()
+/// Every route, in one place. `operations`: also `/readyz` and `/metrics` (else they are on
+/// the operators' listener only, `operations_router`).
+pub fn router(app: AppState, operations: bool) -> Router {
+    let routes = Router::new()
         .route("/", get(page::show))
         .route("/stats", get(stats::show))
         .route("/visits/{id}", get(visits::show))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz));
+    let routes = if operations {
+        routes
+            .route("/readyz", get(health::readyz))
+            .route("/metrics", get(health::metrics))
+    } else {
+        routes
+    };
+    routes
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -228,7 +238,8 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
             crate::systemd::ready(&ready);
         });
         tracing::info!(listen = %address, "app listening");
-        listener::serve(listener, router(app), stop).await?;
+        let operations_here = config.metrics_listen.is_none();
+        listener::serve(listener, router(app, operations_here), stop).await?;
         announce.abort();
     } else {
         drop(app);

@@ -84,6 +84,45 @@ fn each_bad_setting_is_named_with_what_is_wrong() {
             vec![DB, MQ, ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "0")],
             "PAGEVIEWS_ROLLUP_INTERVAL_SECS: must be at least 1 second",
         ),
+        // Each number bounded (PostgreSQL refuses a statement_timeout above 2^31-1 ms: with
+        // it the app never answered, not even /healthz).
+        (
+            binaries().app_command(),
+            vec![DB, MQ, ("PAGEVIEWS_DB_TIMEOUT_MS", "2147483648")],
+            "PAGEVIEWS_DB_TIMEOUT_MS: 2147483648 is more than 600000",
+        ),
+        (
+            binaries().worker_command(),
+            vec![DB, MQ, ("PAGEVIEWS_DB_TIMEOUT_MS", "18446744073709551615")],
+            "PAGEVIEWS_DB_TIMEOUT_MS: 18446744073709551615 is more than 600000",
+        ),
+        (
+            binaries().app_command(),
+            vec![DB, MQ, ("PAGEVIEWS_SWEEP_INTERVAL_SECS", "18446744073709551615")],
+            "PAGEVIEWS_SWEEP_INTERVAL_SECS: 18446744073709551615 is more than 86400",
+        ),
+        (
+            binaries().worker_command(),
+            vec![DB, MQ, ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "604800")],
+            "PAGEVIEWS_ROLLUP_INTERVAL_SECS: 604800 is more than 86400",
+        ),
+        (
+            binaries().app_command(),
+            vec![DB, MQ, ("PAGEVIEWS_DB_POOL_SIZE", "100000")],
+            "PAGEVIEWS_DB_POOL_SIZE: 100000 is more than 1000",
+        ),
+        // What systemd passes is checked too: a watchdog that silently never pings gets the
+        // process killed.
+        (
+            binaries().app_command(),
+            vec![DB, MQ, ("WATCHDOG_USEC", "30s")],
+            "WATCHDOG_USEC: \"30s\" is not a whole number of microseconds",
+        ),
+        (
+            binaries().worker_command(),
+            vec![DB, MQ, ("WATCHDOG_USEC", "-1")],
+            "WATCHDOG_USEC: \"-1\" is not a whole number of microseconds",
+        ),
         (
             {
                 let mut c = binaries().app_command();
@@ -97,6 +136,19 @@ fn each_bad_setting_is_named_with_what_is_wrong() {
     for (command, env, expected) in cases {
         let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
         assert_refused(command, &env, expected);
+    }
+}
+
+/// `WATCHDOG_USEC=0` means no watchdog (sd_watchdog_enabled(3)): both binaries run on
+/// without one (before: the app's and the worker's watchdog task panicked).
+#[test]
+fn a_zero_watchdog_interval_means_no_watchdog() {
+    for command in [binaries().app_command(), binaries().worker_command()] {
+        let shown = format!("{command:?}");
+        let env = [DB, MQ, ("WATCHDOG_USEC", "0"), ("PAGEVIEWS_LISTEN", "127.0.0.1:0")];
+        let (code, stderr) = run(command, &env);
+        assert_eq!(code, -1, "{shown} exited instead of running on: {stderr}");
+        assert!(!stderr.contains("panicked"), "{shown}: {stderr}");
     }
 }
 

@@ -9,6 +9,7 @@ mod database;
 mod deploys;
 mod failures;
 mod faults;
+mod health;
 mod migrations;
 mod ops;
 mod outbox;

@@ -4,7 +4,7 @@ use crate::support::{TestEnv, binaries};
 use pageviews_probe::{Probe, check_headers};
 use pageviews_testbed::Deployment;
 use pageviews_testbed::nginx::NginxOptions;
-use pageviews_testbed::process::free_port;
+use pageviews_testbed::process::{free_port, wait_until};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -229,5 +229,71 @@ async fn a_slow_client_is_cut_off_and_the_request_id_is_logged() -> anyhow::Resu
         !app_log.contains("forged-by-client"),
         "a client-supplied request id reached the app"
     );
+    Ok(())
+}
+
+/// TCP connections of this host with `port` at one end: (local port, remote port, state),
+/// state as /proc/net/tcp writes it ("01" established, "06" TIME_WAIT).
+fn connections_on(port: u16) -> anyhow::Result<Vec<(u16, u16, String)>> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let port_of = |address: &str| u16::from_str_radix(address.rsplit(':').next().unwrap_or(""), 16).ok();
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote) = (port_of(fields.get(1)?)?, port_of(fields.get(2)?)?);
+            let state = fields.get(3)?.to_string();
+            (local == port || remote == port).then_some((local, remote, state))
+        })
+        .collect())
+}
+
+/// R13: nginx closes the upstream connections it keeps idle before the app would: with
+/// `proxy_next_upstream off` a request nginx sends on a connection the app is closing is a
+/// 502. The side that closes first keeps the connection in TIME_WAIT: it must be nginx's.
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_closes_idle_upstream_connections_before_the_app_does() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let d = deploy(&env, |_| {}).await?;
+    let port = d.app_port;
+    let time_wait = |local: bool| -> anyhow::Result<Vec<(u16, u16)>> {
+        Ok(connections_on(port)?
+            .into_iter()
+            .filter(|(l, r, state)| state == "06" && (if local { *l == port } else { *r == port }))
+            .map(|(l, r, _)| (l, r))
+            .collect())
+    };
+    let (app_before, nginx_before) = (time_wait(true)?, time_wait(false)?);
+    let c = client(&d, true)?;
+    assert_eq!(c.get(d.https_url("/healthz")).send().await?.status(), 200);
+    // The upstream connection nginx keeps, until one side closes it (the app's idle timeout
+    // is 10 s).
+    wait_until(
+        "the idle upstream connection closed",
+        Duration::from_secs(30),
+        || async {
+            let open: Vec<_> = connections_on(port)?
+                .into_iter()
+                .filter(|(l, _, state)| state == "01" && *l == port)
+                .collect();
+            anyhow::ensure!(open.is_empty(), "open: {open:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    let closed_by_app: Vec<_> = time_wait(true)?
+        .into_iter()
+        .filter(|c| !app_before.contains(c))
+        .collect();
+    let closed_by_nginx: Vec<_> = time_wait(false)?
+        .into_iter()
+        .filter(|c| !nginx_before.contains(c))
+        .collect();
+    assert!(
+        closed_by_app.is_empty() && !closed_by_nginx.is_empty(),
+        "closed first by the app: {closed_by_app:?}; by nginx: {closed_by_nginx:?}"
+    );
+    assert_eq!(c.get(d.https_url("/healthz")).send().await?.status(), 200);
     Ok(())
 }

@@ -15,19 +15,15 @@ pub async fn healthz() -> &'static str {
 /// Ready when the database answers and the outbox is connected to the broker.
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
     let database = crate::db::ping(&app.pool).await;
-    let broker = app.outbox.is_connected();
+    let broker = app.outbox.status();
     let mut body = String::new();
     match &database {
         Ok(()) => body.push_str("database: ok\n"),
         Err(crate::db::DbError::Pool(e)) => body.push_str(&format!("database: unavailable ({e})\n")),
         Err(crate::db::DbError::Query(e)) => body.push_str(&format!("database: query failed ({e})\n")),
     }
-    body.push_str(if broker {
-        "broker: ok\n"
-    } else {
-        "broker: unavailable\n"
-    });
-    let status = if database.is_ok() && broker {
+    body.push_str(&format!("broker: {broker}\n"));
+    let status = if database.is_ok() && broker == crate::queue::outbox::BrokerStatus::Ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

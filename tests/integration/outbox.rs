@@ -210,3 +210,93 @@ async fn a_locked_table_gives_a_quick_503_and_no_row_later() -> anyhow::Result<(
     assert_eq!(env.counts().await?.0, 2);
     Ok(())
 }
+
+/// `/readyz` status and body.
+async fn readiness(app: &crate::support::RunningApp) -> anyhow::Result<(u16, String)> {
+    let response = client().get(app.url("/readyz")).send().await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// Issue 21 row 2: a resource alarm (connection.blocked): readiness and the gauge say so and
+/// why, the failure is counted, a SIGTERM ends the app in time, and once the alarm clears
+/// every page view is processed. Before: still "ready", failures 0, and SIGTERM waited for
+/// the alarm to clear (the publisher thread stuck in a channel close).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_alarm_is_not_ready_and_sigterm_still_ends_the_app() -> anyhow::Result<()> {
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let sweep = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")];
+    let mut app = env.app(&sweep).await?;
+    let _worker = env.worker("worker", &[]).await?;
+    let rabbit = &env.services().rabbitmq;
+    let alarm = || rabbit.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    let clear = || rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    views(&app, 10).await;
+    assert_eq!(env.all_processed(Duration::from_secs(20)).await?, 10);
+
+    // The alarm while publishing: not ready, with the broker's reason, and counted.
+    alarm()?;
+    let outcome = async {
+        views(&app, 20).await;
+        wait_until("not ready, blocked", Duration::from_secs(20), || async {
+            let (status, body) = readiness(&app).await?;
+            let gauge = env.app_metric(&app, "pageviews_broker_connected").await?;
+            anyhow::ensure!(status == 503 && gauge == 0, "readyz {status} {body:?}, gauge {gauge}");
+            Ok(body)
+        })
+        .await
+    }
+    .await;
+    let body = match outcome {
+        Ok(body) => body,
+        Err(e) => {
+            clear()?;
+            return Err(e);
+        }
+    };
+    assert!(
+        body.contains("broker: blocked by the broker (") && body.contains("memory"),
+        "{body}"
+    );
+    assert!(env.app_metric(&app, "pageviews_publish_failures_total").await? >= 1);
+    // Cleared: the same app publishes again, and is ready again.
+    clear()?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 30);
+    wait_until("ready again", Duration::from_secs(20), || async {
+        let (status, body) = readiness(&app).await?;
+        anyhow::ensure!(status == 200, "{status} {body:?}");
+        Ok(())
+    })
+    .await?;
+
+    // Again, and SIGTERM during the alarm: the app holds unconfirmed tasks and exits anyway.
+    alarm()?;
+    views(&app, 20).await;
+    let blocked = wait_until("blocked again", Duration::from_secs(20), || async {
+        let (status, body) = readiness(&app).await?;
+        anyhow::ensure!(status == 503, "{status} {body:?}");
+        Ok(())
+    })
+    .await;
+    let started = Instant::now();
+    let status = app.process.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    let took = started.elapsed();
+    let log = env.log_text(&format!("app-{}", app.port));
+    let replacement = env.app(&sweep).await;
+    clear()?;
+    blocked?;
+    eprintln!("SIGTERM during the alarm: exit after {took:?}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}: {log}");
+    assert!(log.contains("stopping with unpublished tasks"), "{log}");
+    // The replacement's sweep publishes what the stopped app held; nothing is lost.
+    let _replacement = replacement?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 50);
+    Ok(())
+}
+
+/// `n` page views, each answered 200.
+async fn views(app: &crate::support::RunningApp, n: usize) {
+    let results = hammer(&app.url("/"), n, 4).await;
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+}

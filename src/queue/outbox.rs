@@ -9,11 +9,13 @@
 //!   dropped and left to the sweep. While the broker blocks the connection (a resource
 //!   alarm), the thread neither publishes nor calls it, and a shutdown does not wait for it.
 //! - The sweep re-offers rows still unprocessed after one sweep interval, in id order and as
-//!   fast as the broker takes them. It starts a pass only when the task queue holds no ready
-//!   message: then a row still unprocessed is not on its way. This covers tasks never
-//!   published (broker down, outbox full, app restarted) and tasks the broker confirmed and
-//!   lost later (queue purged, deleted or lost with its node). A duplicate is harmless: the
-//!   worker marks each row processed once.
+//!   fast as the broker takes them, when the task queue holds no ready message (a recent
+//!   look): then such a row is not on its way. This covers tasks never published (broker
+//!   down, outbox full, app restarted) and tasks the broker confirmed and lost later (queue
+//!   purged, deleted or lost with its node). While the queue never empties (the workers do
+//!   not keep up), it offers each row unprocessed after [`MAX_WAIT_INTERVALS`] intervals once,
+//!   so a lost task waits at most that long for its second chance. A duplicate is harmless:
+//!   the worker marks each row processed once.
 
 use super::brokers::Brokers;
 use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
@@ -22,7 +24,7 @@ use crate::metrics::{Counter, Registry};
 use crate::shutdown::{self, Shutdown};
 use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, ConnectionBlockedNotification, Publish};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -36,6 +38,10 @@ pub const IDS_PER_MESSAGE: usize = 64;
 pub const CAPACITY: usize = 65_536;
 /// Ids per sweep query.
 const SWEEP_PAGE: usize = 4_096;
+/// Sweep intervals a row may stay unprocessed before it is offered again even though the
+/// task queue is not empty: offering everything older than one interval then would add a
+/// duplicate of every queued task per interval to a queue that is already too long.
+pub const MAX_WAIT_INTERVALS: u32 = 6;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// After shutdown begins, how long the thread keeps trying to publish what it holds.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -45,6 +51,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often the thread reads the task queue's depth (a passive declare; it also notices a
 /// deleted queue, and reconnecting declares it again).
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
+/// A depth read longer ago than this says nothing (the thread is busy or stuck elsewhere).
+const DEPTH_FRESH: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct OutboxMetrics {
@@ -89,8 +97,8 @@ struct Shared {
     connection: AtomicU64,
     /// Ids offered and neither confirmed nor dropped yet.
     backlog: AtomicUsize,
-    /// Ready messages in the task queue at the last look; -1: not known.
-    queue_ready: AtomicI64,
+    /// Ready messages in the task queue at the last look, and when; `None`: not known.
+    depth: Mutex<Option<(u32, Instant)>>,
     closing: AtomicBool,
     metrics: OutboxMetrics,
 }
@@ -105,6 +113,21 @@ struct Handle {
 impl Shared {
     fn blocked(&self) -> Option<String> {
         self.blocked.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    fn set_depth(&self, ready: Option<u32>) {
+        *self.depth.lock().unwrap_or_else(|e| e.into_inner()) = ready.map(|n| (n, Instant::now()));
+    }
+
+    /// Whether a recent look found the task queue without ready messages.
+    fn queue_empty(&self) -> bool {
+        let depth = *self.depth.lock().unwrap_or_else(|e| e.into_inner());
+        depth.is_some_and(|(n, at)| n == 0 && at.elapsed() < DEPTH_FRESH)
+    }
+
+    /// Connected, and not blocked by the broker.
+    fn publishing(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.blocked().is_none()
     }
 
     fn set_blocked(&self, connection: u64, reason: Option<String>) {
@@ -160,7 +183,7 @@ impl Outbox {
             blocked: Mutex::new((0, None)),
             connection: AtomicU64::new(0),
             backlog: AtomicUsize::new(0),
-            queue_ready: AtomicI64::new(-1),
+            depth: Mutex::new(None),
             closing: AtomicBool::new(false),
             metrics: OutboxMetrics::default(),
         });
@@ -252,47 +275,63 @@ impl std::fmt::Display for BrokerStatus {
     }
 }
 
-/// Re-offers unprocessed rows older than `interval`, whenever the task queue is empty.
+/// Re-offers unprocessed rows older than `interval` whenever the task queue is empty, and
+/// those older than `MAX_WAIT_INTERVALS` intervals once each while it is not.
 async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdown) {
     let mut ticker = stopping.clone().ticker(interval);
-    let shared = handle.shared.clone();
-    let usable = || shared.connected.load(Ordering::Relaxed) && !stopping.is_set();
+    let max_wait = interval * MAX_WAIT_INTERVALS;
+    // Rows up to this id have been offered again: not again while the queue stays full.
+    let mut offered_up_to = 0;
     while ticker.tick().await {
-        if !usable() || shared.queue_ready.load(Ordering::Relaxed) != 0 {
+        if !handle.shared.publishing() || stopping.is_set() {
             continue;
         }
-        let (mut after, mut offered) = (0, 0);
-        'pass: loop {
-            // Full speed, but never more than the outbox holds: wait for room.
-            while shared.backlog.load(Ordering::Relaxed) > CAPACITY - SWEEP_PAGE {
-                if !usable() {
-                    break 'pass;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let page = db::run(&pool, async |conn| {
-                db::page_views::unprocessed(conn, after, interval, SWEEP_PAGE as i64).await
-            })
-            .await;
-            match page {
-                Ok(ids) if ids.is_empty() => break,
-                Ok(ids) => {
-                    after = ids[ids.len() - 1];
-                    let n = ids.len();
-                    if !usable() || !handle.offer(ids) {
-                        break;
-                    }
-                    offered += n;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "sweep cannot read unprocessed page views");
-                    break;
-                }
-            }
-        }
+        let (after, age) = if handle.shared.queue_empty() {
+            (0, interval)
+        } else {
+            (offered_up_to, max_wait)
+        };
+        let (offered, last) = sweep_pass(&handle, &pool, after, age, &stopping).await;
+        offered_up_to = offered_up_to.max(last);
         if offered > 0 {
-            shared.metrics.republished.inc_by(offered as u64);
+            handle.shared.metrics.republished.inc_by(offered as u64);
             tracing::info!(count = offered, "sweep offered unprocessed page views again");
+        }
+    }
+}
+
+/// Offers unprocessed rows older than `age` with ids above `after`, at full speed but never
+/// more than the outbox holds. How many it offered, and the last id offered.
+async fn sweep_pass(handle: &Handle, pool: &Pool, mut after: i64, age: Duration, stopping: &Shutdown) -> (usize, i64) {
+    let shared = &handle.shared;
+    let usable = || shared.publishing() && !stopping.is_set();
+    let (mut offered, mut last) = (0, 0);
+    loop {
+        while shared.backlog.load(Ordering::Relaxed) > CAPACITY - SWEEP_PAGE {
+            if !usable() {
+                return (offered, last);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let page = db::run(pool, async |conn| {
+            db::page_views::unprocessed(conn, after, age, SWEEP_PAGE as i64).await
+        })
+        .await;
+        match page {
+            Ok(ids) if ids.is_empty() => return (offered, last),
+            Ok(ids) => {
+                after = ids[ids.len() - 1];
+                let n = ids.len();
+                if !usable() || !handle.offer(ids) {
+                    return (offered, last);
+                }
+                offered += n;
+                last = after;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "sweep cannot read unprocessed page views");
+                return (offered, last);
+            }
         }
     }
 }
@@ -322,7 +361,7 @@ fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared_arc: Arc<Shared>) 
                 shared.connected.store(true, Ordering::Relaxed);
                 let result = sessions(&mut connection, channel, rx, shared, &mut state);
                 shared.connected.store(false, Ordering::Relaxed);
-                shared.queue_ready.store(-1, Ordering::Relaxed);
+                shared.set_depth(None);
                 match result {
                     Ok(()) => {
                         let _ = connection.close();
@@ -528,7 +567,7 @@ fn session(
     loop {
         if shared.blocked().is_some() {
             // Neither publishes nor calls (the broker would not answer), until it unblocks.
-            shared.queue_ready.store(-1, Ordering::Relaxed);
+            shared.set_depth(None);
             if closing(shared, closed_at) {
                 return Err(SessionError::Blocked);
             }
@@ -547,8 +586,7 @@ fn session(
         }
         if depth_read.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
             let queue = channel.queue_declare_passive(QUEUE)?;
-            let ready = queue.declared_message_count().map_or(-1, i64::from);
-            shared.queue_ready.store(ready, Ordering::Relaxed);
+            shared.set_depth(queue.declared_message_count());
             depth_read = Some(Instant::now());
         }
         if pending.is_empty() {

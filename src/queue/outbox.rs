@@ -6,22 +6,25 @@
 //!   [`IDS_PER_MESSAGE`] ids, up to [`MAX_BATCH`] ids per wait for publisher confirms. What is
 //!   not confirmed (nacked, returned as unroutable, connection lost) is retried with backoff.
 //!   Ids handed over and not yet confirmed are bounded by [`CAPACITY`]; beyond it, offers are
-//!   dropped and left to the sweep.
+//!   dropped and left to the sweep. While the broker blocks the connection (a resource
+//!   alarm), the thread neither publishes nor calls it, and a shutdown does not wait for it.
 //! - The sweep re-offers rows still unprocessed after one sweep interval, in id order and as
-//!   fast as the broker takes them. It starts a pass only when the task queue holds no ready
-//!   message: then a row still unprocessed is not on its way. This covers tasks never
-//!   published (broker down, outbox full, app restarted) and tasks the broker confirmed and
-//!   lost later (queue purged, deleted or lost with its node). A duplicate is harmless: the
-//!   worker marks each row processed once.
+//!   fast as the broker takes them, when the task queue holds no ready message (a recent
+//!   look): then such a row is not on its way. This covers tasks never published (broker
+//!   down, outbox full, app restarted) and tasks the broker confirmed and lost later (queue
+//!   purged, deleted or lost with its node). While the queue never empties (the workers do
+//!   not keep up), it offers each row unprocessed after [`MAX_WAIT_INTERVALS`] intervals once,
+//!   so a lost task waits at most that long for its second chance. A duplicate is harmless:
+//!   the worker marks each row processed once.
 
 use super::brokers::Brokers;
 use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Registry};
 use crate::shutdown::{self, Shutdown};
-use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish};
+use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, ConnectionBlockedNotification, Publish};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -35,6 +38,10 @@ pub const IDS_PER_MESSAGE: usize = 64;
 pub const CAPACITY: usize = 65_536;
 /// Ids per sweep query.
 const SWEEP_PAGE: usize = 4_096;
+/// Sweep intervals a row may stay unprocessed before it is offered again even though the
+/// task queue is not empty: offering everything older than one interval then would add a
+/// duplicate of every queued task per interval to a queue that is already too long.
+pub const MAX_WAIT_INTERVALS: u32 = 6;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// After shutdown begins, how long the thread keeps trying to publish what it holds.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -44,6 +51,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often the thread reads the task queue's depth (a passive declare; it also notices a
 /// deleted queue, and reconnecting declares it again).
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
+/// A depth read longer ago than this says nothing (the thread is busy or stuck elsewhere).
+const DEPTH_FRESH: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct OutboxMetrics {
@@ -62,7 +71,7 @@ impl OutboxMetrics {
         );
         registry.register(
             "publish_failures",
-            "Broker connections lost while publishing",
+            "Broker connections lost, or blocked by a resource alarm, while publishing",
             self.failures.clone(),
         );
         registry.register(
@@ -80,10 +89,16 @@ impl OutboxMetrics {
 
 struct Shared {
     connected: AtomicBool,
+    /// Set while the broker blocks the connection (connection.blocked: a memory or disk
+    /// alarm): nothing can be published, and any call on the connection may wait until the
+    /// alarm clears. The number of the connection it concerns, and the broker's reason.
+    blocked: Mutex<(u64, Option<String>)>,
+    /// The number of the current connection.
+    connection: AtomicU64,
     /// Ids offered and neither confirmed nor dropped yet.
     backlog: AtomicUsize,
-    /// Ready messages in the task queue at the last look; -1: not known.
-    queue_ready: AtomicI64,
+    /// Ready messages in the task queue at the last look, and when; `None`: not known.
+    depth: Mutex<Option<(u32, Instant)>>,
     closing: AtomicBool,
     metrics: OutboxMetrics,
 }
@@ -93,6 +108,35 @@ struct Shared {
 struct Handle {
     tx: SyncSender<Vec<i64>>,
     shared: Arc<Shared>,
+}
+
+impl Shared {
+    fn blocked(&self) -> Option<String> {
+        self.blocked.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    fn set_depth(&self, ready: Option<u32>) {
+        *self.depth.lock().unwrap_or_else(|e| e.into_inner()) = ready.map(|n| (n, Instant::now()));
+    }
+
+    /// Whether a recent look found the task queue without ready messages.
+    fn queue_empty(&self) -> bool {
+        let depth = *self.depth.lock().unwrap_or_else(|e| e.into_inner());
+        depth.is_some_and(|(n, at)| n == 0 && at.elapsed() < DEPTH_FRESH)
+    }
+
+    /// Connected, and not blocked by the broker.
+    fn publishing(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.blocked().is_none()
+    }
+
+    fn set_blocked(&self, connection: u64, reason: Option<String>) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        // A late note about an earlier connection changes nothing.
+        if connection >= blocked.0 {
+            *blocked = (connection, reason);
+        }
+    }
 }
 
 impl Handle {
@@ -136,15 +180,17 @@ impl Outbox {
         let (tx, rx) = mpsc::sync_channel(4_096);
         let shared = Arc::new(Shared {
             connected: AtomicBool::new(false),
+            blocked: Mutex::new((0, None)),
+            connection: AtomicU64::new(0),
             backlog: AtomicUsize::new(0),
-            queue_ready: AtomicI64::new(-1),
+            depth: Mutex::new(None),
             closing: AtomicBool::new(false),
             metrics: OutboxMetrics::default(),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("amqp-publisher".into())
-            .spawn(move || run(&mut brokers, &rx, &thread_shared))
+            .spawn(move || run(&mut brokers, &rx, thread_shared))
             .expect("spawning a thread only fails when the system is out of resources");
         let handle = Handle { tx, shared };
         let (stop_sweep, stopping) = shutdown::channel();
@@ -165,9 +211,19 @@ impl Outbox {
         self.handle.offer(ids)
     }
 
-    /// Whether the publisher holds a working broker connection (noticed within a heartbeat).
+    /// Whether the publisher holds a broker connection it can publish on (a lost one is
+    /// noticed within a heartbeat; a blocked one when the broker says so).
     pub fn is_connected(&self) -> bool {
-        self.handle.shared.connected.load(Ordering::Relaxed)
+        self.status() == BrokerStatus::Ok
+    }
+
+    pub fn status(&self) -> BrokerStatus {
+        let shared = &self.handle.shared;
+        match shared.blocked() {
+            _ if !shared.connected.load(Ordering::Relaxed) => BrokerStatus::Unavailable,
+            Some(reason) => BrokerStatus::Blocked(reason),
+            None => BrokerStatus::Ok,
+        }
     }
 
     pub fn metrics(&self) -> &OutboxMetrics {
@@ -185,7 +241,9 @@ impl Outbox {
         let _ = running.sweep.await;
         let shared = &self.handle.shared;
         shared.closing.store(true, Ordering::Relaxed);
+        // While the broker blocks the connection nothing can be published: no drain.
         let limit = || match shared.backlog.load(Ordering::Relaxed) {
+            _ if shared.blocked().is_some() => STOP_GRACE,
             0 => STOP_GRACE,
             _ => DRAIN_DEADLINE + STOP_GRACE,
         };
@@ -198,53 +256,89 @@ impl Outbox {
     }
 }
 
-/// Re-offers unprocessed rows older than `interval`, whenever the task queue is empty.
+/// What `/readyz` says about the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerStatus {
+    Ok,
+    Unavailable,
+    /// The broker blocks publishing (connection.blocked), for this reason.
+    Blocked(String),
+}
+
+impl std::fmt::Display for BrokerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerStatus::Ok => f.write_str("ok"),
+            BrokerStatus::Unavailable => f.write_str("unavailable"),
+            BrokerStatus::Blocked(reason) => write!(f, "blocked by the broker ({reason})"),
+        }
+    }
+}
+
+/// Re-offers unprocessed rows older than `interval` whenever the task queue is empty, and
+/// those older than `MAX_WAIT_INTERVALS` intervals once each while it is not.
 async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdown) {
     let mut ticker = stopping.clone().ticker(interval);
-    let shared = handle.shared.clone();
-    let usable = || shared.connected.load(Ordering::Relaxed) && !stopping.is_set();
+    let max_wait = interval * MAX_WAIT_INTERVALS;
+    // Rows up to this id have been offered again: not again while the queue stays full.
+    let mut offered_up_to = 0;
     while ticker.tick().await {
-        if !usable() || shared.queue_ready.load(Ordering::Relaxed) != 0 {
+        if !handle.shared.publishing() || stopping.is_set() {
             continue;
         }
-        let (mut after, mut offered) = (0, 0);
-        'pass: loop {
-            // Full speed, but never more than the outbox holds: wait for room.
-            while shared.backlog.load(Ordering::Relaxed) > CAPACITY - SWEEP_PAGE {
-                if !usable() {
-                    break 'pass;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let page = db::run(&pool, async |conn| {
-                db::page_views::unprocessed(conn, after, interval, SWEEP_PAGE as i64).await
-            })
-            .await;
-            match page {
-                Ok(ids) if ids.is_empty() => break,
-                Ok(ids) => {
-                    after = ids[ids.len() - 1];
-                    let n = ids.len();
-                    if !usable() || !handle.offer(ids) {
-                        break;
-                    }
-                    offered += n;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "sweep cannot read unprocessed page views");
-                    break;
-                }
-            }
-        }
+        let (after, age) = if handle.shared.queue_empty() {
+            (0, interval)
+        } else {
+            (offered_up_to, max_wait)
+        };
+        let (offered, last) = sweep_pass(&handle, &pool, after, age, &stopping).await;
+        offered_up_to = offered_up_to.max(last);
         if offered > 0 {
-            shared.metrics.republished.inc_by(offered as u64);
+            handle.shared.metrics.republished.inc_by(offered as u64);
             tracing::info!(count = offered, "sweep offered unprocessed page views again");
         }
     }
 }
 
+/// Offers unprocessed rows older than `age` with ids above `after`, at full speed but never
+/// more than the outbox holds. How many it offered, and the last id offered.
+async fn sweep_pass(handle: &Handle, pool: &Pool, mut after: i64, age: Duration, stopping: &Shutdown) -> (usize, i64) {
+    let shared = &handle.shared;
+    let usable = || shared.publishing() && !stopping.is_set();
+    let (mut offered, mut last) = (0, 0);
+    loop {
+        while shared.backlog.load(Ordering::Relaxed) > CAPACITY - SWEEP_PAGE {
+            if !usable() {
+                return (offered, last);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let page = db::run(pool, async |conn| {
+            db::page_views::unprocessed(conn, after, age, SWEEP_PAGE as i64).await
+        })
+        .await;
+        match page {
+            Ok(ids) if ids.is_empty() => return (offered, last),
+            Ok(ids) => {
+                after = ids[ids.len() - 1];
+                let n = ids.len();
+                if !usable() || !handle.offer(ids) {
+                    return (offered, last);
+                }
+                offered += n;
+                last = after;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "sweep cannot read unprocessed page views");
+                return (offered, last);
+            }
+        }
+    }
+}
+
 /// The thread: connects, publishes, reconnects with backoff, until shutdown.
-fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
+fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared_arc: Arc<Shared>) {
+    let shared = &*shared_arc;
     let mut state = State {
         pending: VecDeque::new(),
         backoff: Backoff::default(),
@@ -259,13 +353,25 @@ fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
             }
             Ok(Some((mut connection, channel))) => {
                 tracing::info!(broker = %brokers.current(), "publisher connected");
+                let number = shared.connection.fetch_add(1, Ordering::Relaxed) + 1;
+                shared.set_blocked(number, None);
+                if let Err(e) = watch_blocked(&mut connection, number, shared_arc.clone()) {
+                    tracing::warn!(error = %e, "cannot listen for the broker blocking the connection");
+                }
                 shared.connected.store(true, Ordering::Relaxed);
                 let result = sessions(&mut connection, channel, rx, shared, &mut state);
                 shared.connected.store(false, Ordering::Relaxed);
-                shared.queue_ready.store(-1, Ordering::Relaxed);
+                shared.set_depth(None);
                 match result {
                     Ok(()) => {
                         let _ = connection.close();
+                        return;
+                    }
+                    Err(SessionError::Blocked) => {
+                        // Closing would wait for the broker to answer, which it does only
+                        // once the alarm clears: leave the connection to the process's end.
+                        std::mem::forget(connection);
+                        stop(shared, &mut state);
                         return;
                     }
                     Err(e) => {
@@ -286,6 +392,32 @@ fn run(brokers: &mut Brokers, rx: &Receiver<Vec<i64>>, shared: &Shared) {
             return;
         }
     }
+}
+
+/// Follows the broker's connection.blocked / unblocked notes for connection `number` on a
+/// thread of its own: the publisher thread may be waiting in a call the broker will not
+/// answer while it blocks the connection. The thread ends with the connection.
+fn watch_blocked(connection: &mut amiquip::Connection, number: u64, shared: Arc<Shared>) -> amiquip::Result<()> {
+    let notes = connection.listen_for_connection_blocked()?;
+    let watch = move || {
+        for note in notes.iter() {
+            match note {
+                ConnectionBlockedNotification::Blocked(reason) => {
+                    tracing::warn!(%reason, "the broker blocks publishing (resource alarm); waiting for it to lift");
+                    shared.metrics.failures.inc();
+                    shared.set_blocked(number, Some(reason));
+                }
+                ConnectionBlockedNotification::Unblocked => {
+                    tracing::info!("the broker unblocked publishing");
+                    shared.set_blocked(number, None);
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("amqp-blocked".into()).spawn(watch) {
+        tracing::warn!(error = %e, "cannot start the thread that follows connection.blocked");
+    }
+    Ok(())
 }
 
 /// What the publisher thread carries across sessions and connections.
@@ -309,6 +441,11 @@ fn sessions(
 ) -> Result<(), SessionError> {
     loop {
         match session(&channel, rx, shared, state) {
+            Err(SessionError::Blocked) => {
+                // Closing the channel would wait for the alarm to clear (see `run`).
+                std::mem::forget(channel);
+                return Err(SessionError::Blocked);
+            }
             Err(SessionError::Refused(messages)) => {
                 let delay = state.backoff.next_delay();
                 tracing::warn!(
@@ -401,6 +538,9 @@ enum SessionError {
     /// Messages the broker nacked (disk or memory alarm, queue limit).
     #[error("the broker refused {0} messages")]
     Refused(usize),
+    /// Shutdown while the broker blocks the connection: nothing more can be published.
+    #[error("the broker blocks the connection")]
+    Blocked,
 }
 
 /// Publishes until shutdown (`Ok`) or a failure or refusal (`Err`, with the unconfirmed ids
@@ -425,10 +565,28 @@ fn session(
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     loop {
+        if shared.blocked().is_some() {
+            // Neither publishes nor calls (the broker would not answer), until it unblocks.
+            shared.set_depth(None);
+            if closing(shared, closed_at) {
+                return Err(SessionError::Blocked);
+            }
+            if confirms.try_recv().is_err_and(|e| e.is_disconnected()) {
+                return Err(SessionError::Closed);
+            }
+            match rx.recv_timeout(IDLE_POLL) {
+                Ok(ids) => pending.extend(ids),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed_at.get_or_insert_with(Instant::now);
+                    std::thread::sleep(IDLE_POLL);
+                }
+            }
+            continue;
+        }
         if depth_read.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
             let queue = channel.queue_declare_passive(QUEUE)?;
-            let ready = queue.declared_message_count().map_or(-1, i64::from);
-            shared.queue_ready.store(ready, Ordering::Relaxed);
+            shared.set_depth(queue.declared_message_count());
             depth_read = Some(Instant::now());
         }
         if pending.is_empty() {
@@ -481,13 +639,21 @@ fn session(
         let mut acked = vec![false; published];
         let mut settled = 0;
         let mut nacked = 0;
-        let deadline = Instant::now() + CONFIRM_TIMEOUT;
+        let mut deadline = Instant::now() + CONFIRM_TIMEOUT;
         while outcome.is_ok() && settled < published {
+            if shared.blocked().is_some() {
+                // The broker takes these once it unblocks; a shutdown cannot wait for that.
+                if closing(shared, closed_at) {
+                    outcome = Err(SessionError::Blocked);
+                    break;
+                }
+                deadline = Instant::now() + CONFIRM_TIMEOUT;
+            }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 outcome = Err(SessionError::ConfirmTimeout);
                 break;
             };
-            match confirms.recv_timeout(left) {
+            match confirms.recv_timeout(left.min(IDLE_POLL)) {
                 Ok(raw) => {
                     for confirm in smoother.process(raw) {
                         let (tag, ok) = match confirm {
@@ -506,7 +672,7 @@ fn session(
                         nacked += usize::from(!ok);
                     }
                 }
-                Err(e) if e.is_timeout() => outcome = Err(SessionError::ConfirmTimeout),
+                Err(e) if e.is_timeout() => {}
                 Err(_) => outcome = Err(SessionError::Closed),
             }
         }

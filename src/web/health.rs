@@ -56,22 +56,18 @@ impl DatabaseCheck {
     }
 }
 
-/// Ready when the database answers and the outbox is connected to the broker; one line per
-/// dependency.
+/// Ready when the database answers and the outbox can publish (connected, not blocked by a
+/// broker alarm); one line per dependency.
 pub async fn readyz(State(app): State<AppState>) -> (StatusCode, String) {
     let database = app.database_check.state(&app.pool).await;
-    let broker = app.outbox.is_connected();
+    let broker = app.outbox.status();
     let mut body = String::from(match database {
         DatabaseState::Ok => "database: ok\n",
         DatabaseState::NoConnection => "database: unavailable (no connection)\n",
         DatabaseState::QueryFailed => "database: unavailable (query failed)\n",
     });
-    body.push_str(if broker {
-        "broker: ok\n"
-    } else {
-        "broker: unavailable\n"
-    });
-    let status = if database == DatabaseState::Ok && broker {
+    body.push_str(&format!("broker: {broker}\n"));
+    let status = if database == DatabaseState::Ok && broker == crate::queue::outbox::BrokerStatus::Ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

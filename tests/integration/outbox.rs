@@ -210,3 +210,147 @@ async fn a_locked_table_gives_a_quick_503_and_no_row_later() -> anyhow::Result<(
     assert_eq!(env.counts().await?.0, 2);
     Ok(())
 }
+
+/// `/readyz` status and body.
+async fn readiness(app: &crate::support::RunningApp) -> anyhow::Result<(u16, String)> {
+    let response = client().get(app.url("/readyz")).send().await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// Issue 21 row 2: a resource alarm (connection.blocked): readiness and the gauge say so and
+/// why, the failure is counted, a SIGTERM ends the app in time, and once the alarm clears
+/// every page view is processed. Before: still "ready", failures 0, and SIGTERM waited for
+/// the alarm to clear (the publisher thread stuck in a channel close).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_alarm_is_not_ready_and_sigterm_still_ends_the_app() -> anyhow::Result<()> {
+    let env = TestEnv::dedicated().await?;
+    env.migrate()?;
+    let sweep = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")];
+    let mut app = env.app(&sweep).await?;
+    let _worker = env.worker("worker", &[]).await?;
+    let rabbit = &env.services().rabbitmq;
+    let alarm = || rabbit.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    let clear = || rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    views(&app, 10).await;
+    assert_eq!(env.all_processed(Duration::from_secs(20)).await?, 10);
+
+    // The alarm while publishing: not ready, with the broker's reason, and counted.
+    alarm()?;
+    let outcome = async {
+        views(&app, 20).await;
+        wait_until("not ready, blocked", Duration::from_secs(20), || async {
+            let (status, body) = readiness(&app).await?;
+            let gauge = env.app_metric(&app, "pageviews_broker_connected").await?;
+            anyhow::ensure!(status == 503 && gauge == 0, "readyz {status} {body:?}, gauge {gauge}");
+            Ok(body)
+        })
+        .await
+    }
+    .await;
+    let body = match outcome {
+        Ok(body) => body,
+        Err(e) => {
+            clear()?;
+            return Err(e);
+        }
+    };
+    assert!(
+        body.contains("broker: blocked by the broker (") && body.contains("memory"),
+        "{body}"
+    );
+    assert!(env.app_metric(&app, "pageviews_publish_failures_total").await? >= 1);
+    // Nothing is known of the queue meanwhile: the sweep does not offer the rows the
+    // publisher holds again and again (three intervals).
+    let republished = env.app_metric(&app, "pageviews_republished_total").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = env.app_metric(&app, "pageviews_republished_total").await?;
+    // Cleared: the same app publishes again, and is ready again.
+    clear()?;
+    assert_eq!(again, republished, "the sweep offered rows again during the alarm");
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 30);
+    wait_until("ready again", Duration::from_secs(20), || async {
+        let (status, body) = readiness(&app).await?;
+        anyhow::ensure!(status == 200, "{status} {body:?}");
+        Ok(())
+    })
+    .await?;
+
+    // Again, and SIGTERM during the alarm: the app holds unconfirmed tasks and exits anyway.
+    alarm()?;
+    views(&app, 20).await;
+    let blocked = wait_until("blocked again", Duration::from_secs(20), || async {
+        let (status, body) = readiness(&app).await?;
+        anyhow::ensure!(status == 503, "{status} {body:?}");
+        Ok(())
+    })
+    .await;
+    let started = Instant::now();
+    let status = app.process.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    let took = started.elapsed();
+    let log = env.log_text(&format!("app-{}", app.port));
+    let replacement = env.app(&sweep).await;
+    clear()?;
+    blocked?;
+    eprintln!("SIGTERM during the alarm: exit after {took:?}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}: {log}");
+    assert!(log.contains("stopping with unpublished tasks"), "{log}");
+    // The replacement's sweep publishes what the stopped app held; nothing is lost.
+    let _replacement = replacement?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 50);
+    Ok(())
+}
+
+/// `n` page views, each answered 200.
+async fn views(app: &crate::support::RunningApp, n: usize) {
+    let results = hammer(&app.url("/"), n, 4).await;
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+}
+
+/// Issue 21 row 14: rows without a task while the queue is never empty (no worker keeps up,
+/// here none runs) are offered again after the maximum wait (6 sweep intervals), and each row
+/// only once however long the queue stays full. Before: never, while any message was ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_tasks_are_offered_again_within_the_maximum_wait_even_if_the_queue_never_empties() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    // 1 s: the maximum wait is 6 s.
+    let app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    views(&app, 20).await;
+    wait_until("tasks confirmed", Duration::from_secs(20), || async {
+        let c = env.app_metric(&app, "pageviews_publish_confirmed_total").await?;
+        anyhow::ensure!(c >= 20, "{c} of 20 confirmed");
+        Ok(())
+    })
+    .await?;
+    // A quorum queue's count follows the confirm shortly. From now on it never empties:
+    // nothing consumes it.
+    wait_until("the tasks counted in the queue", Duration::from_secs(10), || async {
+        let depth = env.queue_depth(QUEUE)?;
+        anyhow::ensure!(depth > 0, "{depth}");
+        Ok(())
+    })
+    .await?;
+    // Rows whose tasks were lost (never published, or purged after their confirm).
+    env.backlog_in_db(10).await?;
+    let lost_at = Instant::now();
+    let republished = || env.app_metric(&app, "pageviews_republished_total");
+    // Every row is unprocessed and older than the maximum wait by then: all 30 offered, the
+    // 10 without a task among them.
+    // The maximum wait, an interval, and a margin for a busy machine.
+    let offered = wait_until("the lost rows offered again", Duration::from_secs(12), || async {
+        assert!(env.queue_depth(QUEUE)? > 0, "the queue emptied: the test tests nothing");
+        let n = republished().await?;
+        anyhow::ensure!(n >= 30, "{n} offered again");
+        Ok(lost_at.elapsed())
+    })
+    .await?;
+    eprintln!("lost tasks offered again {offered:?} after the rows were made");
+    // Three more intervals: no row is offered a second time while the queue stays full.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.queue_depth(QUEUE)? > 0);
+    assert_eq!(republished().await?, 30, "a row offered twice");
+    let _worker = env.worker("worker", &[]).await?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 30);
+    Ok(())
+}

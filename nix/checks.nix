@@ -30,6 +30,9 @@
     fileset = lib.fileset.unions [build.srcFileset (root + "/deny.toml")];
   };
 
+  # The advisory ids deny.toml's [advisories] ignore lists.
+  auditIgnored = lib.concatMap (a: lib.optional (a ? id) a.id) (lib.importTOML (root + "/deny.toml")).advisories.ignore;
+
   nixFiles = lib.fileset.toSource {
     inherit root;
     fileset = lib.fileset.fileFilter (file: file.hasExt "nix") root;
@@ -67,11 +70,12 @@ in {
     });
 
   # Cargo.lock against the RustSec database at the rev flake.lock holds (`nix flake update
-  # advisory-db` moves it). cargoAudit's default `--ignore yanked`: yanked crates need the
-  # crates.io index, which the sandbox cannot reach.
+  # advisory-db` moves it), ignoring the advisories deny.toml ignores (its reasons are there)
+  # besides cargoAudit's default `--ignore yanked`.
   audit = craneLib.cargoAudit {
     inherit (commonArgs) src pname version;
     inherit advisory-db;
+    cargoAuditExtraArgs = lib.concatMapStringsSep " " (id: "--ignore ${id}") (["yanked"] ++ auditIgnored);
   };
 
   # The service crate's documentation, rustdoc warnings denied (broken intra-doc links...).

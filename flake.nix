@@ -5,12 +5,19 @@
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
     # crane has no inputs of its own: nothing to `follows`.
     crane.url = "github:ipetkov/crane/v0.24.0";
+    # The RustSec advisory database for checks.audit, at the rev flake.lock holds (no flake).
+    advisory-db = {
+      url = "github:rustsec/advisory-db";
+      flake = false;
+    };
   };
 
-  outputs = {
+  # advisory-db is read only by checks.audit, so the outputs evaluate without it.
+  outputs = inputs @ {
     self,
     nixpkgs,
     crane,
+    ...
   }: let
     inherit (nixpkgs) lib;
     systems = ["x86_64-linux" "aarch64-linux"];
@@ -26,9 +33,12 @@
         inherit pkgs;
         inherit (build) package;
       };
+      # CycloneDX JSON of the service crate's dependencies (packages.<system>.sbom)
+      sbom = import ./nix/sbom.nix {inherit pkgs craneLib build;};
       checks =
         import ./nix/checks.nix {
-          inherit pkgs craneLib build;
+          inherit pkgs craneLib build sbom;
+          inherit (inputs) advisory-db;
           root = ./.;
         }
         # NixOS VM tests: vm-split, vm-single, vm-images, vm-cluster (need a builder with KVM).
@@ -38,7 +48,7 @@
           module = self.nixosModules.default;
         };
     in {
-      inherit build images checks craneLib;
+      inherit build images sbom checks craneLib;
       example = mkExample system;
     });
 
@@ -57,6 +67,7 @@
         default = s.build.package;
         pageviews = s.build.package;
         pageviews-probe = s.build.probe;
+        inherit (s) sbom;
       }
       // s.images.packages)
     perSystem;

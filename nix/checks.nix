@@ -1,12 +1,16 @@
 # `nix flake check` for one system: clippy (warnings denied), rustfmt, the cargo tests
-# with real PostgreSQL/RabbitMQ/nginx binaries inside the sandbox, alejandra and deadnix
-# over the Nix files, and what the package source must not contain. The NixOS VM tests
-# live in nix/tests/ and are added by flake.nix.
+# with real PostgreSQL/RabbitMQ/nginx binaries inside the sandbox, the dependencies (cargo-deny
+# by deny.toml, cargo-audit against the locked RustSec database), rustdoc with warnings
+# denied, the SBOM built, alejandra and deadnix over the Nix files, and what the package
+# source must not contain. The NixOS VM tests live in nix/tests/ and are added by flake.nix.
 {
   pkgs,
   craneLib,
   build,
+  sbom,
   root,
+  # the RustSec advisory database (a non-flake input, locked in flake.lock)
+  advisory-db,
 }: let
   inherit (pkgs) lib;
   inherit (build) commonArgs cargoArtifacts;
@@ -18,6 +22,16 @@
   };
   # clippy --all-targets, rustfmt and the tests read the tests' source.
   testArgs = commonArgs // {src = build.testSrc;};
+
+  # The package's source and deny.toml (kept out of the package's own source: editing it
+  # rebuilds nothing).
+  denySrc = lib.fileset.toSource {
+    inherit root;
+    fileset = lib.fileset.unions [build.srcFileset (root + "/deny.toml")];
+  };
+
+  # The advisory ids deny.toml's [advisories] ignore lists.
+  auditIgnored = lib.concatMap (a: lib.optional (a ? id) a.id) (lib.importTOML (root + "/deny.toml")).advisories.ignore;
 
   nixFiles = lib.fileset.toSource {
     inherit root;
@@ -45,6 +59,34 @@ in {
     });
 
   fmt = craneLib.cargoFmt {inherit (testArgs) src pname version;};
+
+  # Licenses, bans and sources by deny.toml: cargoDeny's default checks, offline over the
+  # vendored crates, every workspace member a root (as scripts/check-deps runs it). Its
+  # advisories check would fetch the database: `audit` reads it locked.
+  deny = craneLib.cargoDeny (commonArgs
+    // {
+      src = denySrc;
+      cargoDenyExtraArgs = "--workspace";
+    });
+
+  # Cargo.lock against the RustSec database at the rev flake.lock holds (`nix flake update
+  # advisory-db` moves it), ignoring the advisories deny.toml ignores (its reasons are there)
+  # besides cargoAudit's default `--ignore yanked`.
+  audit = craneLib.cargoAudit {
+    inherit (commonArgs) src pname version;
+    inherit advisory-db;
+    cargoAuditExtraArgs = lib.concatMapStringsSep " " (id: "--ignore ${id}") (["yanked"] ++ auditIgnored);
+  };
+
+  # The service crate's documentation, rustdoc warnings denied (broken intra-doc links...).
+  doc = craneLib.cargoDoc (commonArgs
+    // {
+      inherit cargoArtifacts;
+      cargoDocExtraArgs = "--no-deps --package pageviews";
+      env.RUSTDOCFLAGS = "--deny warnings";
+    });
+
+  inherit sbom;
 
   # The integration tests start their own throwaway PostgreSQL, RabbitMQ and nginx from
   # the binaries on PATH (loopback only, data under $TMPDIR), so the sandbox needs no

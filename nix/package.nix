@@ -14,8 +14,8 @@
   # - `src`, the package's: the workspace's manifests and Rust sources (cargo loads every
   #   member to build one), what the service crate reads at compile time (askama templates,
   #   diesel migrations) and the static files installed beside it. cleanCargoSource would
-  #   drop the latter; the root's tests/ (the integration tests) and tools/nixfmt-check (a
-  #   crate of its own for scripts/check-nix) are cut out.
+  #   drop the latter; the root's tests/ (the integration tests), tools/nixfmt-check (a
+  #   crate of its own for scripts/check-nix) and deny.toml (checks.deny's) are cut out.
   # - `testSrc`, for clippy --all-targets, rustfmt and the tests: `src` plus the integration
   #   tests, the setup SQL and script of src/ (the NixOS module runs them, the tests too), the
   #   nginx snippets the testbed embeds and the ops files the tests check.
@@ -26,6 +26,7 @@
     (fileset.difference (craneLib.fileset.commonCargoSources root) (fileset.unions [
       (fileset.maybeMissing (root + "/tools/nixfmt-check"))
       (fileset.maybeMissing (root + "/tests"))
+      (fileset.maybeMissing (root + "/deny.toml"))
     ]))
     (root + "/migrations")
     (root + "/templates")

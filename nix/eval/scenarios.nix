@@ -348,12 +348,13 @@ in {
     flakeOutputs = let
       sm = removeAttrs flake.summary ["testNames" "testScriptBytes"];
       want = {
-        packages = ["app-image" "default" "pageviews" "pageviews-probe" "worker-image"];
-        checks = ["vm-cluster" "vm-images" "vm-single" "vm-split" "vm-switch"];
+        packages = ["app-image" "default" "pageviews" "pageviews-probe" "sbom" "worker-image"];
+        checks = ["audit" "deny" "doc" "sbom" "vm-cluster" "vm-images" "vm-single" "vm-split" "vm-switch"];
       };
     in
       check (builtins.deepSeq sm (sm.exampleFailedAssertions
         == []
+        && lib.elem "advisory-db" sm.inputs
         && sm.packages.x86_64-linux == want.packages
         && lib.all (c: lib.elem c sm.checks.x86_64-linux) want.checks))
       sm;

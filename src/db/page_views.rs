@@ -2,7 +2,7 @@
 //! re-offered by the app's sweep while unprocessed.
 //!
 //! `page_view_counts` holds the page's figures: every statement that inserts or processes rows
-//! adds its count to one of [`SHARDS`] counter rows in the same statement (so the same
+//! adds its count to one of `SHARDS` counter rows in the same statement (so the same
 //! transaction), and the page sums them: exact, and constant time however large the table is.
 
 use super::schema::page_views;
@@ -258,7 +258,7 @@ struct Sums {
     processed: i64,
 }
 
-/// The counters' sums: a read of [`SHARDS`] rows, whatever the size of the table.
+/// The counters' sums: a read of `SHARDS` rows, whatever the size of the table.
 pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
     let sums: Sums = diesel::sql_query(
         "SELECT COALESCE(sum(recorded), 0)::bigint AS recorded, \

@@ -6,8 +6,13 @@ document.addEventListener("DOMContentLoaded", () => {
   const POLL_MS = 2000;
   const byId = (id) => document.getElementById(id);
   const note = byId("age");
+  // "HH:MM:SS UTC" of the server's RFC 3339 time (the visitor's clock may be off).
+  const clock = (asOf) => `${asOf.slice(11, 19)} UTC`;
   let updated = Date.now();
   let failure = null;
+  // While the server serves figures it could not refresh: when they were read. The page may
+  // have been rendered so already.
+  let stale = note && note.dataset.staleAsOf ? clock(note.dataset.staleAsOf) : null;
   let timer = 0;
   let inFlight = false;
 
@@ -53,9 +58,11 @@ document.addEventListener("DOMContentLoaded", () => {
     try {
       const response = await fetch("/stats", { headers: { accept: "application/json" } });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      show(await response.json());
-      updated = Date.now();
+      const figures = await response.json();
+      show(figures);
       failure = null;
+      stale = figures.stale ? clock(figures.as_of) : null;
+      if (!stale) updated = Date.now();
     } catch (error) {
       failure = error.message;
     } finally {
@@ -67,9 +74,13 @@ document.addEventListener("DOMContentLoaded", () => {
   const age = () => {
     if (!note) return;
     const seconds = Math.round((Date.now() - updated) / 1000);
-    note.textContent = failure
-      ? `Could not refresh the figures (${failure}); trying again. Last update ${seconds} s ago.`
-      : `Figures updated ${seconds} s ago; they refresh while this tab is visible. Reload to record another visit.`;
+    if (failure) {
+      note.textContent = `Could not refresh the figures (${failure}); trying again. Last update ${seconds} s ago.`;
+    } else if (stale) {
+      note.textContent = `The figures could not be refreshed; these are the last ones read, at ${stale}. Trying again.`;
+    } else {
+      note.textContent = `Figures updated ${seconds} s ago; they refresh while this tab is visible. Reload to record another visit.`;
+    }
   };
 
   document.addEventListener("visibilitychange", () => schedule(0));

@@ -316,16 +316,27 @@ in {
       check (lib.any (has ''backend is "firewalld"'') fa) {failedAssertions = fa;};
 
     # 2: in the VM, port 80 redirects to the forwarded HTTPS port, and only one server
-    # listens on 80.
+    # listens on 80 besides the catch-all default server.
     vmRedirect = let
       conf = nginxConfOf exampleVm;
       forwarded = lib.listToAttrs (map (f: lib.nameValuePair (toString f.guest.port) f.host.port) vmVariant.virtualisation.forwardPorts);
       want = "return 308 https://$host:${toString forwarded."443"}$request_uri;";
     in
-      check (noFailedAssertions exampleVm && has want conf && !(has "https://$host$request_uri" conf) && countOf "listen 0.0.0.0:80 " conf == 1) {
+      check (noFailedAssertions exampleVm && has want conf && !(has "https://$host$request_uri" conf) && countOf "listen 0.0.0.0:80 ;" conf == 1 && countOf "listen 0.0.0.0:80 default_server ;" conf == 1) {
         inherit want forwarded;
         failedAssertions = failedAssertions exampleVm;
-        listen80 = countOf "listen 0.0.0.0:80 " conf;
+        listen80 = countOf "listen 0.0.0.0:80 ;" conf;
+        nginxConf = toString exampleVm.config.environment.etc."nginx/nginx.conf".source;
+      };
+
+    # The NixOS vhost has the catch-all default server local.conf has (nix/nginx/catch-all.conf)
+    # on 80 and 443, IPv4 and IPv6.
+    catchAllServer = let
+      conf = nginxConfOf exampleVm;
+    in
+      check (has "catch-all.conf;" conf
+        && lib.all (port: countOf "listen ${port} default_server ;" conf == 1)
+        ["0.0.0.0:80" "[::0]:80" "0.0.0.0:443 ssl" "[::0]:443 ssl"]) {
         nginxConf = toString exampleVm.config.environment.etc."nginx/nginx.conf".source;
       };
 

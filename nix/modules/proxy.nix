@@ -43,6 +43,20 @@
     # Under the nginx unit's CacheDirectory (/var/cache/nginx); nginx creates the last level.
     cache_dir = "/var/cache/nginx/pageviews";
   };
+  # The default server's body (`return 444`), the same file local.conf includes.
+  catchAllConf = snippets + "/catch-all.conf";
+  # The certificate both virtual hosts present (the catch-all too: TLS without SNI works and
+  # the request is then routed by Host, as with local.conf).
+  certificate = {
+    sslCertificate =
+      if cfg.tls.selfSigned
+      then "${tlsDir}/cert.pem"
+      else lib.mkIf (cfg.tls.certificateFile != null) cfg.tls.certificateFile;
+    sslCertificateKey =
+      if cfg.tls.selfSigned
+      then "${tlsDir}/key.pem"
+      else lib.mkIf (cfg.tls.keyFile != null) cfg.tls.keyFile;
+  };
   serverConf = pkgs.replaceVars (snippets + "/server.conf") {
     conf_dir = "${confDir}";
     burst = toString ncfg.burst;
@@ -88,26 +102,34 @@ in {
       commonHttpConfig = ''
         include ${httpConf};
       '';
-      virtualHosts.${cfg.domain} = {
-        forceSSL = true;
-        # 308 (not the module's default 301): the redirect keeps the method and body, as
-        # the local launcher's nginx.conf does; the VM tests check it.
-        redirectCode = 308;
-        enableACME = cfg.tls.acme;
-        sslCertificate =
-          if cfg.tls.selfSigned
-          then "${tlsDir}/cert.pem"
-          else lib.mkIf (cfg.tls.certificateFile != null) cfg.tls.certificateFile;
-        sslCertificateKey =
-          if cfg.tls.selfSigned
-          then "${tlsDir}/key.pem"
-          else lib.mkIf (cfg.tls.keyFile != null) cfg.tls.keyFile;
-        # No `locations`: server.conf defines them all.
-        extraConfig = ''
-          include ${tlsConf};
-          include ${serverConf};
-        '';
-      };
+      virtualHosts.${cfg.domain} =
+        certificate
+        // {
+          forceSSL = true;
+          # 308 (not the module's default 301): the redirect keeps the method and body, as
+          # the local launcher's nginx.conf does; the VM tests check it.
+          redirectCode = 308;
+          enableACME = cfg.tls.acme;
+          # No `locations`: server.conf defines them all.
+          extraConfig = ''
+            include ${tlsConf};
+            include ${serverConf};
+          '';
+        };
+      # The default server on 80 and 443, as in local.conf: a Host that is not ours gets
+      # no answer (444), over HTTP and HTTPS alike.
+      virtualHosts.pageviews-catch-all =
+        certificate
+        // {
+          serverName = "_";
+          default = true;
+          addSSL = true;
+          useACMEHost = lib.mkIf cfg.tls.acme cfg.domain;
+          extraConfig = ''
+            include ${tlsConf};
+            include ${catchAllConf};
+          '';
+        };
     };
 
     # A changed nginx configuration is reloaded (the nixpkgs module's nginx-config-reload unit:

@@ -36,8 +36,6 @@ struct IndexPage<'a> {
 #[template(path = "figures.html")]
 struct FiguresPart<'a> {
     figures: &'a Figures,
-    /// The figures are older than a second: the last refresh failed.
-    stale: bool,
 }
 
 /// [`FiguresPart`] as rendered for one refresh and minute (the chart's window moves each
@@ -56,6 +54,8 @@ pub struct PageStats {
     pub totals: Totals,
     /// Rollup rows (minute, views), enough to cover the chart.
     pub minutes: Vec<(DateTime<Utc>, i64)>,
+    /// When they were read.
+    pub read_at: DateTime<Utc>,
 }
 
 /// The last refresh: when it was tried, whether it worked, the newest figures read.
@@ -132,8 +132,7 @@ impl StatsCache {
         }
         drop(cached);
         let html: Arc<str> = FiguresPart {
-            figures: &Figures::new(stats, now),
-            stale: latest.failed,
+            figures: &Figures::new(stats, now, latest.failed),
         }
         .render()?
         .into();
@@ -150,7 +149,11 @@ impl StatsCache {
         let mut conn = pool.get().await?;
         let totals = db::page_views::totals(&mut conn).await?;
         let minutes = db::rollups::recent(&mut conn, stats::MINUTES as i64).await?;
-        Ok(PageStats { totals, minutes })
+        Ok(PageStats {
+            totals,
+            minutes,
+            read_at: Utc::now(),
+        })
     }
 }
 
@@ -231,6 +234,7 @@ mod tests {
             stats: Some(Arc::new(PageStats {
                 totals: Totals { recorded, processed: 0 },
                 minutes: vec![],
+                read_at: now,
             })),
         };
         let first = latest(7);

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
 use serde::Serialize;
 
 /// Minutes the chart covers, the current one last.
@@ -29,6 +29,10 @@ pub struct Figures {
     pub processed: i64,
     pub pending: i64,
     pub chart: Chart,
+    /// When these figures were read from the database (RFC 3339, UTC, whole seconds).
+    pub as_of: String,
+    /// The last refresh failed: these are the last figures read, older than a refresh.
+    pub stale: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,15 +61,23 @@ pub struct Bar {
 }
 
 impl Figures {
-    /// `now` ends the chart's window: its minute is the last bar.
-    pub fn new(stats: &PageStats, now: DateTime<Utc>) -> Figures {
+    /// `now` ends the chart's window: its minute is the last bar. `stale`: the last refresh
+    /// failed.
+    pub fn new(stats: &PageStats, now: DateTime<Utc>, stale: bool) -> Figures {
         let totals = stats.totals;
         Figures {
             recorded: totals.recorded,
             processed: totals.processed,
             pending: totals.recorded - totals.processed,
             chart: Chart::new(&stats.minutes, now),
+            as_of: stats.read_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            stale,
         }
+    }
+
+    /// `HH:MM:SS UTC` of `as_of`, for the page.
+    pub fn as_of_clock(&self) -> String {
+        format!("{} UTC", self.as_of.get(11..19).unwrap_or(&self.as_of))
     }
 }
 
@@ -158,14 +170,20 @@ fn plural(n: i64, word: &str) -> String {
 }
 
 /// `GET /stats`: the figures as JSON, recording no visit. Cacheable for as long as the app
-/// keeps its own copy, so nginx (which honours this header) asks at most once a second.
+/// keeps its own copy, so nginx (which honours this header) asks at most once a second. When
+/// the last refresh failed: the last figures read, `"stale": true`, and not cacheable (they
+/// are not fresh for another second); 503 when none were ever read.
 pub async fn show(State(app): State<AppState>) -> Result<Response, AppError> {
     let latest = app.page_stats.get(&app.pool).await;
     let stats = latest.stats.ok_or(AppError::FiguresUnavailable)?;
-    let cache_control = format!("public, max-age={}", STATS_TTL.as_secs());
+    let cache_control = if latest.failed {
+        "no-store".to_owned()
+    } else {
+        format!("public, max-age={}", STATS_TTL.as_secs())
+    };
     Ok((
         [(header::CACHE_CONTROL, cache_control)],
-        Json(Figures::new(&stats, Utc::now())),
+        Json(Figures::new(&stats, Utc::now(), latest.failed)),
     )
         .into_response())
 }

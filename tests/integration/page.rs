@@ -251,3 +251,109 @@ async fn stats_records_nothing_is_cached_for_a_second_and_rate_limited() -> anyh
     assert_eq!(env.counts().await?.0, seeded + 1, "/stats recorded a visit");
     Ok(())
 }
+
+const FIGURES_AWAY: &str = "ALTER TABLE page_view_rollups RENAME TO page_view_rollups_away";
+const FIGURES_BACK: &str = "ALTER TABLE page_view_rollups_away RENAME TO page_view_rollups";
+
+async fn sql(env: &TestEnv, statement: &str) -> anyhow::Result<()> {
+    diesel_async::RunQueryDsl::execute(diesel::sql_query(statement), &mut env.db().await?).await?;
+    Ok(())
+}
+
+/// R7: when the figures cannot be refreshed, `/stats` still answers with the last ones read,
+/// marked `"stale": true` with the time they were read (`as_of`), and not cacheable: never as
+/// fresh figures for another second.
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_marks_figures_it_could_not_refresh() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let app = env.app(&[]).await?;
+    let stats = || async {
+        let response = crate::support::client().get(app.url("/stats")).send().await?;
+        anyhow::ensure!(response.status() == 200, "status {}", response.status());
+        let cache = response.headers()["cache-control"].to_str()?.to_owned();
+        anyhow::Ok((cache, response.json::<Value>().await?))
+    };
+    let (cache, fresh) = stats().await?;
+    assert_eq!(cache, "public, max-age=1");
+    assert_eq!(fresh["stale"], false, "{fresh}");
+    let as_of = chrono::DateTime::parse_from_rfc3339(fresh["as_of"].as_str().unwrap_or_default())?;
+    let age = chrono::Utc::now().signed_duration_since(as_of);
+    assert!(age.num_seconds().abs() < 60, "as_of {as_of}");
+
+    sql(&env, FIGURES_AWAY).await?;
+    let stale = wait_until("/stats to mark its figures stale", Duration::from_secs(10), || async {
+        let (cache, body) = stats().await?;
+        anyhow::ensure!(body["stale"] == true, "{body}");
+        Ok((cache, body))
+    })
+    .await;
+    sql(&env, FIGURES_BACK).await?;
+    let (cache, stale) = stale?;
+    assert_eq!(cache, "no-store");
+    assert_eq!(stale["as_of"], fresh["as_of"], "the time the shown figures were read");
+    assert_eq!(stale["recorded"], fresh["recorded"]);
+    assert_eq!(stale["chart"]["bars"].as_array().map(Vec::len), Some(60));
+    wait_until("/stats fresh again", Duration::from_secs(10), || async {
+        let (cache, body) = stats().await?;
+        anyhow::ensure!(
+            body["stale"] == false && cache == "public, max-age=1",
+            "{cache}: {body}"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// R7: the script says so when the server could not refresh the figures, on a page that
+/// showed fresh ones and on a page rendered with stale ones (before: "Figures updated 0 s
+/// ago" in both cases).
+#[tokio::test(flavor = "multi_thread")]
+async fn in_chromium_figures_that_could_not_be_refreshed_are_said_to_be_so() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let d = deploy(&env, |_| {}).await?;
+    let browser = Browser::start(env.dir.path(), &d.certificates.ca_spki_sha256).await?;
+    browser.client.goto(&d.https_url("/")).await?;
+    let note_says = |words: &'static str| {
+        let browser = &browser;
+        move || async move {
+            let note = browser.text("#age").await?;
+            anyhow::ensure!(note.contains(words), "{note:?}");
+            Ok(note)
+        }
+    };
+    wait_until(
+        "the fresh figures",
+        Duration::from_secs(10),
+        note_says("Figures updated"),
+    )
+    .await?;
+
+    sql(&env, FIGURES_AWAY).await?;
+    let followed = wait_until(
+        "the note on stale figures",
+        Duration::from_secs(20),
+        note_says("could not be refreshed"),
+    )
+    .await;
+    let reloaded = match followed {
+        Ok(_) => {
+            // Loaded with stale figures: the script's first words keep saying so.
+            browser.client.goto(&d.https_url("/")).await?;
+            note_says("could not be refreshed")().await
+        }
+        Err(e) => Err(e),
+    };
+    sql(&env, FIGURES_BACK).await?;
+    let note = reloaded?;
+    assert!(note.contains(" UTC"), "the time the figures were read: {note:?}");
+    wait_until(
+        "the fresh figures again",
+        Duration::from_secs(20),
+        note_says("Figures updated"),
+    )
+    .await?;
+    browser.close().await
+}

@@ -297,3 +297,42 @@ async fn nginx_closes_idle_upstream_connections_before_the_app_does() -> anyhow:
     assert_eq!(c.get(d.https_url("/healthz")).send().await?.status(), 200);
     Ok(())
 }
+
+/// R16: the rate limit counts an IPv6 client per /64 (what one subscriber gets: a /128 key
+/// gave one host 2^64 budgets), an IPv4 client per address. The test acts as several
+/// clients through a header only the test configuration trusts (nginx's realip module).
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_clients_are_rate_limited_per_64() -> anyhow::Result<()> {
+    const HEADER: &str = "x-test-client-address";
+    let env = TestEnv::new().await?;
+    let d = deploy(&env, |o| {
+        o.rate = 1;
+        o.burst = 5;
+        o.client_address_header = Some(HEADER.into());
+    })
+    .await?;
+    let c = client(&d, true)?;
+    let statuses = |client: &'static str, n: usize| {
+        let (c, url) = (c.clone(), d.https_url("/static/app.css"));
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..n {
+                statuses.push(c.get(&url).header(HEADER, client).send().await?.status().as_u16());
+            }
+            anyhow::Ok(statuses)
+        }
+    };
+    for (spent, same_budget, own_budget) in [
+        ("2001:db8:0:0::1", "2001:db8::ffff:2", "2001:db8:0:1::1"),
+        ("192.0.2.1", "192.0.2.1", "192.0.2.2"),
+    ] {
+        let first = statuses(spent, 20).await?;
+        assert!(first.contains(&429), "{spent}: {first:?}");
+        // Within the second the budget takes to grow by one request.
+        let same = statuses(same_budget, 3).await?;
+        assert!(same.contains(&429), "{same_budget} after {spent}: {same:?}");
+        let own = statuses(own_budget, 3).await?;
+        assert_eq!(own, [200, 200, 200], "{own_budget} after {spent}");
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("http.conf", include_str!("../../../nix/nginx/http.conf")),
     ("server.conf", include_str!("../../../nix/nginx/server.conf")),
     ("headers.conf", include_str!("../../../nix/nginx/headers.conf")),
+    ("catch-all.conf", include_str!("../../../nix/nginx/catch-all.conf")),
     ("tls-modern.conf", include_str!("../../../nix/nginx/tls-modern.conf")),
     (
         "tls-intermediate.conf",
@@ -37,6 +38,9 @@ pub struct NginxOptions {
     pub rate: u32,
     pub burst: u32,
     pub conn_limit: u32,
+    /// Tests only: a request header from 127.0.0.1 that sets the client's address (nginx's
+    /// realip module), to act as clients other than 127.0.0.1. `None`: the connection's.
+    pub client_address_header: Option<String>,
 }
 
 impl NginxOptions {
@@ -50,6 +54,7 @@ impl NginxOptions {
             rate: 10,
             burst: 20,
             conn_limit: 20,
+            client_address_header: None,
         }
     }
 }
@@ -219,6 +224,14 @@ fn placeholders(
         ("rate", format!("{}r/s", options.rate)),
         ("burst", options.burst.to_string()),
         ("conn_limit", options.conn_limit.to_string()),
+        (
+            "client_address",
+            options
+                .client_address_header
+                .as_ref()
+                .map(|header| format!("set_real_ip_from 127.0.0.1;\n    real_ip_header {header};"))
+                .unwrap_or_default(),
+        ),
     ]
 }
 

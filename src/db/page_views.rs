@@ -206,6 +206,9 @@ pub struct Processed {
     pub duplicates: Vec<i64>,
     /// No such page view: the task is bogus.
     pub missing: Vec<i64>,
+    /// Locked by another transaction (another worker with a duplicate, a manual one): left to
+    /// it, and to the sweep, which offers the row again while it is unprocessed.
+    pub busy: Vec<i64>,
 }
 
 /// Marks page views processed, each at most once, in one transaction that also counts them.
@@ -214,30 +217,46 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
     ids.sort_unstable();
     ids.dedup();
     conn.transaction(async move |conn| {
-        // Rows locked in id order: two workers holding overlapping batches (duplicates from
-        // the sweep) would otherwise lock in plan order and deadlock (1 s each).
-        let existing: Vec<i64> = page_views::table
+        // Rows another transaction holds are skipped rather than waited for: one held for
+        // long must not stop the rest. Locked in id order all the same (as waiting did, to
+        // avoid deadlocks between workers holding overlapping batches).
+        let locked: Vec<i64> = page_views::table
             .select(page_views::id)
             .filter(page_views::id.eq_any(&ids))
             .order(page_views::id)
             .for_update()
+            .skip_locked()
             .load(conn)
             .await?;
         let done: Vec<(i64, DateTime<Utc>)> = ProcessBatch {
-            ids: &existing,
+            ids: &locked,
             shard: next_shard(),
         }
         .load(conn)
         .await?;
-        let (duplicates, missing) = ids
+        let (duplicates, rest): (Vec<i64>, Vec<i64>) = ids
             .iter()
             .copied()
             .filter(|id| !done.iter().any(|(d, _)| d == id))
-            .partition(|id| existing.binary_search(id).is_ok());
+            .partition(|id| locked.binary_search(id).is_ok());
+        // Not locked here: held elsewhere, or no such row. Looked up only when there are any.
+        let busy: Vec<i64> = match rest.is_empty() {
+            true => Vec::new(),
+            false => {
+                page_views::table
+                    .select(page_views::id)
+                    .filter(page_views::id.eq_any(&rest))
+                    .order(page_views::id)
+                    .load(conn)
+                    .await?
+            }
+        };
+        let missing = rest.into_iter().filter(|id| busy.binary_search(id).is_err()).collect();
         Ok(Processed {
             done,
             duplicates,
             missing,
+            busy,
         })
     })
     .await

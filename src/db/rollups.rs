@@ -24,14 +24,20 @@ struct Claimed {
 /// Runs the rollup if no worker has run it within `interval`; `None` when it was not due.
 ///
 /// The job row is claimed with an UPDATE in the same transaction as the rollup: a second
-/// worker blocks on the row lock, then finds `last_run_at` fresh and skips. A tenth of the
-/// interval is allowed as timer jitter.
+/// worker finds the row locked (a run in progress) or `last_run_at` fresh, and skips. A tenth
+/// of the interval is allowed as timer jitter. A run may take up to one interval (the
+/// statement timeout), beyond which it is pointless: the next one starts over.
 pub async fn run_if_due(conn: &mut AsyncPgConnection, interval: std::time::Duration) -> QueryResult<Option<RollupRun>> {
     let min_gap = interval.as_secs_f64() * 0.9;
+    // PostgreSQL's largest timeout is i32::MAX ms.
+    let timeout_ms = interval.as_millis().clamp(1, i32::MAX as u128);
     conn.transaction(async move |conn| {
+            diesel::sql_query(format!("SET LOCAL statement_timeout = {timeout_ms}"))
+                .execute(conn)
+                .await?;
             let claimed: Option<Claimed> = diesel::sql_query(
                 "UPDATE scheduled_jobs AS j SET last_run_at = now(), runs = runs + 1 \
-                 FROM (SELECT last_run_at FROM scheduled_jobs WHERE name = $1 FOR UPDATE) AS old \
+                 FROM (SELECT last_run_at FROM scheduled_jobs WHERE name = $1 FOR UPDATE SKIP LOCKED) AS old \
                  WHERE j.name = $1 AND (old.last_run_at IS NULL OR old.last_run_at <= now() - make_interval(secs => $2)) \
                  RETURNING old.last_run_at AS previous",
             )

@@ -2,8 +2,8 @@
 //! worker's statements give up instead of waiting for a lock forever, the counters count
 //! every row however it was written, and the rollup survives the clock stepping back.
 
-use crate::support::TestEnv;
-use diesel_async::RunQueryDsl;
+use crate::support::{TestEnv, wait_for_log};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
@@ -125,7 +125,7 @@ async fn a_commit_without_an_answer_is_not_answered_as_retryable() -> anyhow::Re
     let (_, status, retry_after) = answer?;
     assert_eq!((status, retry_after), (500, None), "an unknown outcome");
     let log = env.log(&format!("app-{}", app.port));
-    crate::support::wait_for_log(&log, "its page view may have been stored", Duration::from_secs(5)).await?;
+    wait_for_log(&log, "its page view may have been stored", Duration::from_secs(5)).await?;
     wait_until(
         "the row committed once the wait ended",
         Duration::from_secs(10),
@@ -137,5 +137,93 @@ async fn a_commit_without_an_answer_is_not_answered_as_retryable() -> anyhow::Re
     .await?;
     assert_eq!(visit(app.url("/"), "sync-after".into()).await?.1, 200);
     assert_eq!(env.counts().await?.0, env.exact_counts().await?.0);
+    Ok(())
+}
+
+/// Publishes one version-2 task per id, straight to the broker.
+async fn publish_tasks(env: &TestEnv, ids: &[i64]) -> anyhow::Result<()> {
+    use pageviews::queue::{EXCHANGE, ROUTING_KEY};
+    let url = env.urls.amqp.clone();
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"v": 2, "page_view_ids": [{id}]}}"#))
+        .collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;
+        for body in &bodies {
+            channel.basic_publish(EXCHANGE, amiquip::Publish::new(body.as_bytes(), ROUTING_KEY))?;
+        }
+        connection.close()?;
+        Ok(())
+    })
+    .await?
+}
+
+/// A connection holding `lock` (a statement that takes one) in an open transaction.
+async fn holding(env: &TestEnv, lock: &str) -> anyhow::Result<AsyncPgConnection> {
+    let mut conn = env.db().await?;
+    diesel::sql_query("BEGIN").execute(&mut conn).await?;
+    diesel::sql_query(lock).execute(&mut conn).await?;
+    Ok(conn)
+}
+
+async fn is_processed(env: &TestEnv, id: i64) -> anyhow::Result<bool> {
+    let mut conn = env.db().await?;
+    Ok(pageviews::db::page_views::is_processed(&mut conn, id).await? == Some(true))
+}
+
+/// Issue 21 R3: a page view locked by another transaction does not stop the worker: the rest
+/// is processed, a lock that blocks everything makes it give up and retry (lock_timeout), and
+/// SIGTERM is honoured within seconds while both locks are still held (before: it waited for
+/// the row lock with no timeout, processing nothing, and SIGTERM waited for the lock too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_page_view_neither_stops_the_worker_nor_holds_up_sigterm() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    env.backlog_in_db(3).await?;
+    let (locked, free, later) = (1, 2, 3);
+    let row_lock = holding(
+        &env,
+        &format!("SELECT id FROM page_views WHERE id = {locked} FOR UPDATE"),
+    )
+    .await?;
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_DB_TIMEOUT_MS", "1000")]).await?;
+    publish_tasks(&env, &[locked, free]).await?;
+    wait_until("the unlocked page view processed", Duration::from_secs(20), || async {
+        anyhow::ensure!(is_processed(&env, free).await?, "not yet");
+        Ok(())
+    })
+    .await?;
+    assert!(!is_processed(&env, locked).await?);
+    let log = env.log("worker");
+    wait_for_log(&log, "locked by another transaction", Duration::from_secs(5)).await?;
+
+    // A lock the worker cannot skip (SHARE blocks its UPDATE, not the row lock held above):
+    // it gives up after PAGEVIEWS_DB_TIMEOUT_MS and retries.
+    let table_lock = holding(&env, "LOCK TABLE page_views IN SHARE MODE").await?;
+    publish_tasks(&env, &[later]).await?;
+    let text = wait_for_log(&log, "cannot process tasks; retrying", Duration::from_secs(20)).await?;
+    assert!(
+        text.contains("due to lock timeout") || text.contains("due to statement timeout"),
+        "{text}"
+    );
+    let started = std::time::Instant::now();
+    let status = worker.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        env.log_text("worker")
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM took {took:?} with the locks held"
+    );
+    drop((row_lock, table_lock));
+
+    // Nothing is lost: the sweep offers the skipped page view again.
+    let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let _worker = env.worker("worker-2", &[]).await?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 3);
     Ok(())
 }

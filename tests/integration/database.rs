@@ -2,7 +2,7 @@
 //! worker's statements give up instead of waiting for a lock forever, the counters count
 //! every row however it was written, and the rollup survives the clock stepping back.
 
-use crate::support::{TestEnv, wait_for_log};
+use crate::support::{TestEnv, count_on, wait_for_log};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
@@ -225,5 +225,44 @@ async fn a_locked_page_view_neither_stops_the_worker_nor_holds_up_sigterm() -> a
     let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
     let _worker = env.worker("worker-2", &[]).await?;
     assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 3);
+    Ok(())
+}
+
+/// Issue 21 R17: after the database clock steps back (here: `last_run_at` an hour ahead of
+/// it, or `infinity`), the rollup still runs within an interval and counts the recent
+/// minutes (before: it waited until the clock passed the stored time, the chart frozen).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rollup_runs_after_the_clock_steps_back() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    env.backlog_in_db(2).await?;
+    let runs = "SELECT runs AS n FROM scheduled_jobs WHERE name = 'rollup'";
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1")]).await?;
+    for ahead in ["now() + interval '1 hour'", "'infinity'"] {
+        // Whatever it did before, the next run must come after this.
+        let mut admin = env.db().await?;
+        let before = count_on(&mut admin, runs).await?;
+        diesel::sql_query(format!(
+            "UPDATE scheduled_jobs SET last_run_at = {ahead} WHERE name = 'rollup'"
+        ))
+        .execute(&mut admin)
+        .await?;
+        wait_until(
+            &format!("a rollup run after last_run_at = {ahead}"),
+            Duration::from_secs(10),
+            || async {
+                let after = env.sql_count(runs).await?;
+                anyhow::ensure!(after > before, "{after} runs");
+                Ok(())
+            },
+        )
+        .await?;
+        let stamped_ahead = "SELECT count(*) AS n FROM scheduled_jobs WHERE last_run_at > now()";
+        assert_eq!(env.sql_count(stamped_ahead).await?, 0);
+        let rolled = "SELECT COALESCE(sum(views), 0)::bigint AS n FROM page_view_rollups \
+                      WHERE computed_at >= now() - interval '5 seconds'";
+        assert_eq!(env.sql_count(rolled).await?, 2, "the recent minutes recomputed");
+    }
+    assert!(worker.stop().is_some_and(|s| s.success()));
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! every row however it was written, and the rollup survives the clock stepping back.
 
 use crate::support::{TestEnv, count_on, wait_for_log};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
@@ -264,5 +264,95 @@ async fn the_rollup_runs_after_the_clock_steps_back() -> anyhow::Result<()> {
         assert_eq!(env.sql_count(rolled).await?, 2, "the recent minutes recomputed");
     }
     assert!(worker.stop().is_some_and(|s| s.success()));
+    Ok(())
+}
+
+/// Issue 21 R8: rows written by other means than the app's batch (by hand; by an app and a
+/// worker of the previous release during a rolling deploy, which still add their own counts
+/// in the same statement) are counted exactly once, processed or not, and the page's
+/// `pending` is never negative (before: a row inserted by hand was counted when processed,
+/// never when recorded).
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_written_by_any_means_are_counted_once() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let mut admin = env.db().await?;
+    let exact = async || -> anyhow::Result<()> {
+        assert_eq!(
+            env.counts().await?,
+            env.exact_counts().await?,
+            "counters against count(*)"
+        );
+        Ok(())
+    };
+    let sql = async |conn: &mut AsyncPgConnection, statement: &str| -> anyhow::Result<()> {
+        diesel::sql_query(statement).execute(conn).await?;
+        Ok(())
+    };
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 5)",
+    )
+    .await?;
+    exact().await?;
+    // The previous release's INSERT and UPDATE, each counting in the same statement.
+    sql(
+        &mut admin,
+        "WITH inserted AS (INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 3) RETURNING id), \
+         counted AS (UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) WHERE shard = 3) \
+         SELECT id FROM inserted",
+    )
+    .await?;
+    sql(
+        &mut admin,
+        "WITH done AS (UPDATE page_views SET processed_at = now() WHERE id = ANY('{1,2}') AND processed_at IS NULL \
+         RETURNING id, created_at), \
+         counted AS (UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
+         WHERE shard = 4 AND EXISTS (SELECT 1 FROM done)) SELECT id, created_at FROM done",
+    )
+    .await?;
+    exact().await?;
+    // Repairs by hand: a row deleted, a processed one added, one marked unprocessed again.
+    sql(&mut admin, "DELETE FROM page_views WHERE id IN (1, 8)").await?;
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data, processed_at) VALUES ('{}', now())",
+    )
+    .await?;
+    sql(&mut admin, "UPDATE page_views SET processed_at = NULL WHERE id = 2").await?;
+    exact().await?;
+
+    // The sweep offers the unprocessed ones; pending is never negative on the way.
+    let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let _worker = env.worker("worker", &[]).await?;
+    wait_until("every row processed", Duration::from_secs(30), || async {
+        let (recorded, processed) = env.counts().await?;
+        assert!(processed <= recorded, "pending {}", recorded - processed);
+        anyhow::ensure!(processed == recorded, "{processed} of {recorded}");
+        Ok(())
+    })
+    .await?;
+    exact().await?;
+    assert_eq!(env.counts().await?, (7, 7));
+    sql(&mut admin, "TRUNCATE page_views").await?;
+    assert_eq!(env.counts().await?, (0, 0));
+
+    // Rows written by hand before the triggers existed are counted when they are created
+    // (migrations reverted, newest first, up to the one that made the triggers).
+    let conn = AsyncPgConnection::establish(&env.urls.database).await?;
+    let mut harness = diesel_async::AsyncMigrationHarness::new(conn);
+    let triggers = "SELECT count(*) AS n FROM pg_trigger WHERE tgname = 'page_views_count_insert'";
+    while env.sql_count(triggers).await? > 0 {
+        diesel_migrations::MigrationHarness::revert_last_migration(&mut harness, pageviews::db::MIGRATIONS)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 4)",
+    )
+    .await?;
+    assert_eq!(env.counts().await?, (0, 0), "no trigger, no count");
+    env.migrate()?;
+    exact().await?;
     Ok(())
 }

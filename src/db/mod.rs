@@ -21,16 +21,38 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Any advisory-lock key works as long as it is the same in every process of this program.
 const MIGRATION_LOCK: i64 = 0x7061_6765_7669_6577; // "pageview"
 
-/// The pool starts without connecting, so the app comes up (and answers 503) while the
-/// database is still down; broken connections are replaced on checkout.
-pub fn pool(config: &DatabaseConfig) -> Pool {
-    build_pool(config, None)
+/// What the server gives up on by itself, set on every connection of a pool: a statement
+/// running longer than `statement`, a lock wait longer than `lock` (each rolled back).
+#[derive(Clone, Copy)]
+struct Limits {
+    statement: Duration,
+    lock: Option<Duration>,
 }
 
-/// The request path's pool: besides, the server cancels any statement that runs longer than
-/// `PAGEVIEWS_DB_TIMEOUT_MS` (a lock held elsewhere, a stuck plan), rolling it back.
+/// The worker's pool: any statement or lock wait longer than `PAGEVIEWS_DB_TIMEOUT_MS` fails
+/// (and is retried), so a lock held elsewhere never holds the worker, or its SIGTERM, for
+/// longer. The pool starts without connecting; broken connections are replaced on checkout.
+pub fn worker_pool(config: &DatabaseConfig) -> Pool {
+    build_pool(
+        config,
+        Limits {
+            statement: config.timeout,
+            lock: Some(config.timeout),
+        },
+    )
+}
+
+/// The request path's pool: the server cancels any statement that runs longer than
+/// `PAGEVIEWS_DB_TIMEOUT_MS` (a lock held elsewhere, a stuck plan), rolling it back. It starts
+/// without connecting, so the app comes up (and answers 503) while the database is down.
 pub fn request_pool(config: &DatabaseConfig) -> Pool {
-    build_pool(config, Some(config.timeout))
+    build_pool(
+        config,
+        Limits {
+            statement: config.timeout,
+            lock: None,
+        },
+    )
 }
 
 /// TCP keepalives and a user timeout: a server that vanishes without a RST (a partition, a
@@ -39,7 +61,7 @@ pub fn request_pool(config: &DatabaseConfig) -> Pool {
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn connect(url: String, statement_timeout: Option<Duration>) -> diesel::ConnectionResult<AsyncPgConnection> {
+async fn connect(url: String, limits: Limits) -> diesel::ConnectionResult<AsyncPgConnection> {
     let bad = |e: tokio_postgres::Error| diesel::ConnectionError::BadConnection(e.to_string());
     let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
     config
@@ -48,20 +70,22 @@ async fn connect(url: String, statement_timeout: Option<Duration>) -> diesel::Co
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(3)
         .tcp_user_timeout(TCP_USER_TIMEOUT);
-    if let Some(timeout) = statement_timeout {
-        let options = config.get_options().unwrap_or("").to_owned();
-        config.options(format!("{options} -c statement_timeout={}", timeout.as_millis()));
+    let mut options = config.get_options().unwrap_or("").to_owned();
+    options.push_str(&format!(" -c statement_timeout={}", limits.statement.as_millis()));
+    if let Some(lock) = limits.lock {
+        options.push_str(&format!(" -c lock_timeout={}", lock.as_millis()));
     }
+    config.options(options);
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(bad)?;
     AsyncPgConnection::try_from_client_and_connection(client, connection).await
 }
 
-fn build_pool(config: &DatabaseConfig, statement_timeout: Option<Duration>) -> Pool {
+fn build_pool(config: &DatabaseConfig, limits: Limits) -> Pool {
     // The checkout test looks at the connection's state instead of running `SELECT 1`: a
     // connection the server closed (a restart) is noticed all the same, without a round trip
     // and a transaction per checkout (half the statements of a page view, before batching).
     let mut manager_config = ManagerConfig::default();
-    manager_config.custom_setup = Box::new(move |url| Box::pin(connect(url.to_owned(), statement_timeout)));
+    manager_config.custom_setup = Box::new(move |url| Box::pin(connect(url.to_owned(), limits)));
     manager_config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn| {
         Box::pin(async move {
             match PoolableConnection::is_broken(conn) {

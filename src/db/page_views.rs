@@ -1,27 +1,18 @@
 //! The `page_views` table and its counters: written by the app, processed by the worker,
 //! re-offered by the app's sweep while unprocessed.
 //!
-//! `page_view_counts` holds the page's figures: every statement that inserts or processes rows
-//! adds its count to one of `SHARDS` counter rows in the same statement (so the same
-//! transaction), and the page sums them: exact, and constant time however large the table is.
+//! `page_view_counts` holds the page's figures: triggers on `page_views` add what each
+//! statement inserts, marks processed or deletes to one of its 16 rows, in the same statement
+//! (so the same transaction), whoever wrote it (migrations/…_counts_by_triggers), and the page
+//! sums them: exact, and constant time however large the table is.
 
 use super::schema::page_views;
 use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Double, Int8, Jsonb, SmallInt, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Double, Int8, Jsonb, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use std::sync::atomic::{AtomicU16, Ordering};
-
-/// Counter rows (migrations/…_counters_and_sweep): concurrent batches take different ones.
-const SHARDS: u16 = 16;
-
-/// The counter row for the next batch: round robin, so concurrent batches rarely share one.
-fn next_shard() -> i16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    (NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS) as i16
-}
 
 #[derive(QueryableByName)]
 struct Id {
@@ -43,8 +34,8 @@ pub enum InsertError {
     OutcomeUnknown(String),
 }
 
-/// Records page views in one transaction and returns their ids, in the order of `data`; its
-/// INSERT also adds them to a counter row.
+/// Records page views in one transaction and returns their ids, in the order of `data` (the
+/// INSERT's trigger counts them).
 ///
 /// The INSERT runs under `statement_timeout = budget` (`SET LOCAL`), so the server gives up
 /// on its own, lock waits included, and the failure is certain. Past `give_up` this side
@@ -67,11 +58,7 @@ pub async fn insert(
         Ok(Err(e)) => return Err(InsertError::NotStored(e)),
         Ok(Ok(())) => {}
     }
-    let inserted = InsertBatch {
-        data,
-        shard: next_shard(),
-    }
-    .load::<i64>(conn);
+    let inserted = InsertBatch { data }.load::<i64>(conn);
     let ids = match tokio::time::timeout_at(give_up, inserted).await {
         Err(_) => return Err(InsertError::TimedOut),
         Ok(Ok(ids)) if ids.len() == data.len() => Ok(ids),
@@ -101,10 +88,9 @@ pub async fn insert(
 /// one was a round trip to prepare it and a parse, analysis and plan on the server: a quarter
 /// of PostgreSQL's CPU at GET / c=32 in `perf` (bench/README.md).
 ///
-/// The INSERT: all of `data` in order; the count is added to counter row `shard`.
+/// The INSERT: all of `data` in order.
 struct InsertBatch<'a> {
     data: &'a [serde_json::Value],
-    shard: i16,
 }
 
 impl Query for InsertBatch<'_> {
@@ -119,31 +105,17 @@ impl QueryId for InsertBatch<'_> {
 
 impl QueryFragment<Pg> for InsertBatch<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "WITH inserted AS ( \
-                 INSERT INTO page_views (data) \
-                 SELECT d FROM unnest(",
-        );
+        out.push_sql("INSERT INTO page_views (data) SELECT d FROM unnest(");
         out.push_bind_param::<Array<Jsonb>, _>(self.data)?;
-        out.push_sql(
-            "::jsonb[]) WITH ORDINALITY AS t(d, n) \
-                 ORDER BY n \
-                 RETURNING id), \
-             counted AS ( \
-                 UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) \
-                 WHERE shard = ",
-        );
-        out.push_bind_param::<SmallInt, _>(&self.shard)?;
-        out.push_sql(") SELECT id FROM inserted");
+        out.push_sql("::jsonb[]) WITH ORDINALITY AS t(d, n) ORDER BY n RETURNING id");
         Ok(())
     }
 }
 
-/// The worker's UPDATE: `ids` (locked by the caller) not yet processed are marked and counted
-/// in counter row `shard`; returns them with when each was recorded.
+/// The worker's UPDATE: `ids` (locked by the caller) not yet processed are marked (and
+/// counted by the trigger); returns them with when each was recorded.
 struct ProcessBatch<'a> {
     ids: &'a [i64],
-    shard: i16,
 }
 
 impl Query for ProcessBatch<'_> {
@@ -157,20 +129,9 @@ impl QueryId for ProcessBatch<'_> {
 
 impl QueryFragment<Pg> for ProcessBatch<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "WITH done AS ( \
-                 UPDATE page_views SET processed_at = now() \
-                 WHERE id = ANY(",
-        );
+        out.push_sql("UPDATE page_views SET processed_at = now() WHERE id = ANY(");
         out.push_bind_param::<Array<Int8>, _>(self.ids)?;
-        out.push_sql(
-            ") AND processed_at IS NULL RETURNING id, created_at), \
-             counted AS ( \
-                 UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
-                 WHERE shard = ",
-        );
-        out.push_bind_param::<SmallInt, _>(&self.shard)?;
-        out.push_sql(" AND EXISTS (SELECT 1 FROM done)) SELECT id, created_at FROM done");
+        out.push_sql(") AND processed_at IS NULL RETURNING id, created_at");
         Ok(())
     }
 }
@@ -206,38 +167,52 @@ pub struct Processed {
     pub duplicates: Vec<i64>,
     /// No such page view: the task is bogus.
     pub missing: Vec<i64>,
+    /// Locked by another transaction (another worker with a duplicate, a manual one): left to
+    /// it, and to the sweep, which offers the row again while it is unprocessed.
+    pub busy: Vec<i64>,
 }
 
-/// Marks page views processed, each at most once, in one transaction that also counts them.
+/// Marks page views processed, each at most once, in one transaction (counted by the trigger).
 pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<Processed> {
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
     conn.transaction(async move |conn| {
-        // Rows locked in id order: two workers holding overlapping batches (duplicates from
-        // the sweep) would otherwise lock in plan order and deadlock (1 s each).
-        let existing: Vec<i64> = page_views::table
+        // Rows another transaction holds are skipped rather than waited for: one held for
+        // long must not stop the rest. Locked in id order all the same (as waiting did, to
+        // avoid deadlocks between workers holding overlapping batches).
+        let locked: Vec<i64> = page_views::table
             .select(page_views::id)
             .filter(page_views::id.eq_any(&ids))
             .order(page_views::id)
             .for_update()
+            .skip_locked()
             .load(conn)
             .await?;
-        let done: Vec<(i64, DateTime<Utc>)> = ProcessBatch {
-            ids: &existing,
-            shard: next_shard(),
-        }
-        .load(conn)
-        .await?;
-        let (duplicates, missing) = ids
+        let done: Vec<(i64, DateTime<Utc>)> = ProcessBatch { ids: &locked }.load(conn).await?;
+        let (duplicates, rest): (Vec<i64>, Vec<i64>) = ids
             .iter()
             .copied()
             .filter(|id| !done.iter().any(|(d, _)| d == id))
-            .partition(|id| existing.binary_search(id).is_ok());
+            .partition(|id| locked.binary_search(id).is_ok());
+        // Not locked here: held elsewhere, or no such row. Looked up only when there are any.
+        let busy: Vec<i64> = match rest.is_empty() {
+            true => Vec::new(),
+            false => {
+                page_views::table
+                    .select(page_views::id)
+                    .filter(page_views::id.eq_any(&rest))
+                    .order(page_views::id)
+                    .load(conn)
+                    .await?
+            }
+        };
+        let missing = rest.into_iter().filter(|id| busy.binary_search(id).is_err()).collect();
         Ok(Processed {
             done,
             duplicates,
             missing,
+            busy,
         })
     })
     .await
@@ -258,7 +233,7 @@ struct Sums {
     processed: i64,
 }
 
-/// The counters' sums: a read of `SHARDS` rows, whatever the size of the table.
+/// The counters' sums: a read of 16 rows, whatever the size of the table.
 pub async fn totals(conn: &mut AsyncPgConnection) -> QueryResult<Totals> {
     let sums: Sums = diesel::sql_query(
         "SELECT COALESCE(sum(recorded), 0)::bigint AS recorded, \
@@ -313,20 +288,17 @@ pub async fn count_after(conn: &mut AsyncPgConnection, after_id: i64) -> QueryRe
 pub const PGBENCH_INSERT: &str = "\\set n random(1, 1000000000)\n\
 INSERT INTO page_views (data) VALUES (('{\"user_agent\": \"wrk\", \"cookie_names\": [], \"request_id\": \"' || lpad(:n::text, 32, '0') || '\"}')::jsonb) RETURNING id;\n";
 
-/// Adds `n` processed page views recorded a day ago (the bench's large table) and counts them,
-/// in one statement; then VACUUM ANALYZE and CHECKPOINT (superuser), so that what is measured
-/// next meets the table's size, not the insert-triggered autovacuum and the checkpoints of
-/// writing it.
+/// Adds `n` processed page views recorded a day ago (the bench's large table; the trigger
+/// counts them in the same statement); then VACUUM ANALYZE and CHECKPOINT (superuser), so that
+/// what is measured next meets the table's size, not the insert-triggered autovacuum and the
+/// checkpoints of writing it.
 pub async fn generate_processed(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<()> {
     diesel::sql_query(
-        "WITH inserted AS ( \
-             INSERT INTO page_views (created_at, data, processed_at) \
-             SELECT now() - interval '1 day' - i * interval '1 millisecond', \
-                    '{\"user_agent\": \"pageviews-bench\", \"cookie_names\": [], \"request_id\": null}', \
-                    now() - interval '1 day' \
-             FROM generate_series(1, $1) AS i) \
-         UPDATE page_view_counts SET recorded = recorded + $1, processed = processed + $1 \
-         WHERE shard = 0",
+        "INSERT INTO page_views (created_at, data, processed_at) \
+         SELECT now() - interval '1 day' - i * interval '1 millisecond', \
+                '{\"user_agent\": \"pageviews-bench\", \"cookie_names\": [], \"request_id\": null}', \
+                now() - interval '1 day' \
+         FROM generate_series(1, $1) AS i",
     )
     .bind::<BigInt, _>(n)
     .execute(conn)

@@ -37,7 +37,7 @@ impl ConsumerEvents for Events {
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let stop = shutdown::signal();
     crate::systemd::spawn_watchdog();
-    let pool = db::pool(&config.database);
+    let pool = db::worker_pool(&config.database);
     let metrics = Arc::new(WorkerMetrics::default());
     let (trigger, stopping) = shutdown::channel();
 

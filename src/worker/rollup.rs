@@ -6,10 +6,17 @@ use crate::shutdown::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A run in progress at shutdown is abandoned (rolled back; the next worker does it).
 pub async fn schedule(pool: Pool, interval: Duration, metrics: Arc<WorkerMetrics>, stopping: Shutdown) {
+    let mut stop = stopping.clone();
     let mut ticker = stopping.ticker(interval);
     while ticker.tick().await {
-        match db::run(&pool, async |conn| db::rollups::run_if_due(conn, interval).await).await {
+        let run = db::run(&pool, async |conn| db::rollups::run_if_due(conn, interval).await);
+        let outcome = tokio::select! {
+            outcome = run => outcome,
+            () = stop.wait() => break,
+        };
+        match outcome {
             Ok(Some(run)) => {
                 metrics.rollup_runs.inc();
                 tracing::info!(minutes = run.minutes, "rollup done");

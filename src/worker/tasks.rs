@@ -44,6 +44,13 @@ async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, s
                 }
                 metrics.processed.inc_by(processed.done.len() as u64);
                 metrics.duplicates.inc_by(processed.duplicates.len() as u64);
+                if !processed.busy.is_empty() {
+                    tracing::info!(
+                        busy = processed.busy.len(),
+                        first = processed.busy[0],
+                        "page views locked by another transaction skipped; the sweep offers them again while unprocessed"
+                    );
+                }
                 tracing::debug!(
                     done = processed.done.len(),
                     duplicates = processed.duplicates.len(),

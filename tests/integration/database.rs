@@ -2,8 +2,8 @@
 //! worker's statements give up instead of waiting for a lock forever, the counters count
 //! every row however it was written, and the rollup survives the clock stepping back.
 
-use crate::support::TestEnv;
-use diesel_async::RunQueryDsl;
+use crate::support::{TestEnv, count_on, wait_for_log};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use pageviews_testbed::process::wait_until;
 use std::time::Duration;
 
@@ -125,7 +125,7 @@ async fn a_commit_without_an_answer_is_not_answered_as_retryable() -> anyhow::Re
     let (_, status, retry_after) = answer?;
     assert_eq!((status, retry_after), (500, None), "an unknown outcome");
     let log = env.log(&format!("app-{}", app.port));
-    crate::support::wait_for_log(&log, "its page view may have been stored", Duration::from_secs(5)).await?;
+    wait_for_log(&log, "its page view may have been stored", Duration::from_secs(5)).await?;
     wait_until(
         "the row committed once the wait ended",
         Duration::from_secs(10),
@@ -137,5 +137,222 @@ async fn a_commit_without_an_answer_is_not_answered_as_retryable() -> anyhow::Re
     .await?;
     assert_eq!(visit(app.url("/"), "sync-after".into()).await?.1, 200);
     assert_eq!(env.counts().await?.0, env.exact_counts().await?.0);
+    Ok(())
+}
+
+/// Publishes one version-2 task per id, straight to the broker.
+async fn publish_tasks(env: &TestEnv, ids: &[i64]) -> anyhow::Result<()> {
+    use pageviews::queue::{EXCHANGE, ROUTING_KEY};
+    let url = env.urls.amqp.clone();
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"v": 2, "page_view_ids": [{id}]}}"#))
+        .collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&url, pageviews::config::DEFAULT_QUEUE_TYPE)?;
+        for body in &bodies {
+            channel.basic_publish(EXCHANGE, amiquip::Publish::new(body.as_bytes(), ROUTING_KEY))?;
+        }
+        connection.close()?;
+        Ok(())
+    })
+    .await?
+}
+
+/// A connection holding `lock` (a statement that takes one) in an open transaction.
+async fn holding(env: &TestEnv, lock: &str) -> anyhow::Result<AsyncPgConnection> {
+    let mut conn = env.db().await?;
+    diesel::sql_query("BEGIN").execute(&mut conn).await?;
+    diesel::sql_query(lock).execute(&mut conn).await?;
+    Ok(conn)
+}
+
+async fn is_processed(env: &TestEnv, id: i64) -> anyhow::Result<bool> {
+    let mut conn = env.db().await?;
+    Ok(pageviews::db::page_views::is_processed(&mut conn, id).await? == Some(true))
+}
+
+/// Issue 21 R3: a page view locked by another transaction does not stop the worker: the rest
+/// is processed, a lock that blocks everything makes it give up and retry (lock_timeout), and
+/// SIGTERM is honoured within seconds while both locks are still held (before: it waited for
+/// the row lock with no timeout, processing nothing, and SIGTERM waited for the lock too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_page_view_neither_stops_the_worker_nor_holds_up_sigterm() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    env.backlog_in_db(3).await?;
+    let (locked, free, later) = (1, 2, 3);
+    let row_lock = holding(
+        &env,
+        &format!("SELECT id FROM page_views WHERE id = {locked} FOR UPDATE"),
+    )
+    .await?;
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_DB_TIMEOUT_MS", "1000")]).await?;
+    publish_tasks(&env, &[locked, free]).await?;
+    wait_until("the unlocked page view processed", Duration::from_secs(20), || async {
+        anyhow::ensure!(is_processed(&env, free).await?, "not yet");
+        Ok(())
+    })
+    .await?;
+    assert!(!is_processed(&env, locked).await?);
+    let log = env.log("worker");
+    wait_for_log(&log, "locked by another transaction", Duration::from_secs(5)).await?;
+
+    // A lock the worker cannot skip (SHARE blocks its UPDATE, not the row lock held above):
+    // it gives up after PAGEVIEWS_DB_TIMEOUT_MS and retries.
+    let table_lock = holding(&env, "LOCK TABLE page_views IN SHARE MODE").await?;
+    publish_tasks(&env, &[later]).await?;
+    let text = wait_for_log(&log, "cannot process tasks; retrying", Duration::from_secs(20)).await?;
+    assert!(
+        text.contains("due to lock timeout") || text.contains("due to statement timeout"),
+        "{text}"
+    );
+    let started = std::time::Instant::now();
+    let status = worker.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        env.log_text("worker")
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM took {took:?} with the locks held"
+    );
+    drop((row_lock, table_lock));
+
+    // Nothing is lost: the sweep offers the skipped page view again.
+    let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let _worker = env.worker("worker-2", &[]).await?;
+    assert_eq!(env.all_processed(Duration::from_secs(30)).await?, 3);
+    Ok(())
+}
+
+/// Issue 21 R17: after the database clock steps back (here: `last_run_at` an hour ahead of
+/// it, or `infinity`), the rollup still runs within an interval and counts the recent
+/// minutes (before: it waited until the clock passed the stored time, the chart frozen).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rollup_runs_after_the_clock_steps_back() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    env.backlog_in_db(2).await?;
+    let runs = "SELECT runs AS n FROM scheduled_jobs WHERE name = 'rollup'";
+    let mut worker = env.worker("worker", &[("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1")]).await?;
+    for ahead in ["now() + interval '1 hour'", "'infinity'"] {
+        // Whatever it did before, the next run must come after this.
+        let mut admin = env.db().await?;
+        let before = count_on(&mut admin, runs).await?;
+        diesel::sql_query(format!(
+            "UPDATE scheduled_jobs SET last_run_at = {ahead} WHERE name = 'rollup'"
+        ))
+        .execute(&mut admin)
+        .await?;
+        wait_until(
+            &format!("a rollup run after last_run_at = {ahead}"),
+            Duration::from_secs(10),
+            || async {
+                let after = env.sql_count(runs).await?;
+                anyhow::ensure!(after > before, "{after} runs");
+                Ok(())
+            },
+        )
+        .await?;
+        let stamped_ahead = "SELECT count(*) AS n FROM scheduled_jobs WHERE last_run_at > now()";
+        assert_eq!(env.sql_count(stamped_ahead).await?, 0);
+        let rolled = "SELECT COALESCE(sum(views), 0)::bigint AS n FROM page_view_rollups \
+                      WHERE computed_at >= now() - interval '5 seconds'";
+        assert_eq!(env.sql_count(rolled).await?, 2, "the recent minutes recomputed");
+    }
+    assert!(worker.stop().is_some_and(|s| s.success()));
+    Ok(())
+}
+
+/// Issue 21 R8: rows written by other means than the app's batch (by hand; by an app and a
+/// worker of the previous release during a rolling deploy, which still add their own counts
+/// in the same statement) are counted exactly once, processed or not, and the page's
+/// `pending` is never negative (before: a row inserted by hand was counted when processed,
+/// never when recorded).
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_written_by_any_means_are_counted_once() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.migrate()?;
+    let mut admin = env.db().await?;
+    let exact = async || -> anyhow::Result<()> {
+        assert_eq!(
+            env.counts().await?,
+            env.exact_counts().await?,
+            "counters against count(*)"
+        );
+        Ok(())
+    };
+    let sql = async |conn: &mut AsyncPgConnection, statement: &str| -> anyhow::Result<()> {
+        diesel::sql_query(statement).execute(conn).await?;
+        Ok(())
+    };
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 5)",
+    )
+    .await?;
+    exact().await?;
+    // The previous release's INSERT and UPDATE, each counting in the same statement.
+    sql(
+        &mut admin,
+        "WITH inserted AS (INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 3) RETURNING id), \
+         counted AS (UPDATE page_view_counts SET recorded = recorded + (SELECT count(*) FROM inserted) WHERE shard = 3) \
+         SELECT id FROM inserted",
+    )
+    .await?;
+    sql(
+        &mut admin,
+        "WITH done AS (UPDATE page_views SET processed_at = now() WHERE id = ANY('{1,2}') AND processed_at IS NULL \
+         RETURNING id, created_at), \
+         counted AS (UPDATE page_view_counts SET processed = processed + (SELECT count(*) FROM done) \
+         WHERE shard = 4 AND EXISTS (SELECT 1 FROM done)) SELECT id, created_at FROM done",
+    )
+    .await?;
+    exact().await?;
+    // Repairs by hand: a row deleted, a processed one added, one marked unprocessed again.
+    sql(&mut admin, "DELETE FROM page_views WHERE id IN (1, 8)").await?;
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data, processed_at) VALUES ('{}', now())",
+    )
+    .await?;
+    sql(&mut admin, "UPDATE page_views SET processed_at = NULL WHERE id = 2").await?;
+    exact().await?;
+
+    // The sweep offers the unprocessed ones; pending is never negative on the way.
+    let _app = env.app(&[("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1")]).await?;
+    let _worker = env.worker("worker", &[]).await?;
+    wait_until("every row processed", Duration::from_secs(30), || async {
+        let (recorded, processed) = env.counts().await?;
+        assert!(processed <= recorded, "pending {}", recorded - processed);
+        anyhow::ensure!(processed == recorded, "{processed} of {recorded}");
+        Ok(())
+    })
+    .await?;
+    exact().await?;
+    assert_eq!(env.counts().await?, (7, 7));
+    sql(&mut admin, "TRUNCATE page_views").await?;
+    assert_eq!(env.counts().await?, (0, 0));
+
+    // Rows written by hand before the triggers existed are counted when they are created
+    // (migrations reverted, newest first, up to the one that made the triggers).
+    let conn = AsyncPgConnection::establish(&env.urls.database).await?;
+    let mut harness = diesel_async::AsyncMigrationHarness::new(conn);
+    let triggers = "SELECT count(*) AS n FROM pg_trigger WHERE tgname = 'page_views_count_insert'";
+    while env.sql_count(triggers).await? > 0 {
+        diesel_migrations::MigrationHarness::revert_last_migration(&mut harness, pageviews::db::MIGRATIONS)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    sql(
+        &mut admin,
+        "INSERT INTO page_views (data) SELECT '{}' FROM generate_series(1, 4)",
+    )
+    .await?;
+    assert_eq!(env.counts().await?, (0, 0), "no trigger, no count");
+    env.migrate()?;
+    exact().await?;
     Ok(())
 }

@@ -312,7 +312,8 @@ async fn the_batch_statements_are_prepared_once_per_connection() -> anyhow::Resu
     let prepared = count_on(
         &mut conn,
         "SELECT count(*) AS n FROM pg_prepared_statements \
-         WHERE statement LIKE 'WITH inserted AS%' OR statement LIKE 'WITH done AS%'",
+         WHERE statement LIKE 'INSERT INTO page_views (data) SELECT d%' \
+         OR statement LIKE 'UPDATE page_views SET processed_at%'",
     )
     .await?;
     assert_eq!(prepared, 2, "the INSERT and the UPDATE, each prepared once");

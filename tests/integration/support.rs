@@ -201,12 +201,11 @@ impl TestEnv {
     }
 
     /// `n` unprocessed page views made directly in the database (a backlog no app offered:
-    /// only the sweep can find it), counted like the app counts them.
+    /// only the sweep can find it).
     pub async fn backlog_in_db(&self, n: i64) -> anyhow::Result<()> {
         let mut conn = self.db().await?;
         diesel::sql_query(format!(
-            "WITH inserted AS (INSERT INTO page_views (data) SELECT '{{}}' FROM generate_series(1, {n})) \
-             UPDATE page_view_counts SET recorded = recorded + {n} WHERE shard = 0"
+            "INSERT INTO page_views (data) SELECT '{{}}' FROM generate_series(1, {n})"
         ))
         .execute(&mut conn)
         .await?;

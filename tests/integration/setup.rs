@@ -269,9 +269,7 @@ async fn assert_pipeline_runs(env: &TestEnv, db: &Database, amqp: (&str, &str)) 
     // A row whose task was lost: only the app's sweep offers it.
     let admin = db.as_superuser(env).await?;
     admin
-        .batch_execute(
-            "INSERT INTO page_views (created_at, data) VALUES (now() - interval '1 minute', '{}')",
-        )
+        .batch_execute("INSERT INTO page_views (created_at, data) VALUES (now() - interval '1 minute', '{}')")
         .await?;
     wait_until(
         "both page views processed and rolled up",

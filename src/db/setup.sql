@@ -69,9 +69,11 @@ BEGIN
         -- worker: locks and marks rows processed, counts them per minute.
         'GRANT SELECT (id, created_at, processed_at), UPDATE (processed_at) ON public.page_views TO %2$I',
         -- The counters are kept by triggers on page_views that run as the owner (migrations/
-        -- …_counts_by_triggers): the roles only read them, the app both for the page.
-        'GRANT SELECT (shard, recorded, processed) ON public.page_view_counts TO %1$I',
-        'GRANT SELECT (shard, processed) ON public.page_view_counts TO %2$I',
+        -- …_counts_by_triggers), which ignore any other UPDATE of them. Each role keeps UPDATE
+        -- on its own column only so that the previous release, which still adds its own counts,
+        -- does not fail during a rolling deploy.
+        'GRANT SELECT (shard, recorded, processed), UPDATE (recorded) ON public.page_view_counts TO %1$I',
+        'GRANT SELECT (shard, processed), UPDATE (processed) ON public.page_view_counts TO %2$I',
         -- The rollup: the worker claims the job row and upserts the minutes (ON CONFLICT …
         -- EXCLUDED reads every column); the app reads them.
         'GRANT SELECT (name, last_run_at, runs), UPDATE (last_run_at, runs) ON public.scheduled_jobs TO %2$I',

@@ -160,7 +160,11 @@ impl ClusterStack {
         app_env: &[(&str, String)],
         brokers: usize,
     ) -> anyhow::Result<ClusterStack> {
-        let (pg_dir, mq_dir) = (dir.join("services/postgres"), dir.join("services/rabbitmq"));
+        // The layout of `Stack` (services/ beside the deployment's logs). Made here: both
+        // servers below create only their own directory.
+        let services = dir.join("services");
+        crate::private_dir(&services)?;
+        let (pg_dir, mq_dir) = (services.join("postgres"), services.join("rabbitmq"));
         let (postgres, cluster) =
             tokio::try_join!(Postgres::start(&pg_dir, true), RabbitMqCluster::start(&mq_dir, brokers))?;
         let urls = Urls {

@@ -1,0 +1,132 @@
+//! The `pageviews-stack` commands README.md gives, run as written (the built binary stands for
+//! `cargo run --release --bin pageviews-stack`, with the same environment): each prints its
+//! URL, serves the page there, and on SIGTERM stops everything and removes its files.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// What the stack printed once it was up.
+#[derive(Debug)]
+struct Up {
+    url: String,
+    ca: PathBuf,
+    dir: PathBuf,
+}
+
+/// Reads the "pageviews is up" block from the stack's stdout.
+fn parse_up(lines: &[String]) -> Option<Up> {
+    let after = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
+    };
+    let url = after("pageviews is up: ")?;
+    let redirect = after("(HTTP ")?;
+    let (_, ca) = redirect.rsplit_once("CA at ")?;
+    let logs = after("logs: ")?;
+    let dir = logs.split("/{app,worker}.log").next()?;
+    Some(Up {
+        url,
+        ca: PathBuf::from(ca.trim_end_matches(')')),
+        dir: PathBuf::from(dir),
+    })
+}
+
+/// Whether `port` on loopback is free for the stack's default ports.
+fn free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Runs the binary with `env`, as a user would, and checks what README promises. One at a
+/// time: each wants README's ports.
+async fn as_in_readme(env: &[(&str, &str)]) -> anyhow::Result<()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pageviews-stack"));
+    command
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // README's ports, unless something on this machine holds them: then the variables README
+    // names for that.
+    for (port, variable) in [(8443, "PAGEVIEWS_HTTPS_PORT"), (8080, "PAGEVIEWS_HTTP_PORT")] {
+        if !free(port) {
+            let other = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            eprintln!("port {port} is in use here: {variable}={other}");
+            command.env(variable, other.to_string());
+        }
+    }
+    let started = Instant::now();
+    let mut stack = command.kill_on_drop(true).spawn()?;
+    let mut stdout = BufReader::new(stack.stdout.take().expect("piped")).lines();
+    let stderr = stack.stderr.take().expect("piped");
+    let stderr = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut printed = Vec::new();
+    // A three-node cluster boots in well under a minute, even on a busy machine.
+    let up = tokio::time::timeout(Duration::from_secs(180), async {
+        while let Some(line) = stdout.next_line().await? {
+            printed.push(line);
+            if let Some(up) = parse_up(&printed) {
+                return anyhow::Ok(Some(up));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    let up = match up {
+        Ok(Ok(Some(up))) => up,
+        other => {
+            let _ = stack.start_kill();
+            let status = stack.wait().await?;
+            anyhow::bail!(
+                "no URL printed ({other:?}); exited {status} after {:?}\nstdout:\n{}\nstderr:\n{}",
+                started.elapsed(),
+                printed.join("\n"),
+                stderr.await?
+            );
+        }
+    };
+    eprintln!("{env:?}: up after {:?} at {}", started.elapsed(), up.url);
+
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&up.ca)?)?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let page = client.get(&up.url).send().await?;
+    assert_eq!(page.status(), 200);
+    let body = page.text().await?;
+    assert!(body.contains(r#"<dd id="recorded">"#), "not the page: {body}");
+
+    let pid = stack.id().expect("running") as i32;
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(120), stack.wait()).await??;
+    let stderr = stderr.await?;
+    assert!(status.success(), "exited {status}:\n{stderr}");
+    assert!(!up.dir.exists(), "{} is still there", up.dir.display());
+    eprintln!("{env:?}: {:?} in all", started.elapsed());
+    Ok(())
+}
+
+/// README, "Scaling out": `PAGEVIEWS_STACK_BROKERS=3 cargo run --release --bin pageviews-stack`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_on_a_three_node_cluster_starts_serves_and_stops() -> anyhow::Result<()> {
+    as_in_readme(&[("PAGEVIEWS_STACK_BROKERS", "3")]).await
+}
+
+/// README, "Quick start": `cargo run --release --bin pageviews-stack`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_on_one_broker_starts_serves_and_stops() -> anyhow::Result<()> {
+    as_in_readme(&[]).await
+}

@@ -94,6 +94,12 @@ in {
           # >= 3.13: continuous membership reconciliation, checked when a node joins).
           "quorum_queue.continuous_membership_reconciliation.enabled" = "true";
           "quorum_queue.continuous_membership_reconciliation.target_group_size" = toString (lib.length nodes);
+          # A node that stops answering (frozen, not dead) is given up after 7.5-12.5 s
+          # instead of 45-75 s (Erlang's default tick time, 60 s), so its queues get a new
+          # leader and the clients' new connections work (README, "Scaling out").
+          "net_ticktime" = "10";
+          # When such a node answers again, the others see a partition: restart it.
+          "cluster_partition_handling" = "autoheal";
         }
         // lib.listToAttrs (lib.imap1 (i: n: lib.nameValuePair "cluster_formation.classic_config.nodes.${toString i}" "rabbit@${n.hostName}") nodes);
 

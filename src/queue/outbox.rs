@@ -42,7 +42,11 @@ const SWEEP_PAGE: usize = 4_096;
 /// task queue is not empty: offering everything older than one interval then would add a
 /// duplicate of every queued task per interval to a queue that is already too long.
 pub const MAX_WAIT_INTERVALS: u32 = 6;
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a batch may wait for its confirms before the connection counts as lost (and the
+/// batch is published again on a new one). On a cluster, a channel opened while a frozen
+/// node still passed for the queue's leader kept sending there, unconfirmed; a new channel
+/// finds the new leader. Confirms take milliseconds otherwise.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// After shutdown begins, how long the thread keeps trying to publish what it holds.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the idle thread waits for ids before it checks on the connection again: a broker

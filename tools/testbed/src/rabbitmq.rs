@@ -26,6 +26,11 @@ pub struct RabbitMq {
 
 impl RabbitMq {
     pub async fn start(dir: &Path) -> anyhow::Result<RabbitMq> {
+        Self::start_with(dir, "").await
+    }
+
+    /// `start`, with more `rabbitmq.conf` lines (`key = value`, one per line).
+    pub async fn start_with(dir: &Path, config: &str) -> anyhow::Result<RabbitMq> {
         if !dir.exists() {
             crate::private_dir(dir)?;
         }
@@ -39,7 +44,7 @@ impl RabbitMq {
             &dir.join("rabbitmq.conf"),
             format!(
                 "log.console = true\nlog.file = false\ndefault_user = {user}\ndefault_pass = {password}\n\
-                 max_message_size = {MAX_MESSAGE_SIZE}\n"
+                 max_message_size = {MAX_MESSAGE_SIZE}\n{config}"
             ),
         )?;
         let mut node = RabbitMq {

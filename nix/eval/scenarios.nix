@@ -248,16 +248,20 @@
   # path there, where a real store path changes, so the texts count too.
   scriptsOf = s: lib.concatMapStrings (v: v.text or "") (lib.filter builtins.isAttrs (lib.flatten (lib.attrValues s.serviceConfig)));
   hardDeps = u: u.requires ++ u.bindsTo ++ u.partOf;
+  # `first` and every unit that Requires=, BindsTo= or is PartOf= one of them, transitively.
+  stopClosure = units: first: let
+    grow = set: lib.unique (set ++ lib.filter (n: lib.any (d: lib.elem d set) (hardDeps units.${n})) (lib.attrNames units));
+  in
+    lib.foldl' (set: _: grow set) first (lib.attrNames units);
   stoppedBy = old: new: let
     a = unitsOf old;
     b = unitsOf new;
     changed = lib.filter (n: a ? ${n} && a.${n}.text != b.${n}.text) (lib.attrNames b);
     stopsWhenChanged = u: (u.restartIfChanged or true) && !(u.reloadIfChanged or false) && (u.stopIfChanged or true);
     first = lib.filter (n: stopsWhenChanged b.${n}) changed;
-    grow = set: lib.unique (set ++ lib.filter (n: lib.any (d: lib.elem d set) (hardDeps b.${n})) (lib.attrNames b));
   in {
     inherit changed;
-    stopped = lib.foldl' (set: _: grow set) first (lib.attrNames b);
+    stopped = stopClosure b first;
   };
   # The units that must stay up through a deploy: the app's socket keeps connections waiting
   # while the app and the worker are restarted in place; nginx reloads or restarts in place.
@@ -418,8 +422,7 @@ in {
     # on it hard; the app and the worker ride it out with their pool (quick 503s meanwhile).
     postgresqlRestartKeepsTheApp = let
       units = unitsOf example;
-      grow = set: lib.unique (set ++ lib.filter (n: lib.any (d: lib.elem d set) (hardDeps units.${n})) (lib.attrNames units));
-      stopped = lib.foldl' (set: _: grow set) ["postgresql.service"] (lib.attrNames units);
+      stopped = stopClosure units ["postgresql.service"];
     in
       check (!lib.any (u: lib.elem u stopped) staysUp) {inherit stopped;};
 

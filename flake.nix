@@ -27,6 +27,7 @@
       craneLib = crane.mkLib pkgs;
       build = import ./nix/package.nix {
         inherit lib craneLib;
+        inherit (pkgs) writeTextDir;
         root = ./.;
       };
       images = import ./nix/images.nix {
@@ -109,7 +110,7 @@
     overlays.default = final: _prev: {
       pageviews =
         (import ./nix/package.nix {
-          inherit (final) lib;
+          inherit (final) lib writeTextDir;
           craneLib = crane.mkLib final;
           root = ./.;
         })

@@ -55,7 +55,7 @@ in {
   clippy = craneLib.cargoClippy (testArgs
     // {
       inherit cargoArtifacts;
-      cargoClippyExtraArgs = "--all-targets -- --deny warnings";
+      cargoClippyExtraArgs = "--workspace --all-targets -- --deny warnings";
     });
 
   fmt = craneLib.cargoFmt {inherit (testArgs) src pname version;};
@@ -95,6 +95,8 @@ in {
   tests = craneLib.cargoTest (testArgs
     // {
       inherit cargoArtifacts;
+      # Every member's tests (the workspace's default member is the service only).
+      cargoTestExtraArgs = "--workspace";
       nativeCheckInputs = [
         pkgs.postgresql
         pkgs.rabbitmq-server

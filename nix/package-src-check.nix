@@ -11,13 +11,21 @@
   prefix = toString root + "/";
   relative = set: map (f: lib.removePrefix prefix (toString f)) (lib.fileset.toList set);
   under = dirs: f: lib.any (d: lib.hasPrefix d f) dirs;
-  # cargo loads every workspace member to build one: their manifests and Rust sources.
-  cargoSource = f:
-    (lib.hasSuffix ".rs" f || lib.hasSuffix ".toml" f || baseNameOf f == "Cargo.lock")
-    && !(under ["tests/" "tools/nixfmt-check/"] f);
-  inPackage = f: cargoSource f || under ["migrations/" "templates/" "static/"] f;
+  # The service crate, the lock file and the tool members' manifests (cargo loads every
+  # member to build one).
+  inPackage = f:
+    lib.elem f ["Cargo.toml" "Cargo.lock" "build.rs"]
+    || (lib.hasPrefix "src/" f && lib.hasSuffix ".rs" f)
+    || (lib.hasPrefix "tools/" f && baseNameOf f == "Cargo.toml" && !(under ["tools/nixfmt-check/"] f))
+    || under ["migrations/" "templates/" "static/"] f;
+  toolSource = f: under ["tools/"] f && !(under ["tools/nixfmt-check/"] f) && (lib.hasSuffix ".rs" f || lib.hasSuffix ".toml" f);
   setupFile = f: lib.hasPrefix "src/" f && (lib.hasSuffix ".sql" f || lib.hasSuffix ".sh" f);
-  inTests = f: inPackage f || setupFile f || under ["tests/" "nix/nginx/" "ops/"] f;
+  inTests = f:
+    inPackage f
+    || toolSource f
+    || setupFile f
+    || lib.elem f ["rustfmt.toml" "README.md"]
+    || under ["tests/" "nix/nginx/" "ops/"] f;
   files = relative srcFileset;
   testFiles = relative testSrcFileset;
 in {

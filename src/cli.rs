@@ -1,5 +1,5 @@
-//! The entry points of the binaries, shared so the local launcher can run the same code as
-//! `pageviews-app` and `pageviews-worker` in its child processes.
+//! The entry points of the binaries. They are public so that a launcher (tools/stack) can run
+//! the same code as `pageviews-app` and `pageviews-worker` in its child processes.
 
 use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, WorkerConfig};
 use crate::telemetry;
@@ -59,17 +59,6 @@ pub fn worker(args: &[String]) -> ExitCode {
     }
 }
 
-/// For launchers that run the app and the worker as `<this executable> app|worker` (see
-/// `stack::Binaries::this_executable`): runs that role when asked, `None` when called bare.
-pub fn child(program: &str, args: &[String], usage: &str) -> Option<ExitCode> {
-    match args.first().map(String::as_str) {
-        Some("app") => Some(app(&args[1..])),
-        Some("worker") => Some(worker(&args[1..])),
-        Some(_) => Some(usage_error(program, args, usage)),
-        None => None,
-    }
-}
-
 pub fn usage_error(program: &str, args: &[String], usage: &str) -> ExitCode {
     eprintln!("{program}: unexpected arguments {args:?}; usage: {program} {usage}");
     ExitCode::from(2)
@@ -113,32 +102,13 @@ async fn migrate(config: DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `main` of a tool that starts the stack (pageviews-stack, pageviews-bench): re-run as
-/// `<tool> app|worker`, it is that child (see [`child`]); else like the binaries, but a failure
-/// is printed plainly for the person at the terminal.
-pub fn launcher_main<C, F>(
-    program: &str,
-    usage: &str,
-    load: impl FnOnce() -> Result<C, ConfigError>,
-    run: impl FnOnce(C) -> F,
-) -> ExitCode
-where
-    F: Future<Output = anyhow::Result<()>>,
-{
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(code) = child(program, &args, usage) {
-        return code;
-    }
-    main_with(program, load, run, |program, e| eprintln!("{program}: {e:#}"))
-}
-
 fn log_failure(program: &str, e: &anyhow::Error) {
     tracing::error!(error = format!("{e:#}"), "{program} failed");
 }
 
 /// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,
 /// runs `run` on a multi-threaded runtime (exit 1, after `report`, when it fails).
-fn main_with<C, F>(
+pub fn main_with<C, F>(
     program: &str,
     load: impl FnOnce() -> Result<C, ConfigError>,
     run: impl FnOnce(C) -> F,

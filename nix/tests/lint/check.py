@@ -402,9 +402,9 @@ def script_constants(nix_file: Path) -> list[str]:
 
 def crate_binaries() -> set[str]:
     """The service's binaries (src/bin, on the nodes through the module) and the probe's
-    (probe/, the `probe` package nodes.nix gives the client)."""
+    (tools/probe/, the `probe` package nodes.nix gives the client)."""
     bins = {p.stem for p in (ROOT / "src" / "bin").glob("*.rs")}
-    probe = ROOT / "probe"
+    probe = ROOT / "tools" / "probe"
     if (probe / "src" / "main.rs").exists():
         bins |= set(re.findall(r'^name\s*=\s*"([^"]+)"', (probe / "Cargo.toml").read_text(), re.M))
     return bins
@@ -512,7 +512,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
         elif command in crate_binaries():
             ok(f"{command}: binary of the crate (on the nodes via the package)")
         else:
-            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor probe/ (yet)"
+            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor tools/probe/ (yet)"
             warnings.append(msg)
             print(f"WARN {msg}")
 

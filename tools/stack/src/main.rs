@@ -2,7 +2,7 @@
 //! migration, app, worker and nginx (TLS with a certificate made at start). Ctrl-C or SIGTERM
 //! stops everything it started and removes its files.
 //!
-//! Run with `cargo run --release --bin pageviews-stack`.
+//! Run with `cargo run --release -p pageviews-stack`.
 
 use pageviews::config::{Environment, parsed};
 use pageviews_testbed::nginx::NginxOptions;
@@ -13,9 +13,7 @@ use std::time::Duration;
 const PROGRAM: &str = "pageviews-stack";
 
 fn main() -> ExitCode {
-    // The launcher runs the app and the worker as children of itself, so `cargo run` of this
-    // one binary is enough.
-    pageviews::cli::launcher_main(PROGRAM, "(no arguments; see README.md)", options, run)
+    pageviews_stack::main(PROGRAM, "(no arguments; see README.md)", options, run)
 }
 
 /// Nodes in the RabbitMQ cluster; 1 is a single broker.

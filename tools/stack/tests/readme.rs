@@ -1,5 +1,5 @@
 //! The `pageviews-stack` commands README.md gives, run as written (the built binary stands for
-//! `cargo run --release --bin pageviews-stack`, with the same environment): each prints its
+//! `cargo run --release -p pageviews-stack`, with the same environment): each prints its
 //! URL, serves the page there, and on SIGTERM stops everything and removes its files.
 
 use std::path::PathBuf;
@@ -119,14 +119,38 @@ async fn as_in_readme(env: &[(&str, &str)]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// README, "Scaling out": `PAGEVIEWS_STACK_BROKERS=3 cargo run --release --bin pageviews-stack`.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_stack_on_a_three_node_cluster_starts_serves_and_stops() -> anyhow::Result<()> {
-    as_in_readme(&[("PAGEVIEWS_STACK_BROKERS", "3")]).await
+const README: &str = include_str!("../../../README.md");
+const RUN: &str = "cargo run --release -p pageviews-stack";
+
+/// The command README gives, with `env` before it: the one these tests run.
+fn in_readme(env: &[(&str, &str)]) -> String {
+    let command: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect::<String>() + RUN;
+    assert!(
+        README.contains(&format!("`{command}`")),
+        "README.md no longer gives `{command}`"
+    );
+    command
 }
 
-/// README, "Quick start": `cargo run --release --bin pageviews-stack`.
+/// README, "Scaling out".
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_on_a_three_node_cluster_starts_serves_and_stops() -> anyhow::Result<()> {
+    let env = [("PAGEVIEWS_STACK_BROKERS", "3")];
+    in_readme(&env);
+    as_in_readme(&env).await
+}
+
+/// README, "Quick start".
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stack_on_one_broker_starts_serves_and_stops() -> anyhow::Result<()> {
+    in_readme(&[]);
     as_in_readme(&[]).await
+}
+
+/// The package that has `pageviews-stack` is the one README names (cargo runs a binary of a
+/// member other than the default one only with `-p`).
+#[test]
+fn readme_names_the_package_of_the_stack() {
+    assert_eq!(env!("CARGO_PKG_NAME"), "pageviews-stack");
+    in_readme(&[]);
 }

@@ -79,7 +79,7 @@ pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<
 }
 
 /// How to run the app and the worker: the installed binaries, or this executable re-run with
-/// a subcommand (so `cargo run --bin pageviews-stack` needs nothing else built).
+/// a subcommand (so `cargo run -p pageviews-stack` needs nothing else built).
 #[derive(Clone, Debug)]
 pub struct Binaries {
     pub app: (PathBuf, Vec<String>),
@@ -94,7 +94,7 @@ impl Binaries {
         }
     }
 
-    /// This executable re-run as `<exe> app` and `<exe> worker` (`cli::child` answers those),
+    /// This executable re-run as `<exe> app` and `<exe> worker` (`pageviews_stack::main` answers those),
     /// so `cargo run --bin <launcher>` needs nothing else built.
     pub fn this_executable() -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;

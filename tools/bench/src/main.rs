@@ -2,9 +2,9 @@
 //! limits and the stack under load, prints one table and writes it as JSON. Ctrl-C stops
 //! everything it started.
 //!
-//! Run with `cargo run --release --bin pageviews-bench`. Settings (environment):
+//! Run with `cargo run --release -p pageviews-bench`. Settings (environment):
 //! `PAGEVIEWS_BENCH_SECS` (10) per step, `PAGEVIEWS_BENCH_CONCURRENCY` (`1,32,128`),
-//! `PAGEVIEWS_BENCH_ROWS` (10 000 000, the large-table step), `PAGEVIEWS_BENCH_OUT` (`bench/results/latest.json` in the source tree).
+//! `PAGEVIEWS_BENCH_ROWS` (10 000 000, the large-table step), `PAGEVIEWS_BENCH_OUT` (`tools/bench/results/latest.json` in the source tree).
 
 use pageviews::config::{ConfigError, Environment, parsed};
 use pageviews_bench::{self as bench, Settings};
@@ -15,8 +15,7 @@ const PROGRAM: &str = "pageviews-bench";
 const DEFAULT_OUT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/latest.json");
 
 fn main() -> ExitCode {
-    // The stack's app and worker are this executable re-run with a subcommand.
-    pageviews::cli::launcher_main(
+    pageviews_stack::main(
         PROGRAM,
         "(no arguments; settings from the environment)",
         settings,

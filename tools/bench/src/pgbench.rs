@@ -24,7 +24,7 @@ pub async fn insert_rates(
     let url = postgres.create_database("pgbench").await?;
     pageviews::db::migrate(&url).await?;
     let script = dir.join("pgbench-insert.sql");
-    std::fs::write(&script, pageviews::db::page_views::PGBENCH_INSERT)?;
+    std::fs::write(&script, crate::db::PGBENCH_INSERT)?;
     let pgbench = find_program("pgbench", DEBIAN_DIRS, "postgresql")?;
     let mut rates = Vec::new();
     for &n in clients {

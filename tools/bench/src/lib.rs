@@ -7,6 +7,7 @@
 //! to a limit measured in the same run, because timings on a shared machine are noisy.
 
 mod broker;
+mod db;
 mod disk;
 mod pgbench;
 mod report;
@@ -17,7 +18,6 @@ pub use report::{Figure, Machine, Report};
 use anyhow::Context;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use pageviews::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE_TYPE};
-use pageviews::db::page_views;
 use pageviews::queue::QueueType;
 use pageviews_testbed::nginx::NginxOptions;
 use pageviews_testbed::process::free_port;
@@ -25,7 +25,7 @@ use pageviews_testbed::{Binaries, Stack};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub const COMMAND: &str = "cargo run --release --bin pageviews-bench";
+pub const COMMAND: &str = "cargo run --release -p pageviews-bench";
 
 pub struct Settings {
     /// Length of every measurement (wrk step, pgbench run); the broker runs take half.
@@ -253,7 +253,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
 
     eprintln!("adding {} rows to page_views", settings.large_rows);
     let started = Instant::now();
-    page_views::generate_processed(&mut db, settings.large_rows).await?;
+    db::generate_processed(&mut db, settings.large_rows).await?;
     figures.push(Figure::new(
         "large.generate_secs",
         format!(
@@ -343,7 +343,7 @@ async fn step(
     secs: u64,
     sample: Option<[u32; 2]>,
 ) -> anyhow::Result<Step> {
-    let before = page_views::max_id(db).await?;
+    let before = db::max_id(db).await?;
     let load = wrk::run(url, connections, secs);
     let (wrk, peak_rss) = match sample {
         Some(pids) => tokio::join!(load, peak_rss(pids, Duration::from_secs(secs))),
@@ -351,12 +351,12 @@ async fn step(
     };
     let wrk = wrk?;
     let stopped = Instant::now();
-    let backlog = page_views::count_after(db, before).await?.1;
+    let backlog = db::count_after(db, before).await?.unprocessed;
     let mut left = backlog;
     // Past the deadline the step reports the time waited (its target missed) and the run goes on.
     while left > 0 && stopped.elapsed() < DRAIN_DEADLINE {
         tokio::time::sleep(POLL).await;
-        left = page_views::count_after(db, before).await?.1;
+        left = db::count_after(db, before).await?.unprocessed;
     }
     if left > 0 {
         eprintln!("{left} page views still unprocessed after {DRAIN_DEADLINE:?}");
@@ -366,7 +366,7 @@ async fn step(
     } else {
         stopped.elapsed().as_secs_f64()
     };
-    let rows = page_views::count_after(db, before).await?.0;
+    let rows = db::count_after(db, before).await?.rows;
     Ok(Step {
         wrk,
         rows,

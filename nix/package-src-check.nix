@@ -17,7 +17,7 @@
     && !(under ["tests/" "tools/nixfmt-check/"] f);
   inPackage = f: cargoSource f || under ["migrations/" "templates/" "static/"] f;
   setupFile = f: lib.hasPrefix "src/" f && (lib.hasSuffix ".sql" f || lib.hasSuffix ".sh" f);
-  inTests = f: inPackage f || setupFile f || under ["tests/" "nix/nginx/" "ops/"] f;
+  inTests = f: inPackage f || setupFile f || under ["tests/" "nix/nginx/" "ops/"] f || builtins.elem f ["nix/modules/settings-defaults.json" "README.md"];
   files = relative srcFileset;
   testFiles = relative testSrcFileset;
 in {

@@ -39,6 +39,10 @@
     (root + "/tests")
     (root + "/nix/nginx")
     (root + "/ops")
+    # The settings' defaults as the NixOS module and README state them: a test compares them
+    # with the binaries' (tests/integration/config_errors.rs).
+    (root + "/nix/modules/settings-defaults.json")
+    (root + "/README.md")
   ];
   src = fileset.toSource {
     inherit root;

@@ -33,8 +33,16 @@ pub struct DatabaseConfig {
     pub timeout: Duration,
 }
 
+/// The URL with its password as `***`; one without a password as it is (the url crate
+/// refuses the Unix socket form, `postgres://user@/db?host=…`, which the client takes).
 fn redacted<S: serde::Serializer>(url: &Secret, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&super::without_password(url.expose()))
+    let url = url.expose();
+    let has_password = tokio_postgres::Config::from_str(url).map_or(true, |c| c.get_password().is_some());
+    if has_password {
+        s.serialize_str(&super::without_password(url))
+    } else {
+        s.serialize_str(url)
+    }
 }
 
 impl DatabaseConfig {
@@ -108,6 +116,8 @@ mod tests {
         ] {
             let config = DatabaseConfig::from_source(&env(&[("DATABASE_URL", url)])).unwrap();
             assert_eq!(config.url.expose(), url);
+            let shown = serde_json::to_value(&config).unwrap()["DATABASE_URL"].clone();
+            assert_eq!(shown, url.replace(":p@", ":***@"), "{url}");
         }
     }
 

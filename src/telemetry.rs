@@ -1,21 +1,8 @@
 //! Logging: readable lines on a terminal, one JSON object per line under systemd or in a
 //! container (`PAGEVIEWS_LOG_FORMAT=json`). `RUST_LOG` filters, default `info`.
 
-use crate::config::{ConfigError, LogFormat, Source};
+use crate::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
-
-/// `RUST_LOG`, or `info` when unset. A filter that does not parse is an error: silently
-/// logging at another level would hide what the operator asked to see.
-pub fn log_filter(src: &dyn Source) -> Result<EnvFilter, ConfigError> {
-    const NAME: &str = "RUST_LOG";
-    let directives = crate::config::optional(src, NAME)?.unwrap_or_else(|| "info".into());
-    EnvFilter::builder().parse(&directives).map_err(|e| {
-        ConfigError::new(
-            NAME,
-            format!("{directives:?} is not a log filter (e.g. info,pageviews=debug): {e}"),
-        )
-    })
-}
 
 fn init(format: LogFormat, filter: EnvFilter) {
     // Colours only on a terminal: log files and journald get plain text.
@@ -38,9 +25,9 @@ fn init(format: LogFormat, filter: EnvFilter) {
 /// Parses the logging settings, then starts logging; a bad value is reported on stderr.
 pub fn init_from_env(program: &str) -> Result<(), std::process::ExitCode> {
     let env = crate::config::Environment;
-    match LogFormat::from_source(&env).and_then(|format| Ok((format, log_filter(&env)?))) {
-        Ok((format, filter)) => {
-            init(format, filter);
+    match LogConfig::from_source(&env) {
+        Ok(log) => {
+            init(log.format, log.env_filter());
             Ok(())
         }
         Err(e) => Err(config_error(program, &e)),

@@ -284,6 +284,47 @@
       });
   };
 
+  # `expected`: per unit (app, worker, migrate), variables its environment must hold. Also:
+  # ExecStart is the binary; every `%d/<name>` is a credential the unit loads; no URL holds
+  # a password; system.checks has the build-time check, which runs both binaries'
+  # check-config over what the units get, without `%d` or a credential's file.
+  unitsTakePasswordFiles = ev: expected: let
+    services = ev.config.systemd.services;
+    bin = "${fakePackage}/bin";
+    exec = {
+      app = "${bin}/pageviews-app";
+      worker = "${bin}/pageviews-worker";
+      migrate = "${bin}/pageviews-app migrate";
+    };
+    unit = name: services."pageviews-${name}";
+    seen =
+      lib.mapAttrs (name: _: {
+        inherit (unit name) environment;
+        ExecStart = (unit name).serviceConfig.ExecStart;
+        LoadCredential = lib.toList ((unit name).serviceConfig.LoadCredential or []);
+      })
+      exec;
+    credentialsLoaded = u: map (c: lib.head (lib.splitString ":" c)) u.LoadCredential;
+    passwordFilesLoaded = u:
+      lib.all (v: !lib.hasPrefix "%d/" v || lib.elem (lib.removePrefix "%d/" v) (credentialsLoaded u)) (lib.attrValues u.environment);
+    noPasswordInUrls = u: lib.all (n: !(u.environment ? ${n}) || builtins.match ".*://[^/@]*:[^/@]*@.*" u.environment.${n} == null) ["DATABASE_URL" "AMQP_URL"];
+    checks = lib.filter (d: d.name == "runCommand-pageviews-checked-settings") ev.config.system.checks;
+    cmd = (lib.head checks).cmd or "";
+  in
+    check (noFailedAssertions ev
+      && lib.all (n: seen.${n}.ExecStart == exec.${n}) (lib.attrNames exec)
+      && lib.all (n: lib.all (k: seen.${n}.environment.${k} or null == expected.${n}.${k}) (lib.attrNames expected.${n})) (lib.attrNames expected)
+      && lib.all passwordFilesLoaded (lib.attrValues seen)
+      && lib.all noPasswordInUrls (lib.attrValues seen)
+      && lib.length checks == 1
+      && has "${bin}/pageviews-app check-config --json" cmd
+      && has "${bin}/pageviews-worker check-config --json" cmd
+      && has "pageviews-check-placeholder-password" cmd
+      && !has "%d/" cmd) {
+      inherit seen cmd;
+      failedAssertions = failedAssertions ev;
+    };
+
   # A check that could not run here: scripts/nixos-eval prints SKIPPED and the reason.
   skipped = reason: {
     ok = true;
@@ -497,6 +538,35 @@ in {
     unitsSingleSource = check (noFailedAssertions example && deployed == scored) {
       onlyDeployed = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (scored.${n}.${k} or null) != v) c) deployed;
       onlyScored = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (deployed.${n}.${k} or null) != v) c) scored;
+    };
+
+    # The units exec the binaries themselves (no shell wrapper); the URLs in their environment
+    # hold no password, the binaries read it from the credential (`%d/…`, the name
+    # LoadCredential= gives it); and `check-config` runs over each unit's environment when the
+    # system is built (system.checks), a placeholder standing in for the credentials.
+    unitsExecTheBinaries = let
+      ev = exampleWith [withPackage];
+    in
+      unitsTakePasswordFiles ev {
+        app = {
+          DATABASE_URL = "postgres://pageviews-app@/pageviews?host=/run/postgresql";
+          AMQP_URL = "amqp://pageviews-app@127.0.0.1:5672/pageviews";
+          PAGEVIEWS_AMQP_PASSWORD_FILE = "%d/amqp-password";
+        };
+        worker.AMQP_URL = "amqp://pageviews-worker@127.0.0.1:5672/pageviews";
+        migrate.DATABASE_URL = "postgres://pageviews@/pageviews?host=/run/postgresql";
+      };
+    splitAppUnitsTakePasswordFiles = unitsTakePasswordFiles (split ["app"] {}) {
+      app = {
+        DATABASE_URL = "postgres://pageviews-app@192.168.1.3:5432/pageviews";
+        PAGEVIEWS_DATABASE_PASSWORD_FILE = "%d/db-password";
+        AMQP_URL = "amqp://pageviews-app@192.168.1.3:5672/pageviews";
+        PAGEVIEWS_AMQP_PASSWORD_FILE = "%d/amqp-password";
+      };
+      migrate = {
+        DATABASE_URL = "postgres://pageviews@192.168.1.3:5432/pageviews";
+        PAGEVIEWS_DATABASE_PASSWORD_FILE = "%d/db-password";
+      };
     };
   };
 

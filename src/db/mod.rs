@@ -127,7 +127,7 @@ pub async fn open_connections(pool: &Pool, connections: u32) -> Result<(), Strin
 
 /// `open_connections` until it succeeds, retrying with backoff (and saying so).
 pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
-    let mut backoff = crate::queue::Backoff::default();
+    let mut backoff = crate::backoff::Backoff::default();
     while let Err(error) = open_connections(pool, connections).await {
         let delay = backoff.next_delay();
         tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");

@@ -2,38 +2,9 @@
 //! comma-separated full URLs. A client connects to the first node that answers and, after
 //! losing it, tries the others first, so it fails over instead of waiting for the lost node.
 
-use super::{QueueType, redacted};
+use super::redacted;
+use crate::config::QueueType;
 use amiquip::{Channel, Connection};
-
-/// Splits an `AMQP_URL` value into its node URLs. The error says which entry (1-based) was
-/// wrong and never quotes an entry, since it may hold a password.
-pub fn parse_list(raw: &str) -> Result<Vec<String>, String> {
-    let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
-    let count = entries.len();
-    entries
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| {
-            let which = if count == 1 {
-                String::new()
-            } else {
-                format!("entry {} of {count}: ", i + 1)
-            };
-            if entry.is_empty() {
-                return Err(format!("{which}is empty (separate full amqp:// URLs with commas)"));
-            }
-            let url = url::Url::parse(entry).map_err(|e| format!("{which}not a URL: {e}"))?;
-            match url.scheme() {
-                "amqp" if url.host_str().is_some_and(|h| !h.is_empty()) => Ok((*entry).to_owned()),
-                "amqp" => Err(format!("{which}has no host")),
-                "amqps" => Err(format!(
-                    "{which}amqps:// is not supported by this build; use amqp:// on a private network"
-                )),
-                other => Err(format!("{which}scheme {other:?} is not amqp")),
-            }
-        })
-        .collect()
-}
 
 /// The nodes of one broker (a cluster or a single node) and which one this client used last.
 pub struct Brokers {
@@ -116,31 +87,6 @@ fn explain_queue_type_mismatch(error: &super::Error, wanted: QueueType) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_list_of_urls_is_split_and_checked() {
-        assert_eq!(
-            parse_list("amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5672/%2f").unwrap(),
-            ["amqp://u:p@h1:5672/%2f", "amqp://u:p@h2:5672/%2f"]
-        );
-        assert_eq!(parse_list("amqp://u:p@h/v").unwrap(), ["amqp://u:p@h/v"]);
-    }
-
-    #[test]
-    fn a_bad_entry_is_named_by_position_without_its_password() {
-        let error = parse_list("amqp://u:secret@h1/v,amqp://u:secret@h2:port/v").unwrap_err();
-        assert_eq!(error, "entry 2 of 2: not a URL: invalid port number");
-        assert_eq!(
-            parse_list("amqp://u:secret@h1/v,,amqp://h3").unwrap_err(),
-            "entry 2 of 3: is empty (separate full amqp:// URLs with commas)"
-        );
-        assert_eq!(
-            parse_list("amqp://u:secret@h1/v,http://u:secret@h2/").unwrap_err(),
-            "entry 2 of 2: scheme \"http\" is not amqp"
-        );
-        assert_eq!(parse_list("http://x").unwrap_err(), "scheme \"http\" is not amqp");
-        assert!(parse_list("amqps://u:secret@h1/v").unwrap_err().starts_with("amqps://"));
-    }
 
     #[test]
     fn after_a_loss_the_next_node_is_tried_first() {

@@ -5,7 +5,8 @@
 //! dead-lettered on its own (a message of just that id), the rest of its message processed.
 
 use super::brokers::Brokers;
-use super::{Backoff, DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
+use super::{DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
+use crate::backoff::Backoff;
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,6 +5,7 @@ pub mod brokers;
 pub mod consumer;
 pub mod outbox;
 
+use crate::config::QueueType;
 use amiquip::{AmqpValue, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -87,34 +88,6 @@ impl Task {
     }
 }
 
-/// The type of the task and dead-letter queues (`PAGEVIEWS_QUEUE_TYPE`). Quorum queues are
-/// replicated across a cluster's nodes (Raft); classic queues live on one node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueType {
-    Classic,
-    Quorum,
-}
-
-impl QueueType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
-    }
-}
-
-impl std::str::FromStr for QueueType {
-    type Err = ();
-    fn from_str(s: &str) -> std::result::Result<Self, ()> {
-        match s {
-            "classic" => Ok(QueueType::Classic),
-            "quorum" => Ok(QueueType::Quorum),
-            _ => Err(()),
-        }
-    }
-}
-
 /// Declares exchanges and queues (idempotent; both the app and the worker do it, so tasks
 /// published before any worker ever ran are kept). Both queues are durable and not
 /// exclusive, as quorum queues require.
@@ -167,47 +140,6 @@ pub fn redacted(url: &str) -> String {
             u.path()
         ),
         Err(_) => "<unparseable url>".into(),
-    }
-}
-
-/// Waits between reconnect (and retry) attempts: 100 ms doubling to 5 s. A session that stayed
-/// up for at least the longest wait counts as a recovery: the next outage starts again from
-/// 100 ms. One that fails sooner (a broker accepting connections and then refusing us) keeps
-/// doubling, so a broken peer never gets a reconnect loop.
-pub struct Backoff {
-    next: Duration,
-    connected_at: Option<Instant>,
-}
-
-const FIRST_DELAY: Duration = Duration::from_millis(100);
-const MAX_DELAY: Duration = Duration::from_secs(5);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: FIRST_DELAY,
-            connected_at: None,
-        }
-    }
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        if self.connected_at.take().is_some_and(|at| at.elapsed() >= MAX_DELAY) {
-            self.next = FIRST_DELAY;
-        }
-        let delay = self.next;
-        self.next = (self.next * 2).min(MAX_DELAY);
-        delay
-    }
-
-    /// A session is up: if it lasts, the next failure waits the shortest time again.
-    pub fn connected(&mut self) {
-        self.connected_at = Some(Instant::now());
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::default();
     }
 }
 
@@ -341,16 +273,5 @@ mod tests {
         };
         let e = e.to_string();
         assert!(!e.contains("S3CRET") && e.contains("rabbitmq.invalid"), "{e}");
-    }
-
-    #[test]
-    fn backoff_doubles_and_restarts_only_after_a_lasting_session() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        backoff.connected();
-        assert_eq!(backoff.next_delay(), MAX_DELAY, "a session that failed at once");
-        backoff.connected_at = Some(Instant::now() - MAX_DELAY);
-        assert_eq!(backoff.next_delay(), FIRST_DELAY, "a session that lasted");
     }
 }

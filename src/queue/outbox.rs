@@ -18,7 +18,9 @@
 //!   the worker marks each row processed once.
 
 use super::brokers::Brokers;
-use super::{Backoff, EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
+use super::{EXCHANGE, QUEUE, ROUTING_KEY, STOP_GRACE, Task};
+use crate::backoff::Backoff;
+use crate::config::Sweep;
 use crate::db::{self, Pool};
 use crate::metrics::{Counter, Registry};
 use crate::shutdown::{self, Shutdown};
@@ -177,9 +179,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts the publisher thread and the sweep (every `sweep_interval`, which is also how old
-    /// an unprocessed row must be to be offered again). Needs a tokio runtime.
-    pub fn start(mut brokers: Brokers, pool: Pool, sweep_interval: Duration) -> Outbox {
+    /// Starts the publisher thread and the sweep. Needs a tokio runtime.
+    pub fn start(mut brokers: Brokers, pool: Pool, sweep_config: Sweep) -> Outbox {
         // Hand-over slots are batches (one per INSERT); the id count is bounded by CAPACITY.
         let (tx, rx) = mpsc::sync_channel(4_096);
         let shared = Arc::new(Shared {
@@ -198,7 +199,7 @@ impl Outbox {
             .expect("spawning a thread only fails when the system is out of resources");
         let handle = Handle { tx, shared };
         let (stop_sweep, stopping) = shutdown::channel();
-        let sweep = tokio::spawn(sweep(handle.clone(), pool, sweep_interval, stopping));
+        let sweep = tokio::spawn(sweep(handle.clone(), pool, sweep_config, stopping));
         Outbox {
             handle,
             running: Arc::new(Mutex::new(Some(Running {
@@ -279,11 +280,12 @@ impl std::fmt::Display for BrokerStatus {
     }
 }
 
-/// Re-offers unprocessed rows older than `interval` whenever the task queue is empty, and
-/// those older than `MAX_WAIT_INTERVALS` intervals once each while it is not.
-async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdown) {
-    let mut ticker = stopping.clone().ticker(interval);
-    let max_wait = interval * MAX_WAIT_INTERVALS;
+/// Every `config.interval`: re-offers unprocessed rows older than `config.republish_after`
+/// whenever the task queue is empty, and those older than `MAX_WAIT_INTERVALS` intervals once
+/// each while it is not.
+async fn sweep(handle: Handle, pool: Pool, config: Sweep, stopping: Shutdown) {
+    let mut ticker = stopping.clone().ticker(config.interval);
+    let max_wait = config.interval * MAX_WAIT_INTERVALS;
     // Rows up to this id have been offered again: not again while the queue stays full.
     let mut offered_up_to = 0;
     while ticker.tick().await {
@@ -291,7 +293,7 @@ async fn sweep(handle: Handle, pool: Pool, interval: Duration, stopping: Shutdow
             continue;
         }
         let (after, age) = if handle.shared.queue_empty() {
-            (0, interval)
+            (0, config.republish_after)
         } else {
             (offered_up_to, max_wait)
         };

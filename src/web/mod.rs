@@ -3,7 +3,6 @@
 mod batch_insert;
 mod error;
 mod health;
-pub mod listener;
 mod page;
 mod request_id;
 mod stats;
@@ -11,6 +10,7 @@ mod visits;
 
 use crate::config::{AppConfig, Listen};
 use crate::db::{self, Pool};
+use crate::listener;
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use crate::queue::brokers::Brokers;
 use crate::queue::outbox::Outbox;
@@ -133,6 +133,8 @@ impl App {
 
 /// A request not answered within this time is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+// A request that came in while the listener drains is answered before its deadline.
+const _: () = assert!(listener::DRAIN_DEADLINE.as_millis() > listener::DRAIN.as_millis() + REQUEST_TIMEOUT.as_millis());
 
 /// Every route, in one place. `operations`: also `/readyz` and `/metrics` (else they are on
 /// the operators' listener only, `operations_router`).
@@ -190,11 +192,7 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let mut stop = Box::pin(shutdown::signal());
     crate::systemd::spawn_watchdog();
     let pool = db::request_pool(&config.database);
-    let outbox = Outbox::start(
-        Brokers::from_config(&config.broker),
-        pool.clone(),
-        config.sweep_interval,
-    );
+    let outbox = Outbox::start(Brokers::from_config(&config.broker), pool.clone(), config.sweep.clone());
     let app = App::new(pool.clone(), outbox.clone(), config.database.timeout);
     let (trigger, stopping) = shutdown::channel();
     let operations = match &config.metrics_listen {

@@ -77,7 +77,7 @@ impl Default for WorkerMetrics {
     }
 }
 
-pub async fn serve(listener: crate::web::listener::Listener, metrics: Arc<WorkerMetrics>, mut stopping: Shutdown) {
+pub async fn serve(listener: crate::listener::Listener, metrics: Arc<WorkerMetrics>, mut stopping: Shutdown) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -85,7 +85,7 @@ pub async fn serve(listener: crate::web::listener::Listener, metrics: Arc<Worker
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(metrics);
-    if let Err(e) = crate::web::listener::serve(listener, app, async move { stopping.wait().await }).await {
+    if let Err(e) = crate::listener::serve(listener, app, async move { stopping.wait().await }).await {
         tracing::error!(error = %e, "worker metrics server failed");
     }
 }

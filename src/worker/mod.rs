@@ -43,7 +43,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
 
     let metrics_server = match &config.metrics_listen {
         Some(listen) => {
-            let listener = crate::web::listener::bind(listen)
+            let listener = crate::listener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("PAGEVIEWS_METRICS_LISTEN: {e}"))?;
             tracing::info!(%listen, "worker metrics listening");

@@ -1,8 +1,8 @@
 //! Processing task batches in PostgreSQL, retrying while the database is away.
 
 use super::WorkerMetrics;
+use crate::backoff::Backoff;
 use crate::db::{self, Pool};
-use crate::queue::Backoff;
 use crate::queue::consumer::{Batch, Verdict};
 use crate::shutdown::Shutdown;
 use chrono::Utc;

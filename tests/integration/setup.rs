@@ -497,7 +497,7 @@ impl Broker {
         for (user, what, attempt, allowed) in cases {
             // What the clients do at connect (declare the topology), with their timeouts.
             let (connection, channel) =
-                pageviews::queue::open(&self.url(env, user), pageviews::queue::QueueType::Quorum)?;
+                pageviews::queue::open(&self.url(env, user), pageviews::config::QueueType::Quorum)?;
             match (attempt(&channel), allowed) {
                 (Ok(()), true) | (Err(amiquip::Error::ServerClosedChannel { code: 403, .. }), false) => {}
                 (Ok(()), false) => wrong.push(format!("{}: {what}: allowed", user.name)),

@@ -1,7 +1,11 @@
 //! The one error type of the request path: anything that goes wrong while serving a page is a
-//! dependency being unavailable, answered with 503 and a plain page, logged once here.
+//! dependency being unavailable, answered with 503 and a plain page. Turning it into the
+//! answer logs nothing: the answer carries a [`Failure`], which [`log_failures`] (a middleware
+//! inside the request's span) logs once.
 
+use axum::extract::Request;
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +55,45 @@ impl AppError {
     }
 }
 
+/// What failed, attached to the answer for [`log_failures`].
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The error's text (it never holds a secret: no URL, no credential).
+    error: String,
+    /// The page view may have been stored (`AppError::OutcomeUnknown`).
+    outcome_unknown: bool,
+}
+
+/// Logs the failure an answer carries, once per request, and takes it off the answer.
+pub async fn log_failures(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(failure) = response.extensions_mut().remove::<Failure>() {
+        let error = failure.error;
+        if failure.outcome_unknown {
+            tracing::error!(%error, "request failed; its page view may have been stored");
+        } else {
+            tracing::error!(%error, "request failed");
+        }
+    }
+    response
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        let failure = Failure {
+            error: self.to_string(),
+            outcome_unknown: self.outcome_unknown(),
+        };
+        let mut response = self.answer();
+        response.extensions_mut().insert(failure);
+        response
+    }
+}
+
+impl AppError {
+    /// The answer, without logging.
+    fn answer(&self) -> Response {
         if self.outcome_unknown() {
-            tracing::error!(error = %self, "request failed; its page view may have been stored");
             let page = Html(
                 "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Error</title></head>\
                  <body><h1>Something went wrong</h1><p>Your visit may have been recorded; \
@@ -62,7 +101,6 @@ impl IntoResponse for AppError {
             );
             return (StatusCode::INTERNAL_SERVER_ERROR, page).into_response();
         }
-        tracing::error!(error = %self, "request failed");
         let page = Html(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unavailable</title></head>\
              <body><h1>Temporarily unavailable</h1><p>Please try again in a few seconds.</p></body></html>\n",

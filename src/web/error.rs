@@ -108,3 +108,67 @@ impl AppError {
         (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], page).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+    use std::sync::{Arc, Mutex};
+    use tower::ServiceExt;
+
+    /// The log lines written while it is the default subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_logged_once_by_the_middleware_and_not_by_the_answer() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let lines = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+
+        let answer = AppError::Busy.into_response();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(lines(), "", "turning an error into an answer logs nothing");
+
+        let app = Router::new()
+            .route("/", get(|| async { Err::<(), _>(AppError::Busy) }))
+            .route(
+                "/unknown",
+                get(|| async { Err::<(), _>(AppError::OutcomeUnknown("no answer to COMMIT".into())) }),
+            )
+            .layer(axum::middleware::from_fn(log_failures));
+        let request = |path| axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+        let response = app.clone().oneshot(request("/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.extensions().get::<Failure>().is_none());
+        let response = app.oneshot(request("/unknown")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let text = lines();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.contains("request failed error=too many page views waiting for the database"),
+            "{text}"
+        );
+        assert!(
+            text.contains("request failed; its page view may have been stored error=the page view may or may not be stored: no answer to COMMIT"),
+            "{text}"
+        );
+    }
+}

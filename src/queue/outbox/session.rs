@@ -4,14 +4,12 @@
 use super::handle::Shared;
 use super::publisher::{Received, State};
 use super::settle::{InFlight, Next, next_step};
-use super::{CONFIRM_TIMEOUT, DEPTH_EVERY, IDLE_POLL, MAX_BATCH};
+use super::{CONFIRM_TIMEOUT, DEPTH_EVERY, IDLE_POLL, MAX_BATCH, Offer};
 use crate::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish, Return};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-
-use super::Offer;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionError {
@@ -39,8 +37,9 @@ enum Heard<T> {
     Gone,
 }
 
-/// One of amiquip's listeners (a crossbeam receiver, which this crate does not name): a look
-/// without waiting (`None`), or a wait of up to the given time.
+/// One of amiquip's listeners: a look without waiting (`None`), or a wait of up to the given
+/// time. amiquip hands out crossbeam receivers, a type this crate cannot name (crossbeam is
+/// not one of its dependencies), hence a closure.
 type Listener<T> = Box<dyn Fn(Option<Duration>) -> Heard<T>>;
 
 /// Wraps a receiver of amiquip's as a [`Listener`].

@@ -138,13 +138,14 @@ pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
 /// Whether a pooled connection answers a query, within the pool's timeout (readiness, the
 /// `database_up` gauge).
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
-    run(pool, async |conn| {
+    with_connection(pool, async |conn| {
         diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
     })
     .await
 }
 
-/// A database error: no connection, or the query failed (requests wrap it in `AppError`).
+/// A database error: no connection, or the query failed (requests wrap it in `AppError`;
+/// docs/ARCHITECTURE.md, "Errors").
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
@@ -153,8 +154,8 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
 }
 
-/// Runs `query` on a pooled connection.
-pub async fn run<T>(
+/// Runs `query` on a connection from `pool` (waiting for one up to the pool's timeout).
+pub async fn with_connection<T>(
     pool: &Pool,
     query: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,
 ) -> Result<T, DbError> {

@@ -33,7 +33,7 @@ pub struct App {
     batcher: batch_insert::InsertBatcher,
     /// Totals shown on the page, refreshed at most once a second (counting rows per request
     /// would make every page view scan the table).
-    page_stats: page::StatsCache,
+    page_stats: stats::StatsCache,
     /// What `/metrics` exposes: `metrics` and the publisher's.
     registry: Registry,
     /// The database's answer to `/readyz` and scrapes.
@@ -124,7 +124,7 @@ impl App {
             outbox,
             metrics,
             batcher,
-            page_stats: page::StatsCache::default(),
+            page_stats: stats::StatsCache::default(),
             registry,
             database_check: health::DatabaseCheck::default(),
         })
@@ -143,15 +143,10 @@ pub fn router(app: AppState, operations: bool) -> Router {
         .route("/", get(page::show))
         .route("/stats", get(stats::show))
         .route("/visits/{id}", get(visits::show))
-        .route("/healthz", get(health::healthz));
-    let routes = if operations {
-        routes
-            .route("/readyz", get(health::readyz))
-            .route("/metrics", get(health::metrics))
-    } else {
-        routes
-    };
+        .merge(health::routes(operations));
     routes
+        // Inside the request's span (below), so its log line carries the request id.
+        .layer(axum::middleware::from_fn(error::log_failures))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -178,11 +173,7 @@ pub fn router(app: AppState, operations: bool) -> Router {
 
 /// The operators' routes alone, for `PAGEVIEWS_APP_METRICS_LISTEN`.
 fn operations_router(app: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .with_state(app)
+    health::routes(true).with_state(app)
 }
 
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands

@@ -1,7 +1,6 @@
 //! The worker's Prometheus metrics and the small server that exposes them.
 
 use crate::metrics::{Counter, Gauge, Histogram, Registry};
-use crate::queue::consumer::ConsumerEvents;
 use crate::shutdown::Shutdown;
 use axum::Router;
 use axum::extract::State;
@@ -17,16 +16,6 @@ pub struct WorkerMetrics {
     pub latency: Histogram,
     pub broker_connected: Gauge,
     registry: Registry,
-}
-
-impl ConsumerEvents for WorkerMetrics {
-    fn dead_lettered(&self) {
-        self.dead_lettered.inc();
-    }
-
-    fn connected(&self, up: bool) {
-        self.broker_connected.set(i64::from(up));
-    }
 }
 
 impl Default for WorkerMetrics {

@@ -5,7 +5,9 @@ mod metrics;
 mod rollup;
 mod tasks;
 
+pub use crate::queue::consumer::Verdict;
 pub use metrics::WorkerMetrics;
+pub use tasks::process;
 
 use crate::config::WorkerConfig;
 use crate::db;
@@ -14,7 +16,7 @@ use crate::shutdown;
 use std::sync::Arc;
 
 /// The consumer's events go to the metrics; the first time it consumes, the service manager is
-/// told the worker is ready.
+/// told the worker is ready (the one implementation of `ConsumerEvents`).
 struct Events {
     metrics: Arc<WorkerMetrics>,
     ready: std::sync::Once,
@@ -22,11 +24,11 @@ struct Events {
 
 impl ConsumerEvents for Events {
     fn dead_lettered(&self) {
-        self.metrics.dead_lettered();
+        self.metrics.dead_lettered.inc();
     }
 
     fn connected(&self, up: bool) {
-        self.metrics.connected(up);
+        self.metrics.broker_connected.set(i64::from(up));
         if up {
             self.ready.call_once(|| crate::systemd::ready("consuming"));
         }

@@ -18,3 +18,4 @@ mod pipeline;
 mod proxy;
 mod setup;
 mod support;
+mod worker;

@@ -260,6 +260,8 @@ impl fmt::Display for Listen {
 pub enum LogFormat {
     Text,
     Json,
+    /// Native journal fields (`telemetry`), for systemd units.
+    Journald,
 }
 
 impl LogFormat {
@@ -268,7 +270,11 @@ impl LogFormat {
         match optional(src, NAME)?.as_deref() {
             None | Some("text") => Ok(LogFormat::Text),
             Some("json") => Ok(LogFormat::Json),
-            Some(other) => Err(ConfigError::new(NAME, format!("{other:?} is not \"text\" or \"json\""))),
+            Some("journald") => Ok(LogFormat::Journald),
+            Some(other) => Err(ConfigError::new(
+                NAME,
+                format!("{other:?} is not \"text\", \"json\" or \"journald\""),
+            )),
         }
     }
 }

@@ -11,6 +11,7 @@ mod deploys;
 mod failures;
 mod faults;
 mod health;
+mod journald;
 mod migrations;
 mod ops;
 mod outbox;

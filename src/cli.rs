@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-/// `pageviews-app [migrate | scram-verifier]`
+/// `pageviews-app [migrate | scram-verifier | admin …]`
 pub fn app(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-app";
     match args {
@@ -23,6 +23,7 @@ pub fn app(args: &[String]) -> ExitCode {
             migrate,
             log_failure,
         ),
+        [cmd, rest @ ..] if cmd == "admin" => crate::admin::main(PROGRAM, rest),
         [cmd] if cmd == "scram-verifier" => {
             match scram_verifier(std::io::stdin().lock(), std::io::stdin().is_terminal()) {
                 Ok(verifier) => {
@@ -37,11 +38,12 @@ pub fn app(args: &[String]) -> ExitCode {
         }
         [flag] if flag == "--help" || flag == "-h" => {
             println!(
-                "usage: {PROGRAM} [migrate | scram-verifier]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\nConfiguration is read from the environment; see README.md."
+                "usage: {PROGRAM} [migrate | scram-verifier | admin …]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  admin           the backlog, dead letters, requeue: {}\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\nConfiguration is read from the environment; see README.md.",
+                crate::admin::USAGE
             );
             ExitCode::SUCCESS
         }
-        other => usage_error(PROGRAM, other, "[migrate | scram-verifier]"),
+        other => usage_error(PROGRAM, other, "[migrate | scram-verifier | admin …]"),
     }
 }
 
@@ -138,7 +140,7 @@ fn log_failure(program: &str, e: &anyhow::Error) {
 
 /// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,
 /// runs `run` on a multi-threaded runtime (exit 1, after `report`, when it fails).
-fn main_with<C, F>(
+pub(crate) fn main_with<C, F>(
     program: &str,
     load: impl FnOnce() -> Result<C, ConfigError>,
     run: impl FnOnce(C) -> F,

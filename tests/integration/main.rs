@@ -1,6 +1,7 @@
 //! One test binary: every test starts real PostgreSQL, RabbitMQ (and nginx) processes through
 //! the same launcher code as `pageviews-stack`, and runs the real built binaries.
 
+mod admin;
 mod alerting;
 mod browser;
 mod cluster;

@@ -385,6 +385,7 @@ pub struct WorkerConfig {
     pub prefetch: u16,
     pub rollup_interval: Duration,
     pub metrics_listen: Option<Listen>,
+    pub retention_days: Option<u32>,
 }
 
 impl WorkerConfig {
@@ -408,6 +409,7 @@ impl WorkerConfig {
             prefetch,
             rollup_interval: interval_secs(src, "PAGEVIEWS_ROLLUP_INTERVAL_SECS", 60)?,
             metrics_listen: Listen::from_source(src, "PAGEVIEWS_METRICS_LISTEN")?,
+            retention_days: crate::worker::retention::days(src)?,
         })
     }
 }

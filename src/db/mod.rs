@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod page_views;
+pub mod retention;
 pub mod rollups;
 pub mod schema;
 

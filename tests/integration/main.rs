@@ -19,5 +19,6 @@ mod outbox;
 mod page;
 mod pipeline;
 mod proxy;
+mod retention;
 mod setup;
 mod support;

@@ -219,6 +219,7 @@ const FORBIDDEN_TO_APP: &[&str] = &[
     "UPDATE page_view_counts SET processed = processed + 1",
     "INSERT INTO page_view_rollups (minute, views, computed_at) VALUES (now(), 1, now())",
     "UPDATE page_view_rollups SET views = 0",
+    "SELECT expire_page_views(now() - interval '2 days', 10)",
 ];
 
 const FORBIDDEN_TO_WORKER: &[&str] = &[
@@ -260,7 +261,10 @@ async fn assert_pipeline_runs(env: &TestEnv, db: &Database, amqp: (&str, &str)) 
         database: db.url(env, &db.worker),
         amqp: amqp.1.to_owned(),
     };
-    let fast_rollup = [("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1".to_owned())];
+    let fast_rollup = [
+        ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1".to_owned()),
+        ("PAGEVIEWS_RETENTION_DAYS", "1".to_owned()),
+    ];
     let _worker = stack::start_worker(&binaries(), &worker_urls, &fast_rollup, &env.log("worker")).await?;
 
     let url = |path: &str| format!("http://127.0.0.1:{}{path}", socket.port());
@@ -290,6 +294,25 @@ async fn assert_pipeline_runs(env: &TestEnv, db: &Database, amqp: (&str, &str)) 
             Ok(())
         },
     )
+    .await?;
+    // Retention, as the worker (EXECUTE on expire_page_views, no DELETE): a processed row two
+    // days old goes.
+    admin
+        .batch_execute(
+            "INSERT INTO page_views (created_at, data, processed_at) VALUES (now() - interval '2 days', '{}', now())",
+        )
+        .await?;
+    wait_until("the old row deleted by retention", Duration::from_secs(30), || async {
+        let old: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM page_views WHERE created_at < now() - interval '1 day'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::ensure!(old == 0, "{old} left");
+        Ok(())
+    })
     .await?;
     let visit = client().get(url("/visits/1")).send().await?.text().await?;
     assert_eq!(visit, r#"{"id":1,"processed":true}"#);

@@ -33,6 +33,9 @@ pub const BROKER_DEADLINE: Duration = Duration::from_secs(60);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a dead letter's body shown.
 const SHOWN_BYTES: usize = 200;
+/// A copy carries what the broker recorded about the original in this header of ours: from
+/// RabbitMQ 4 on, the broker no longer reads an `x-death` header a client publishes.
+const DEATH_HEADER: &str = "pageviews-death";
 
 #[derive(Debug, PartialEq)]
 pub enum Command {
@@ -331,7 +334,9 @@ fn cycle(
             Destination::Back => ("", DEAD_LETTER_QUEUE),
             Destination::Tasks => (EXCHANGE, ROUTING_KEY),
         };
-        let properties = delivery.properties.clone().with_delivery_mode(2);
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(DEATH_HEADER.into(), AmqpValue::LongString(letter.death.clone()));
+        let properties = delivery.properties.clone().with_delivery_mode(2).with_headers(headers);
         channel.basic_publish(exchange, Publish::with_properties(&delivery.body, key, properties))?;
         // Confirms come in order on this channel, one publish at a time.
         let deadline = Instant::now() + CONFIRM_TIMEOUT;
@@ -354,14 +359,19 @@ fn cycle(
     Ok((present, done))
 }
 
-/// The newest `x-death` entry: why, from which queue, how often.
+/// The newest `x-death` entry (why, from which queue, how often), else what an earlier
+/// listing copied from it.
 fn death(properties: &AmqpProperties) -> String {
-    let entry = properties.headers().as_ref().and_then(|h| match h.get("x-death") {
+    let headers = properties.headers().clone().unwrap_or_default();
+    let entry = match headers.get("x-death") {
         Some(AmqpValue::FieldArray(deaths)) => deaths.first().cloned(),
         _ => None,
-    });
+    };
     let Some(AmqpValue::FieldTable(entry)) = entry else {
-        return "no x-death header: published to the dead-letter exchange directly (the worker does so for an id of a larger task that names no page view)".into();
+        return match headers.get(DEATH_HEADER) {
+            Some(AmqpValue::LongString(recorded)) => recorded.clone(),
+            _ => "no x-death header: published to the dead-letter exchange directly (the worker does so for an id of a larger task that names no page view)".into(),
+        };
     };
     let field = |name: &str| match entry.get(name) {
         Some(AmqpValue::LongString(s)) => s.clone(),
@@ -463,6 +473,27 @@ mod tests {
         );
         assert!(parse(&args("purge")).unwrap_err().contains("unknown admin command"));
         assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn the_reason_comes_from_x_death_else_from_an_earlier_copy() {
+        let mut entry = amiquip::FieldTable::new();
+        entry.insert("reason".into(), AmqpValue::LongString("rejected".into()));
+        entry.insert("queue".into(), AmqpValue::LongString(QUEUE.into()));
+        entry.insert("count".into(), AmqpValue::LongLongInt(2));
+        let mut headers = amiquip::FieldTable::new();
+        headers.insert(
+            "x-death".into(),
+            AmqpValue::FieldArray(vec![AmqpValue::FieldTable(entry)]),
+        );
+        headers.insert(DEATH_HEADER.into(), AmqpValue::LongString("older".into()));
+        let with = |h| AmqpProperties::default().with_headers(h);
+        assert_eq!(death(&with(headers)), "rejected in pageviews.tasks (2 times)");
+        let mut copied = amiquip::FieldTable::new();
+        let recorded = "rejected in pageviews.tasks (1 times)";
+        copied.insert(DEATH_HEADER.into(), AmqpValue::LongString(recorded.into()));
+        assert_eq!(death(&with(copied)), recorded);
+        assert!(death(&AmqpProperties::default()).starts_with("no x-death header"));
     }
 
     #[test]

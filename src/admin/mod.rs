@@ -1,6 +1,7 @@
 //! `pageviews-app admin status | dead-letters | requeue`: the backlog, the dead letters and why
 //! each was rejected, and putting them back after a fix. Configured like the app (the same
-//! `DATABASE_URL`, `AMQP_URL`, `PAGEVIEWS_QUEUE_TYPE`); every database call is bounded by
+//! `DATABASE_URL`, `AMQP_URL`, `PAGEVIEWS_QUEUE_TYPE`: `requeue` publishes to the task
+//! exchange, which only the app's broker user may); every database call is bounded by
 //! `PAGEVIEWS_DB_TIMEOUT_MS`, all broker work of a command by [`BROKER_DEADLINE`].
 //!
 //! Dead letters are never taken for good to be looked at: each one is read (`basic.get`), a
@@ -15,7 +16,7 @@
 use crate::config::{BrokerConfig, ConfigError, DatabaseConfig, Environment, Source};
 use crate::db::{self, Pool};
 use crate::queue::brokers::Brokers;
-use crate::queue::{DEAD_LETTER_QUEUE, EXCHANGE, MAX_IDS, QUEUE, ROUTING_KEY, Task};
+use crate::queue::{DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EXCHANGE, MAX_IDS, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Publish};
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -331,7 +332,9 @@ fn cycle(
         };
         let destination = route(&letter);
         let (exchange, key) = match destination {
-            Destination::Back => ("", DEAD_LETTER_QUEUE),
+            // The dead-letter exchange, as the worker republishes: the clients' broker users
+            // may not write to the default exchange (src/queue/rabbitmq-setup.sh).
+            Destination::Back => (DEAD_LETTER_EXCHANGE, ROUTING_KEY),
             Destination::Tasks => (EXCHANGE, ROUTING_KEY),
         };
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();

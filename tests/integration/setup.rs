@@ -358,7 +358,50 @@ async fn the_modules_database_setup_runs_the_pipeline_with_exact_grants() -> any
         (&broker.url(&env, &broker.app), &broker.url(&env, &broker.worker)),
     )
     .await?;
+    assert_admin_runs(&env, &db, &broker).await?;
     assert_least_privilege(&env, &db).await?;
+    Ok(())
+}
+
+/// `pageviews-app admin` with the services' own database roles and broker users: listing
+/// with either, requeueing with the app's (the worker's may not publish tasks).
+async fn assert_admin_runs(env: &TestEnv, db: &Database, broker: &Broker) -> anyhow::Result<()> {
+    let worker_amqp = broker.url(env, &broker.worker);
+    let dead_letter = worker_amqp.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&dead_letter, pageviews::queue::QueueType::Quorum)?;
+        let body = br#"{"v": 2, "page_view_ids": [1]}"#;
+        channel.basic_publish("pageviews.dead", amiquip::Publish::new(body, ""))?;
+        channel.queue_declare_passive("pageviews.dead")?;
+        connection.close()?;
+        Ok(())
+    })
+    .await??;
+    let admin = |role: &Role, amqp: &str, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pageviews-app"));
+        command
+            .arg("admin")
+            .args(args)
+            .env("DATABASE_URL", db.url(env, role))
+            .env("AMQP_URL", amqp)
+            .env("PAGEVIEWS_QUEUE_TYPE", "quorum");
+        run("pageviews-app admin", command, Duration::from_secs(90))
+    };
+    let listed = admin(&db.worker, &worker_amqp, &["dead-letters"]).await?;
+    assert!(
+        // And the one the privilege check published.
+        listed.contains("2 dead letters in pageviews.dead; 2 listed")
+            && listed.contains("every page view it names is processed"),
+        "{listed}"
+    );
+    let app_amqp = broker.url(env, &broker.app);
+    let requeued = admin(&db.app, &app_amqp, &["requeue", "--all"]).await?;
+    assert!(requeued.contains("2 of 2 dead letters requeued"), "{requeued}");
+    let status = admin(&db.app, &app_amqp, &["status"]).await?;
+    assert!(
+        status.contains("database: ok") && status.contains("broker: ok"),
+        "{status}"
+    );
     Ok(())
 }
 

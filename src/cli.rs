@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-/// `pageviews-app [migrate | scram-verifier | check-config [--json | --defaults-json]]`
+/// `pageviews-app [migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]`
 pub fn app(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-app";
     match args {
@@ -26,6 +26,7 @@ pub fn app(args: &[String]) -> ExitCode {
             migrate,
             log_failure,
         ),
+        [cmd, rest @ ..] if cmd == "admin" => crate::admin::main(PROGRAM, rest),
         [cmd] if cmd == "scram-verifier" => {
             match scram_verifier(std::io::stdin().lock(), std::io::stdin().is_terminal()) {
                 Ok(verifier) => {
@@ -40,14 +41,15 @@ pub fn app(args: &[String]) -> ExitCode {
         }
         [flag] if flag == "--help" || flag == "-h" => {
             println!(
-                "usage: {PROGRAM} [migrate | scram-verifier | check-config [--json | --defaults-json]]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\n  check-config    {CHECK_CONFIG_HELP}\nConfiguration is read from the environment; see README.md."
+                "usage: {PROGRAM} [migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  admin           the backlog, dead letters, requeue: {}\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\n  check-config    {CHECK_CONFIG_HELP}\nConfiguration is read from the environment; see README.md.",
+                crate::admin::USAGE
             );
             ExitCode::SUCCESS
         }
         other => usage_error(
             PROGRAM,
             other,
-            "[migrate | scram-verifier | check-config [--json | --defaults-json]]",
+            "[migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]",
         ),
     }
 }

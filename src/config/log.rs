@@ -8,6 +8,8 @@ use tracing_subscriber::EnvFilter;
 pub enum LogFormat {
     Text,
     Json,
+    /// Native journal fields (`telemetry`), for systemd units.
+    Journald,
 }
 
 impl LogFormat {
@@ -15,6 +17,7 @@ impl LogFormat {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
         }
     }
 
@@ -24,7 +27,11 @@ impl LogFormat {
             None => Ok(DEFAULT_LOG_FORMAT),
             Some("text") => Ok(LogFormat::Text),
             Some("json") => Ok(LogFormat::Json),
-            Some(other) => Err(ConfigError::new(NAME, format!("{other:?} is not \"text\" or \"json\""))),
+            Some("journald") => Ok(LogFormat::Journald),
+            Some(other) => Err(ConfigError::new(
+                NAME,
+                format!("{other:?} is not \"text\", \"json\" or \"journald\""),
+            )),
         }
     }
 }
@@ -42,7 +49,7 @@ pub const DEFAULT_RUST_LOG: &str = "info";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LogConfig {
-    /// One JSON object per line, or text (`PAGEVIEWS_LOG_FORMAT`).
+    /// Text, one JSON object per line, or native journal entries (`PAGEVIEWS_LOG_FORMAT`).
     #[serde(rename = "PAGEVIEWS_LOG_FORMAT")]
     pub format: LogFormat,
     /// The tracing filter's directives (`RUST_LOG`), checked to parse.

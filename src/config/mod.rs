@@ -83,6 +83,7 @@ pub fn defaults() -> serde_json::Map<String, Value> {
         ("PAGEVIEWS_METRICS_LISTEN", Value::Null),
         ("PAGEVIEWS_PREFETCH", json!(DEFAULT_PREFETCH)),
         ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", json!(DEFAULT_ROLLUP_INTERVAL_SECS)),
+        ("PAGEVIEWS_RETENTION_DAYS", Value::Null),
         ("PAGEVIEWS_LOG_FORMAT", json!(DEFAULT_LOG_FORMAT.as_str())),
         ("RUST_LOG", json!(DEFAULT_RUST_LOG)),
     ];

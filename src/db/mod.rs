@@ -1,6 +1,8 @@
 //! PostgreSQL: the connection pool, the embedded migrations and the queries, one file per table.
 
+pub mod admin;
 pub mod page_views;
+pub mod retention;
 pub mod rollups;
 pub mod schema;
 

@@ -2,6 +2,7 @@
 //! scheduled rollup. Optionally serves `/metrics` and `/healthz`.
 
 mod metrics;
+pub mod retention;
 mod rollup;
 mod tasks;
 
@@ -78,7 +79,16 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         metrics.clone(),
         stopping.clone(),
     ));
+    let retention = config.retention_days.map(|days| {
+        tokio::spawn(retention::schedule(
+            pool.clone(),
+            days,
+            config.rollup_interval,
+            stopping.clone(),
+        ))
+    });
     tracing::info!(
+        retention_days = config.retention_days,
         prefetch = config.prefetch,
         rollup_interval_secs = config.rollup_interval.as_secs(),
         "worker started"
@@ -93,6 +103,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     consumer.shutdown().await;
     let _ = processor.await;
     let _ = scheduler.await;
+    if let Some(retention) = retention {
+        let _ = retention.await;
+    }
     if let Some(server) = metrics_server {
         let _ = server.await;
     }

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod nginx;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod rabbitmq;
 pub mod rabbitmq_cluster;
 pub mod tls;

@@ -16,5 +16,6 @@ mod outbox;
 mod page;
 mod pipeline;
 mod proxy;
+mod restore;
 mod setup;
 mod support;

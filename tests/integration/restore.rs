@@ -242,6 +242,17 @@ async fn expire_keeps_the_newest_full_backups_and_what_depends_on_them() -> anyh
     let repo = BackupRepository::new(&dir.path().join("pgbackrest"), settings)?;
     let pg = Postgres::start_with(&dir.path().join("postgres"), false, Some(repo.archiving())).await?;
     repo.attach(&pg).await?;
+    // A mistake in the runbook's order (the server still running) is refused, with
+    // pgBackRest's own message.
+    let refused = repo
+        .run(&Step::RestoreLatest)
+        .await
+        .expect_err("a restore under a running server");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("pgbackrest --stanza=pageviews --delta restore failed") && message.contains("ERROR: [038]"),
+        "{message}"
+    );
     for kind in [
         BackupType::Full,
         BackupType::Diff,

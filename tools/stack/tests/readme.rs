@@ -130,3 +130,10 @@ async fn the_stack_on_a_three_node_cluster_starts_serves_and_stops() -> anyhow::
 async fn the_stack_on_one_broker_starts_serves_and_stops() -> anyhow::Result<()> {
     as_in_readme(&[]).await
 }
+
+/// README, "Backups and restore": `PAGEVIEWS_STACK_BACKUP=1 cargo run --release --bin
+/// pageviews-stack` (PostgreSQL restarted with WAL archiving, a full backup, before the URL).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_with_a_backup_repository_starts_serves_and_stops() -> anyhow::Result<()> {
+    as_in_readme(&[("PAGEVIEWS_STACK_BACKUP", "1")]).await
+}

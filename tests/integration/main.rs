@@ -19,6 +19,7 @@ mod outbox;
 mod page;
 mod pipeline;
 mod proxy;
+mod restore;
 mod retention;
 mod setup;
 mod support;

@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod nginx;
+pub mod pgbackrest;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
@@ -18,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub use postgres::Postgres;
+pub use pgbackrest::Repository as BackupRepository;
+pub use postgres::{Archiving, Postgres};
 pub use rabbitmq::RabbitMq;
 pub use rabbitmq_cluster::{ClusterStack, RabbitMqCluster};
 

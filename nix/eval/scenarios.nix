@@ -290,6 +290,11 @@
     skipped = reason;
     detail = {};
   };
+
+  # services.pageviews.monitoring with the real prometheus, exporters and grafana modules.
+  monitoring = import ./monitoring.nix {
+    inherit lib pkgs paths eval module withPackage check skipped failedAssertions root;
+  };
 in {
   checks = {
     # F1: the postgresql module's own mkDefault is the only definition of the package.
@@ -498,13 +503,20 @@ in {
       onlyDeployed = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (scored.${n}.${k} or null) != v) c) deployed;
       onlyScored = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (deployed.${n}.${k} or null) != v) c) scored;
     };
+
+    # services.pageviews.monitoring with the real prometheus, exporters and grafana modules
+    # (monitoring.nix).
+    inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared;
   };
 
   # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,
   # nft -c), in the harness's report format.
-  reports = lib.mapAttrs (_: h.reportOf) {
-    inherit exampleVm;
-    splitDataNftables = split ["data"] nftables;
-    splitAppNftables = split ["app"] nftables;
-  };
+  reports = lib.mapAttrs (_: h.reportOf) ({
+      inherit exampleVm;
+      splitDataNftables = split ["data"] nftables;
+      splitAppNftables = split ["app"] nftables;
+    }
+    // lib.optionalAttrs (monitoring.checks.monitoringOneHost.skipped or null == null) {
+      inherit (monitoring.evals) monitoringOneHost;
+    });
 }

@@ -15,6 +15,7 @@
   skipped,
   failedAssertions,
   root,
+  testArgs,
 }: let
   nixos = p: paths.cache + "/nixpkgs/nixos/modules/${p}";
   files = {
@@ -227,6 +228,35 @@ in {
         ++ monitoringModules));
     in
       check (lib.any (has "needs every role on this host") fa) {failedAssertions = fa;});
+
+    # vm-monitoring's node as the test framework evaluates it (with these modules), and its
+    # testScript applied to it: the constants the Python gets are read from real options.
+    vmMonitoring = whenCached (let
+      test = import (root + "/nix/tests/vm-monitoring.nix") testArgs;
+      ev = eval ([
+          test.nodes.server
+          {
+            networking.hostName = "server";
+            networking.primaryIPAddress = "192.168.1.1";
+            _module.args.nodes = lib.mkForce nodes;
+          }
+        ]
+        ++ monitoringModules);
+      nodes.server = ev.config;
+      script = test.testScript {inherit nodes;};
+      commonPy = builtins.readFile (root + "/nix/tests/common.py");
+      constants = lib.head (lib.splitString commonPy script);
+    in
+      check (failedAssertions ev
+        == []
+        && has commonPy script
+        && has ''GRAFANA_PASSWORD_FILE = "/var/lib/pageviews-monitoring/grafana-admin-password"'' constants
+        && has ''"pageviews-infrastructure"'' constants
+        && has ''NGINX_STATUS = "127.0.0.1:8081"'' constants) {
+        inherit (test) name;
+        failedAssertions = failedAssertions ev;
+        inherit constants;
+      });
 
     # Without the monitoring modules declared (the harness's own set): the assertion, not an
     # evaluation error.

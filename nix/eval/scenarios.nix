@@ -293,7 +293,7 @@
 
   # services.pageviews.monitoring with the real prometheus, exporters and grafana modules.
   monitoring = import ./monitoring.nix {
-    inherit lib pkgs paths eval module withPackage check skipped failedAssertions root;
+    inherit lib pkgs paths eval module withPackage check skipped failedAssertions root testArgs;
   };
 in {
   checks = {
@@ -506,7 +506,7 @@ in {
 
     # services.pageviews.monitoring with the real prometheus, exporters and grafana modules
     # (monitoring.nix).
-    inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared;
+    inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared vmMonitoring;
   };
 
   # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,

@@ -4,6 +4,7 @@
 #   vm-images  the app and worker OCI images under podman against a data node
 #   vm-cluster proxy, two app hosts, a 3-node RabbitMQ cluster, a database host: failover
 #   vm-switch  client + one server: `nixos-rebuild switch` (specialisations) under load
+#   vm-monitoring  one server with services.pageviews.monitoring: targets, rules, Grafana
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
 # next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
@@ -24,4 +25,5 @@ in {
   vm-images = run ./vm-images.nix;
   vm-cluster = run ./vm-cluster.nix;
   vm-switch = run ./vm-switch.nix;
+  vm-monitoring = run ./vm-monitoring.nix;
 }

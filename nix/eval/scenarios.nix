@@ -295,6 +295,10 @@
   monitoring = import ./monitoring.nix {
     inherit lib pkgs paths eval module withPackage check skipped failedAssertions root testArgs;
   };
+  # The deploy-rs output (deploy.nix).
+  rollout = import ./deploy.nix {
+    inherit lib pkgs paths check skipped failedAssertions root flake;
+  };
 in {
   checks = {
     # F1: the postgresql module's own mkDefault is the only definition of the package.
@@ -507,6 +511,8 @@ in {
     # services.pageviews.monitoring with the real prometheus, exporters and grafana modules
     # (monitoring.nix).
     inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared vmMonitoring;
+    # The deploy-rs nodes of the split and cluster hosts, against deploy-rs' schema (deploy.nix).
+    inherit (rollout.checks) deployNodes;
   };
 
   # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,

@@ -51,6 +51,7 @@
         // import ./nix/tests {
           inherit pkgs images;
           inherit (build) probe;
+          inherit inputs;
           module = self.nixosModules.default;
         };
     in {

@@ -331,6 +331,15 @@
     skipped = reason;
     detail = {};
   };
+
+  # services.pageviews.monitoring with the real prometheus, exporters and grafana modules.
+  monitoring = import ./monitoring.nix {
+    inherit lib pkgs paths eval module withPackage check skipped failedAssertions root testArgs;
+  };
+  # The deploy-rs output (deploy.nix).
+  rollout = import ./deploy.nix {
+    inherit lib pkgs paths check skipped failedAssertions root flake;
+  };
 in {
   checks = {
     # F1: the postgresql module's own mkDefault is the only definition of the package.
@@ -568,13 +577,22 @@ in {
         PAGEVIEWS_DATABASE_PASSWORD_FILE = "%d/db-password";
       };
     };
+
+    # services.pageviews.monitoring with the real prometheus, exporters and grafana modules
+    # (monitoring.nix).
+    inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared vmMonitoring;
+    # The deploy-rs nodes of the split and cluster hosts, against deploy-rs' schema (deploy.nix).
+    inherit (rollout.checks) deployNodes;
   };
 
   # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,
   # nft -c), in the harness's report format.
-  reports = lib.mapAttrs (_: h.reportOf) {
-    inherit exampleVm;
-    splitDataNftables = split ["data"] nftables;
-    splitAppNftables = split ["app"] nftables;
-  };
+  reports = lib.mapAttrs (_: h.reportOf) ({
+      inherit exampleVm;
+      splitDataNftables = split ["data"] nftables;
+      splitAppNftables = split ["app"] nftables;
+    }
+    // lib.optionalAttrs (monitoring.checks.monitoringOneHost.skipped or null == null) {
+      inherit (monitoring.evals) monitoringOneHost;
+    });
 }

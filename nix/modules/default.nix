@@ -26,6 +26,7 @@ in {
     ./proxy.nix
     ./firewall.nix
     ./prometheus.nix
+    ./monitoring.nix
     ./cluster.nix
     ./backup.nix
   ];

@@ -54,7 +54,7 @@
         then ''
           db_password="$(cat "$CREDENTIALS_DIRECTORY/db-password")"
           urlsafe "$db_password" "the ${role} database password"
-          export DATABASE_URL="postgres://${role}:$db_password@${dataHostUrl}:${toString cfg.database.port}/${cfg.database.name}"
+          export DATABASE_URL="postgres://${role}:$db_password@${common.databaseUrlHosts}/${cfg.database.name}${common.databaseUrlQuery}"
         ''
         else ''
           export DATABASE_URL="postgres://${role}@/${cfg.database.name}?host=/run/postgresql"
@@ -78,7 +78,8 @@
     owner = cfg.database.owner;
     inherit splitData splitApp;
     inherit (cfg.network) dataAddress proxyAddresses;
-    inherit (common) brokerAddresses;
+    # (and the database hosts: the units' IP allow-list)
+    brokerAddresses = common.brokerAddresses ++ common.databaseAddresses;
     dbPasswordFiles = cfg.database.passwordFiles;
     amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
     migrated = "${config.systemd.package}/bin/systemctl is-active --quiet pageviews-migrate.service";

@@ -4,6 +4,7 @@
 #   vm-images  the app and worker OCI images under podman against a data node
 #   vm-cluster proxy, two app hosts, a 3-node RabbitMQ cluster, a database host: failover
 #   vm-switch  client + one server: `nixos-rebuild switch` (specialisations) under load
+#   vm-ha      proxy, app, 3 Patroni/etcd database hosts, a broker, a pgBackRest repository: failover, restore
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
 # next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
@@ -24,4 +25,5 @@ in {
   vm-images = run ./vm-images.nix;
   vm-cluster = run ./vm-cluster.nix;
   vm-switch = run ./vm-switch.nix;
+  vm-ha = run ./vm-ha.nix;
 }

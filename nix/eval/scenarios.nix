@@ -722,6 +722,32 @@ in {
           && has "stanza-create" c.systemd.services.pageviews-db-setup.script
           && ha.nodes.backup.services.openssh.enable) {
           inherit conf;
+          setup = c.systemd.services.pageviews-db-setup.script;
+        };
+
+    # etcd with TLS: the files reach etcd and Patroni as credentials (paths under
+    # /run/credentials, never the store), client certificates required, https everywhere.
+    haEtcdTls =
+      if !haCached
+      then skipped haMissing
+      else let
+        files = lib.genAttrs ["caFile" "certFile" "keyFile"] (f: "/run/secrets/etcd-${f}");
+        c = (haHost [{services.pageviews.database.ha.etcd.tls = files;}]).config;
+        env = c.systemd.services.etcd.environment;
+        y = builtins.fromJSON (builtins.readFile c.environment.etc."patroni-pageviews-db1.yaml".source);
+        creds = ["etcd-ca:/run/secrets/etcd-caFile" "etcd-cert:/run/secrets/etcd-certFile" "etcd-key:/run/secrets/etcd-keyFile"];
+      in
+        check (env.ETCD_KEY_FILE
+          == "/run/credentials/etcd.service/etcd-key"
+          && env.ETCD_PEER_KEY_FILE == env.ETCD_KEY_FILE
+          && env.ETCD_CLIENT_CERT_AUTH == "1"
+          && env.ETCD_PEER_CLIENT_CERT_AUTH == "1"
+          && lib.hasPrefix "https://" env.ETCD_LISTEN_PEER_URLS
+          && y.etcd3.protocol == "https"
+          && y.etcd3.key == "/run/credentials/patroni.service/etcd-key"
+          && lib.all (cr: lib.elem cr c.systemd.services.etcd.serviceConfig.LoadCredential && lib.elem cr c.systemd.services.patroni.serviceConfig.LoadCredential) creds) {
+          inherit env;
+          etcd3 = y.etcd3;
         };
 
     # Impossible combinations fail an assertion: two nodes; HA beside the single-host data

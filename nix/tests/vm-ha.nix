@@ -111,6 +111,10 @@
     ETCD_PEER_PORT = db.pageviews.database.ha.etcd.peerPort;
     STANZA = db.pageviews.database.ha.scope;
     PG_DATA = db.patroni.postgresqlDataDir;
+    # Patroni's leader key lives `ttl` seconds, renewed every `loop_wait`: the longest a
+    # crashed primary keeps the lock.
+    LEADER_TTL = db.patroni.settings.bootstrap.dcs.ttl;
+    LOOP_WAIT = db.patroni.settings.bootstrap.dcs.loop_wait;
     WORKER_METRICS = nodes.app.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
     REPO_PATH = nodes.backup.services.pageviews.database.pgbackrest.repository.path;
   };

@@ -29,6 +29,8 @@ in {
     ./monitoring.nix
     ./cluster.nix
     ./backup.nix
+    ./database-ha.nix
+    ./pgbackrest.nix
   ];
 
   options.services.pageviews = {
@@ -44,7 +46,7 @@ in {
     };
 
     roles = mkOption {
-      type = types.listOf (types.enum ["proxy" "app" "data" "broker"]);
+      type = types.listOf (types.enum ["proxy" "app" "data" "broker" "database"]);
       default = ["proxy" "app" "data"];
       example = ["app"];
       description = ''
@@ -54,7 +56,8 @@ in {
         `network.appAddress` / `network.dataAddress` / `network.proxyAddresses` to the
         private addresses of the others (the same values on every host). `broker`: a node
         of the RabbitMQ cluster in `rabbitmq.cluster` (the data host then runs only
-        PostgreSQL).
+        PostgreSQL). `database`: a node of the Patroni cluster in `database.ha` (PostgreSQL,
+        Patroni and etcd; no host has `data` then).
       '';
     };
 
@@ -295,7 +298,7 @@ in {
         message = "services.pageviews.settings: DATABASE_URL, AMQP_URL and their password files are set by the module; use the passwordFiles options.";
       }
       {
-        assertion = splitData -> (localApp -> cfg.network.dataAddress != null) && (localData -> cfg.network.dataClients != []);
+        assertion = splitData -> (localApp -> common.databaseAddresses != [] && (common.clustered || cfg.network.dataAddress != null)) && (localData -> cfg.network.dataClients != []);
         message = "services.pageviews: app and data on different hosts need network.dataAddress (app host) and network.appAddress or dataClients (data host).";
       }
       {

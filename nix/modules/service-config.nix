@@ -44,7 +44,7 @@ let
     dataAddress,
     brokerAddresses ? [],
     ...
-  }: extra: ["localhost"] ++ optional splitData dataAddress ++ brokerAddresses ++ extra;
+  }: extra: ["localhost"] ++ optional (splitData && dataAddress != null) dataAddress ++ brokerAddresses ++ extra;
   appIpAllowList = args @ {
     splitApp,
     proxyAddresses,
@@ -109,7 +109,7 @@ let
         Group = user;
         IPAddressDeny = "any";
       };
-    appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses;};
+    appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses brokerAddresses;};
     # app and worker: long-running, restarted whatever the exit, both credentials;
     # READY=1 (app: once the database answers; worker: once it consumes) and WATCHDOG=1
     # from the async runtime. They start only once the migrations succeeded: ordered after

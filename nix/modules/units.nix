@@ -49,7 +49,7 @@
     (
       if splitData
       then {
-        DATABASE_URL = url "postgres://${role}@${dataHostUrl}:${toString cfg.database.port}/${cfg.database.name}";
+        DATABASE_URL = url "postgres://${role}@${common.databaseUrlHosts}/${cfg.database.name}${common.databaseUrlQuery}";
         PAGEVIEWS_DATABASE_PASSWORD_FILE = passwordFile credentials.database;
       }
       else {
@@ -96,7 +96,8 @@
     owner = cfg.database.owner;
     inherit splitData splitApp;
     inherit (cfg.network) dataAddress proxyAddresses;
-    inherit (common) brokerAddresses;
+    # (and the database hosts: the units' IP allow-list)
+    brokerAddresses = common.brokerAddresses ++ common.databaseAddresses;
     dbPasswordFiles = cfg.database.passwordFiles;
     amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
     migrated = "${config.systemd.package}/bin/systemctl is-active --quiet pageviews-migrate.service";

@@ -6,6 +6,7 @@
 #   vm-switch  client + one server: `nixos-rebuild switch` (specialisations) under load
 #   vm-monitoring  one server with services.pageviews.monitoring: targets, rules, Grafana
 #   vm-deploy  vm-split + a deployer: deploy-rs rolls a new generation to the app host under load
+#   vm-ha      proxy, app, 3 Patroni/etcd database hosts, a broker, a pgBackRest repository: failover, restore
 #
 # Each vm-*.nix is a function returning a `runNixOSTest` module; its Python script lives
 # next to it, and its testScript (nodes.nix `script`) puts constants taken from the nodes'
@@ -30,4 +31,5 @@ in {
   vm-switch = run ./vm-switch.nix;
   vm-monitoring = run ./vm-monitoring.nix;
   vm-deploy = run ./vm-deploy.nix;
+  vm-ha = run ./vm-ha.nix;
 }

@@ -268,13 +268,60 @@ impl fmt::Debug for Secret {
 
 /// `url` with its password, if any, shown as `***`: for `check-config --json`.
 fn without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+    match UrlParts::split(url) {
+        Some(parts) if parts.password.is_some() => format!(
+            "{}{}:***@{}{}",
+            parts.scheme,
+            parts.user.unwrap_or_default(),
+            parts.hosts,
+            parts.rest
+        ),
+        Some(_) => url.to_owned(),
+        None => "(not shown: not a URL, so its password could not be left out)".to_owned(),
+    }
+}
+
+/// A URL cut around its user information: `scheme://[user[:password]@]hosts rest`. Cut by
+/// hand because `hosts` may be a list (`h1:5432,h2:5432`, libpq's multi-host form), which no
+/// URL parser accepts; the client library parses the whole URL afterwards.
+struct UrlParts<'a> {
+    /// Up to and including `://`.
+    scheme: &'a str,
+    user: Option<&'a str>,
+    password: Option<&'a str>,
+    hosts: &'a str,
+    /// From the first `/`, `?` or `#` after the hosts.
+    rest: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    fn split(url: &'a str) -> Option<UrlParts<'a>> {
+        let after_scheme = url.find("://")? + 3;
+        let scheme = &url[..after_scheme];
+        if !scheme[..after_scheme - 3].chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            || after_scheme == 3
+        {
+            return None;
         }
-        Ok(_) => url.to_owned(),
-        Err(_) => "(not shown: not a URL, so its password could not be left out)".to_owned(),
+        let tail = &url[after_scheme..];
+        let end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
+        let (authority, rest) = tail.split_at(end);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo.map(|u| u.split_once(':')) {
+            Some(Some((user, password))) => (Some(user), Some(password)),
+            Some(None) => (userinfo, None),
+            None => (None, None),
+        };
+        Some(UrlParts {
+            scheme,
+            user,
+            password,
+            hosts,
+            rest,
+        })
     }
 }
 
@@ -282,35 +329,34 @@ fn without_password(url: &str) -> String {
 /// one and a password given as a file. `url_var` and `file_var` name the two settings for the
 /// errors, which never quote the URL.
 fn with_password(url: &str, password: &Secret, url_var: &str, file_var: &str) -> Result<String, ConfigError> {
-    let mut parsed = url::Url::parse(url).map_err(|e| {
+    let parts = UrlParts::split(url).ok_or_else(|| {
         ConfigError::new(
             url_var,
-            format!("not a URL ({e}), so the password of {file_var} cannot be put in it"),
+            format!("not a URL (scheme://user@host/…), so the password of {file_var} cannot be put in it"),
         )
     })?;
-    if parsed.password().is_some() {
+    if parts.password.is_some() {
         return Err(ConfigError::new(
             url_var,
             format!("has a password and {file_var} gives one too; set one"),
         ));
     }
-    if parsed.username().is_empty() {
+    let Some(user) = parts.user.filter(|u| !u.is_empty()) else {
         return Err(ConfigError::new(
             url_var,
             format!("has no user name for the password of {file_var} (user@host)"),
         ));
-    }
-    // Everything but letters and digits percent-encoded: the setter itself would leave a `%`
-    // as it is, which the client would then decode.
-    let encoded =
-        percent_encoding::utf8_percent_encode(password.expose(), percent_encoding::NON_ALPHANUMERIC).to_string();
-    parsed.set_password(Some(&encoded)).map_err(|()| {
-        ConfigError::new(
+    };
+    if parts.hosts.is_empty() {
+        return Err(ConfigError::new(
             url_var,
             format!("has no host, so it cannot take the password of {file_var}"),
-        )
-    })?;
-    Ok(parsed.into())
+        ));
+    }
+    // Everything but letters and digits percent-encoded, so the client decodes it back exactly.
+    let encoded =
+        percent_encoding::utf8_percent_encode(password.expose(), percent_encoding::NON_ALPHANUMERIC).to_string();
+    Ok(format!("{}{user}:{encoded}@{}{}", parts.scheme, parts.hosts, parts.rest))
 }
 
 /// Where a server listens: `HOST:PORT`, an absolute path for a Unix socket, or a listening
@@ -501,6 +547,20 @@ pub(crate) mod tests {
                 .starts_with("U: not a URL")
         );
         assert_eq!(without_password(&url), "postgres://app:***@10.0.0.3:5432/pageviews");
+        // libpq's multi-host form (the Patroni hosts), which no URL parser takes.
+        let hosts = "postgres://app@10.0.0.5:5432,10.0.0.6:5432/pageviews?target_session_attrs=read-write";
+        let url = with_password(hosts, &pw, "U", "F").unwrap();
+        assert_eq!(
+            url,
+            "postgres://app:p%40ss%3Aw%2Frd%25%3F%23@10.0.0.5:5432,10.0.0.6:5432/pageviews?target_session_attrs=read-write"
+        );
+        let config = tokio_postgres::Config::from_str(&url).unwrap();
+        assert_eq!(config.get_hosts().len(), 2);
+        assert_eq!(config.get_password(), Some(&b"p@ss:w/rd%?#"[..]));
+        assert_eq!(
+            without_password(&url),
+            "postgres://app:***@10.0.0.5:5432,10.0.0.6:5432/pageviews?target_session_attrs=read-write"
+        );
         assert!(!without_password("host=h password=x").contains('x'));
     }
 

@@ -122,6 +122,7 @@ async fn readiness_notices_a_hung_broker_while_idle() -> anyhow::Result<()> {
         Ok(())
     })
     .await;
+    // SAFETY: kill(2) on the process group of the broker this test started.
     unsafe { libc::kill(-pid, libc::SIGCONT) };
     noticed?;
     eprintln!("noticed after {:?}", started.elapsed());

@@ -1,5 +1,5 @@
 # The project's own scenarios for the nixos-eval harness (../shared/nixos-eval, README.md
-# there): what issue 9 fixed, evaluated with the harness's real nixpkgs lib and the real
+# there): what the module must keep, evaluated with the harness's real nixpkgs lib and the real
 # nginx, postgresql, rabbitmq, firewall and systemd-unit declarations of its cache, next to
 # the scenarios the harness itself runs. Nothing of the harness or its cache is in this
 # repository; this file only calls it. scripts/nixos-eval runs every entry of `checks`
@@ -94,8 +94,8 @@
   in
     check (f.failedAssertions == [] && f.nftablesEnabled && f.extraCommands == "" && lib.all (r: has r f.extraInputRules && has r f.nftTable) rules) f;
 
-  # Another module of the host using the iptables firewall's extraCommands (issue 9, item 1:
-  # with nftables forced on by a split role this failed nftables' assertion).
+  # Another module of the host using the iptables firewall's extraCommands (with
+  # nftables forced on by a split role this failed nftables' assertion).
   otherIptablesUser = {networking.firewall.extraCommands = "iptables -w -A nixos-fw -p tcp --dport 9999 -j nixos-fw-accept";};
 
   # networking.firewall.backend exists only in newer nixpkgs; declare it for this scenario

@@ -26,7 +26,7 @@ pub fn app(args: &[String]) -> ExitCode {
             migrate,
             log_failure,
         ),
-        [cmd, rest @ ..] if cmd == "admin" => crate::admin::main(PROGRAM, rest),
+        [cmd, rest @ ..] if cmd == "admin" => admin(PROGRAM, rest),
         [cmd] if cmd == "scram-verifier" => {
             match scram_verifier(std::io::stdin().lock(), std::io::stdin().is_terminal()) {
                 Ok(verifier) => {
@@ -173,6 +173,25 @@ async fn migrate(config: DatabaseConfig) -> anyhow::Result<()> {
 
 fn log_failure(program: &str, e: &anyhow::Error) {
     tracing::error!(error = format!("{e:#}"), "{program} failed");
+}
+
+/// `pageviews-app admin …`: exit 2 for bad arguments or settings, 1 when something did not
+/// answer or a step failed, 0 otherwise.
+fn admin(program: &str, args: &[String]) -> ExitCode {
+    use crate::admin::{AdminConfig, USAGE, parse, run};
+    let command = match parse(args) {
+        Ok(command) => command,
+        Err(problem) => {
+            eprintln!("{program} admin: {problem}; usage: {program} {USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    main_with(
+        program,
+        || AdminConfig::from_source(&crate::config::Environment),
+        |config| run(config, command),
+        |program, e| eprintln!("{program} admin: {e:#}"),
+    )
 }
 
 /// Loads the configuration (exit 2 with the variable named when it is bad), starts logging,

@@ -13,13 +13,12 @@
 //! queue with a delivery limit drops a message past it. Listing moves what it lists to the end
 //! of the queue, so a listing of every dead letter leaves their order as it was.
 
-use crate::config::{BrokerConfig, ConfigError, DatabaseConfig, Environment, Source};
+use crate::config::{BrokerConfig, ConfigError, DatabaseConfig, Source};
 use crate::db::{self, Pool};
 use crate::queue::brokers::Brokers;
 use crate::queue::{DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EXCHANGE, MAX_IDS, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, Publish};
 use std::fmt::Write as _;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
@@ -109,24 +108,6 @@ impl AdminConfig {
             broker: BrokerConfig::from_source(src)?,
         })
     }
-}
-
-/// `pageviews-app admin …`: exit 2 for bad arguments or settings, 1 when something did not
-/// answer or a step failed, 0 otherwise.
-pub fn main(program: &str, args: &[String]) -> ExitCode {
-    let command = match parse(args) {
-        Ok(command) => command,
-        Err(problem) => {
-            eprintln!("{program} admin: {problem}; usage: {program} {USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    crate::cli::main_with(
-        program,
-        || AdminConfig::from_source(&Environment),
-        |config| run(config, command),
-        |program, e| eprintln!("{program} admin: {e:#}"),
-    )
 }
 
 pub async fn run(config: AdminConfig, command: Command) -> anyhow::Result<()> {

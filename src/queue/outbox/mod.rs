@@ -28,6 +28,7 @@ mod metrics;
 mod publisher;
 mod session;
 mod settle;
+mod state;
 mod sweep;
 
 pub use handle::{Offer, Offered};

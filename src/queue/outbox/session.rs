@@ -2,7 +2,7 @@
 //! broker's confirms, settle (settle.rs), until shutdown, a failure or a refusal.
 
 use super::handle::Shared;
-use super::publisher::{Received, State};
+use super::state::{Received, SessionError, State};
 use super::settle::{InFlight, Next, next_step};
 use super::{CONFIRM_TIMEOUT, DEPTH_EVERY, IDLE_POLL, MAX_BATCH, Offer};
 use crate::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
@@ -10,24 +10,6 @@ use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish, Return};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, thiserror::Error)]
-pub(super) enum SessionError {
-    #[error(transparent)]
-    Amqp(#[from] amiquip::Error),
-    #[error("no publisher confirm within {CONFIRM_TIMEOUT:?}")]
-    ConfirmTimeout,
-    #[error("the broker closed the connection")]
-    Closed,
-    #[error("{0} tasks returned as unroutable ({1}); declaring the topology again")]
-    Unroutable(usize, String),
-    /// Messages the broker nacked (disk or memory alarm, queue limit).
-    #[error("the broker refused {0} messages")]
-    Refused(usize),
-    /// Shutdown while the broker blocks the connection: nothing more can be published.
-    #[error("the broker blocks the connection")]
-    Blocked,
-}
 
 /// What a listener on the channel heard.
 enum Heard<T> {

@@ -3,7 +3,7 @@
 //! next.
 
 use super::IDS_PER_MESSAGE;
-use super::session::SessionError;
+use super::state::SessionError;
 use std::collections::VecDeque;
 
 /// One batch of ids as messages, and what the broker said about each published one.

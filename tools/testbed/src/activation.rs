@@ -5,17 +5,16 @@
 //! what `systemctl restart pageviews-app` is: the socket stays, connections wait in its
 //! backlog, and the new process is "up" only once it says so.
 
+use crate::notify::NotifySocket;
 use crate::process::{Process, tail};
 use anyhow::{Context, bail};
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// The descriptor number the first passed socket gets (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
@@ -50,69 +49,6 @@ impl ListenSocket {
     }
 }
 
-/// What a process told the launcher over its notify socket.
-#[derive(Clone, Debug, Default)]
-pub struct Notified {
-    pub ready: bool,
-    pub stopping: bool,
-    pub watchdog_pings: u32,
-    pub status: String,
-}
-
-impl Notified {
-    /// Applies one datagram (newline-separated `KEY=VALUE` lines, sd_notify(3)).
-    fn apply(&mut self, datagram: &str) {
-        for line in datagram.lines() {
-            match line.split_once('=') {
-                Some(("READY", "1")) => self.ready = true,
-                Some(("STOPPING", "1")) => self.stopping = true,
-                Some(("WATCHDOG", "1")) => self.watchdog_pings += 1,
-                Some(("STATUS", status)) => self.status = status.to_owned(),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// The receiving end of one process's `NOTIFY_SOCKET`; the socket file goes with it.
-pub struct NotifySocket {
-    path: PathBuf,
-    state: watch::Receiver<Notified>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-static NOTIFY: AtomicU32 = AtomicU32::new(0);
-
-impl NotifySocket {
-    fn bind(dir: &Path, name: &str) -> anyhow::Result<NotifySocket> {
-        let n = NOTIFY.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("{name}-{n}.notify"));
-        let _ = std::fs::remove_file(&path);
-        let socket = tokio::net::UnixDatagram::bind(&path)
-            .with_context(|| format!("cannot bind the notify socket {}", path.display()))?;
-        let (tx, state) = watch::channel(Notified::default());
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(len) = socket.recv(&mut buf).await {
-                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-                tx.send_modify(|state| state.apply(&text));
-            }
-        });
-        Ok(NotifySocket { path, state, reader })
-    }
-
-    pub fn notified(&self) -> Notified {
-        self.state.borrow().clone()
-    }
-}
-
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        self.reader.abort();
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Starts `command` the way systemd starts a `Type=notify` unit (with `socket` passed as fd 3
 /// when given), without waiting for `READY=1` (a process that is not to be ready yet: its
 /// database or broker away). Notify sockets go to `dir`.
@@ -124,7 +60,7 @@ pub fn spawn(
     log: &Path,
 ) -> anyhow::Result<Process> {
     let notify = NotifySocket::bind(dir, name)?;
-    let exec = Exec::new(&command, socket.map(|s| s.socket.as_raw_fd()), &notify.path)?;
+    let exec = Exec::new(&command, socket.map(|s| s.socket.as_raw_fd()), notify.path())?;
     let mut exec = Some(exec);
     // SAFETY: `Exec::run` makes only async-signal-safe calls (getpid, fcntl, dup2, execve)
     // and allocates nothing; everything it needs was prepared before the fork.
@@ -149,7 +85,7 @@ pub async fn start(
     timeout: Duration,
 ) -> anyhow::Result<Process> {
     let mut process = spawn(name, command, socket, dir, log)?;
-    let mut state = process.notify.as_ref().expect("set by spawn").state.clone();
+    let mut state = process.notify.as_ref().expect("set by spawn").watch();
     let ready = tokio::time::timeout(timeout, async {
         loop {
             if state.borrow_and_update().ready {
@@ -291,21 +227,5 @@ impl Exec {
         // alive for the duration of the call.
         unsafe { libc::execve(self.program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
         Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn notifications_are_parsed_line_by_line() {
-        let mut state = Notified::default();
-        state.apply("READY=1\nSTATUS=serving on 127.0.0.1:1\n");
-        state.apply("WATCHDOG=1");
-        state.apply("WATCHDOG=1\nSTOPPING=1\nX_CUSTOM=2");
-        assert!(state.ready && state.stopping);
-        assert_eq!(state.watchdog_pings, 2);
-        assert_eq!(state.status, "serving on 127.0.0.1:1");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod nginx;
+pub mod notify;
 pub mod pgbackrest;
 pub mod postgres;
 pub mod process;

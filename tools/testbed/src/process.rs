@@ -14,7 +14,7 @@ pub struct Process {
     name: String,
     child: Option<Child>,
     /// Set for processes started by `activation::start`.
-    pub(crate) notify: Option<Box<crate::activation::NotifySocket>>,
+    pub(crate) notify: Option<Box<crate::notify::NotifySocket>>,
 }
 
 impl Process {
@@ -95,7 +95,7 @@ impl Process {
     }
 
     /// What the process told the launcher (processes started by `activation::start`).
-    pub fn notified(&self) -> Option<crate::activation::Notified> {
+    pub fn notified(&self) -> Option<crate::notify::Notified> {
         self.notify.as_ref().map(|n| n.notified())
     }
 

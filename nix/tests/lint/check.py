@@ -126,62 +126,10 @@ def parsed(path: Path) -> str:
     ).stdout
 
 
-def attr_block(text: str, start: int) -> str:
-    """The `{ ... }` starting at or after index `start` (strings are "..." in parse output)."""
-    i = text.index("{", start)
-    depth, j, in_str = 0, i, False
-    while j < len(text):
-        c = text[j]
-        if in_str:
-            if c == "\\":
-                j += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i : j + 1]
-        j += 1
-    raise ValueError("unbalanced braces")
-
-
-def top_level_keys(block: str) -> list[str]:
-    """Attribute names at depth 1 of a `{ a = ...; b.c = ...; }` block."""
-    keys, depth, in_str, i = [], 0, False, 0
-    expect_key = True
-    while i < len(block):
-        c = block[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c in "{([":
-            depth += 1
-            if depth == 1 and c == "{":
-                expect_key = True
-        elif c in "})]":
-            depth -= 1
-        elif c == ";" and depth == 1:
-            expect_key = True
-        elif depth == 1 and expect_key and not c.isspace():
-            m = re.match(r'(?:inherit\b[^;]*)|"?([A-Za-z_][\w\'-]*)"?', block[i:])
-            if m and m.group(1):
-                keys.append(m.group(1))
-            expect_key = False
-        i += 1
-    return keys
-
-
 def _walk(text: str, start: int = 0):
     """(index, char, depth) of every character of `text` from `start` that is outside a "..."
-    string; depth counts brackets from `start`, already updated for the bracket itself."""
+    string (parse output prints every string so); depth counts brackets from `start`, already
+    updated for the bracket itself. The one scanner of parse output here."""
     depth, in_str, i = 0, False, start
     while i < len(text):
         c = text[i]
@@ -199,6 +147,36 @@ def _walk(text: str, start: int = 0):
                 depth -= 1
             yield i, c, depth
         i += 1
+
+
+def attr_block(text: str, start: int) -> str:
+    """The `{ ... }` starting at or after index `start`."""
+    i = text.index("{", start)
+    for j, c, depth in _walk(text, i):
+        if c == "}" and depth == 0:
+            return text[i : j + 1]
+    raise ValueError("unbalanced braces")
+
+
+def value_end(text: str, start: int) -> int:
+    """Index of the `;` that ends the value starting at `start` (the text's end without one)."""
+    return next((j for j, c, depth in _walk(text, start) if c == ";" and depth == 0), len(text))
+
+
+def top_level_keys(block: str) -> list[str]:
+    """Attribute names at depth 1 of a `{ a = ...; b.c = ...; }` block."""
+    keys, expect_key = [], True
+    for i, c, depth in _walk(block):
+        if c in "{([})]":
+            expect_key = expect_key or (depth == 1 and c == "{")
+        elif c == ";" and depth == 1:
+            expect_key = True
+        elif depth == 1 and expect_key and not c.isspace():
+            m = re.match(r'(?:inherit\b[^;]*)|"?([A-Za-z_][\w\'-]*)"?', block[i:])
+            if m and m.group(1):
+                keys.append(m.group(1))
+            expect_key = False
+    return keys
 
 
 def _depth1_key(block: str, key: str, suffix: str) -> int | None:
@@ -267,29 +245,13 @@ def node_roles_and_units(nix_file: Path, nodes: list[str], by_role: dict[str, se
     assert nodes_at, nix_file
     nodes_block = attr_block(text, nodes_at.start())
     result: dict[str, tuple[set[str], set[str]]] = {}
-    # roles: `(pageviews [ "x" ])` (vm-split's helper), `roles = [ ... ]`, or the module
-    # imported with services.pageviews set but no roles (= all three)
+    # roles: `(pageviews [ "x" ])` (a test's `shared.member` helper), `roles = [ ... ]`, or
+    # the module with services.pageviews set but no roles (nodes.nix `stack`: all of them)
     for node in nodes:
         m = re.search(rf"\b{re.escape(node)} = ", nodes_block)
         assert m, node
-        rest = nodes_block[m.end() :]
         # the node's own definition runs to the next top-level `;` of the nodes block
-        depth, end, in_str = 0, len(rest), False
-        for i, c in enumerate(rest):
-            if in_str:
-                if c == '"' and rest[i - 1] != "\\":
-                    in_str = False
-                continue
-            if c == '"':
-                in_str = True
-            elif c in "{([":
-                depth += 1
-            elif c in "})]":
-                depth -= 1
-            elif c == ";" and depth == 0:
-                end = i
-                break
-        body = rest[:end]
+        body = nodes_block[m.end() : value_end(nodes_block, m.end())]
         roles: set[str] = set()
         for call in re.findall(r"\(pageviews \[ ([^\]]*)\]\)", body):
             roles.update(re.findall(r'"(\w+)"', call))
@@ -299,6 +261,8 @@ def node_roles_and_units(nix_file: Path, nodes: list[str], by_role: dict[str, se
         for block in blocks_at(body, ["services", "pageviews"]):
             if "enable = true;" in block and not roles and "roles = " not in block:
                 roles = set(ROLES)  # the module's default: everything on one host
+        if re.search(r"\(shared\)\.stack\b", body):
+            roles = set(ROLES)  # nodes.nix `stack`: the module's default
         units = set(GENERIC_UNITS)
         for role in roles:
             units |= by_role[role]
@@ -386,17 +350,36 @@ def node_calls(tree: ast.AST, nodes: list[str]):
 
 
 def script_constants(nix_file: Path) -> list[str]:
-    """Names of the constants a test's script gets from nodes.nix `script`: `base` there
-    plus the test's own `constants = nodes: ...` (their values come from the nodes when the
-    driver is built; only the names are needed to lint here)."""
+    """Names of the constants a test's script gets from nodes.nix `script` (their values come
+    from the nodes when the driver is built; only the names are needed to lint here): `base`
+    there, and the test's `constants = nodes: shared.constantsOf { <part> = ...; } // { ... }`,
+    whose parts' names nodes.nix gives for a stub node."""
     names = []
-    for path, start in ((TESTS / "nodes.nix", "base = "), (nix_file, "constants = (nodes: ")):
-        text = parsed(path)
-        at = text.find(start)
-        keys = top_level_keys(attr_block(text, at)) if at >= 0 else []
-        if not keys:
-            fail(f"{path.name}: no `{start.strip()}` attribute set of constants")
-        names += keys
+    text = parsed(TESTS / "nodes.nix")
+    at = text.find("base = ")
+    names += top_level_keys(attr_block(text, at)) if at >= 0 else []
+    if not names:
+        fail("nodes.nix: no `base` attribute set of constants")
+    text = parsed(nix_file)
+    at = text.find("constants = (nodes: ")
+    if at < 0:
+        fail(f"{nix_file.name}: no `constants = nodes: ...`")
+        return names
+    expr = text[at : value_end(text, at + len("constants = "))]
+    parts_at = expr.find("(shared).constantsOf {")
+    parts = top_level_keys(attr_block(expr, parts_at)) if parts_at >= 0 else []
+    if parts:
+        stub_parts = " ".join(f"{p} = stub;" for p in parts)
+        names += nix_eval(
+            f"""let
+                  stub = throw "a stub node";
+                  shared = import {TESTS}/nodes.nix {{
+                    pkgs = stub; module = stub; tls = stub; secrets = stub;
+                  }};
+                in builtins.attrNames (shared.constantsOf {{ {stub_parts} }})"""
+        )  # type: ignore[operator]
+    for own in re.finditer(r"// \{", expr):
+        names += top_level_keys(attr_block(expr, own.start()))
     return names
 
 
@@ -533,10 +516,8 @@ def attr_value(block: str, key: str) -> str | None:
     if i is None:
         return None
     start = i + len(key) + 3
-    for j, c, depth in _walk(block, start):
-        if c == ";" and depth == 0:
-            return block[start:j].strip()
-    return None
+    end = value_end(block, start)
+    return block[start:end].strip() if end < len(block) else None
 
 
 def definitions(text: str, option: str) -> list[str]:

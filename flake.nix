@@ -10,9 +10,15 @@
       url = "github:rustsec/advisory-db";
       flake = false;
     };
+    # Multi-host rollout (`deploy`, nix/deploy.nix): activate.nixos, deployChecks.
+    deploy-rs = {
+      url = "github:serokell/deploy-rs";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
   };
 
-  # advisory-db is read only by checks.audit, so the outputs evaluate without it.
+  # advisory-db is read only by checks.audit and deploy-rs only by `deploy` and
+  # checks.deploy-schema, so the other outputs evaluate without them.
   outputs = inputs @ {
     self,
     nixpkgs,
@@ -46,12 +52,22 @@
         // import ./nix/tests {
           inherit pkgs images;
           inherit (build) probe;
+          inherit inputs;
           module = self.nixosModules.default;
         };
     in {
-      inherit build images sbom checks craneLib;
+      inherit build images sbom craneLib;
+      # deploy-rs' schema check of `deploy` (its deploy-activate check would build every host).
+      checks =
+        checks
+        // lib.optionalAttrs (system == "x86_64-linux") {
+          deploy-schema = (inputs.deploy-rs.lib.${system}.deployChecks self.deploy).deploy-schema;
+        };
       example = mkExample system;
     });
+
+    # The example hosts of the split and cluster topologies (nix/hosts/fleet.nix).
+    fleet = import ./nix/hosts/fleet.nix {inherit lib;};
 
     # The example host on a given platform (its VM variant backs `nix run .#vm`).
     mkExample = system:
@@ -125,6 +141,20 @@
       services.pageviews.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
     };
 
-    nixosConfigurations.example = perSystem.x86_64-linux.example;
+    nixosConfigurations =
+      {example = perSystem.x86_64-linux.example;}
+      // lib.mapAttrs (_: h:
+        lib.nixosSystem {
+          modules = [self.nixosModules.default h.module {nixpkgs.hostPlatform = "x86_64-linux";}];
+        })
+      fleet;
+
+    # `deploy .#split-app` etc. (deploy-rs): every host of nix/hosts/fleet.nix.
+    deploy = import ./nix/deploy.nix {
+      inherit lib;
+      hosts = fleet;
+      inherit (self) nixosConfigurations;
+      activateNixos = inputs.deploy-rs.lib.x86_64-linux.activate.nixos;
+    };
   };
 }

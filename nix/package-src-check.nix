@@ -24,7 +24,7 @@
     inPackage f
     || toolSource f
     || setupFile f
-    || lib.elem f ["rustfmt.toml" "README.md"]
+    || lib.elem f ["rustfmt.toml" "README.md" "nix/modules/settings-defaults.json"]
     || under ["tests/" "nix/nginx/" "ops/"] f;
   files = relative srcFileset;
   testFiles = relative testSrcFileset;

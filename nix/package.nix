@@ -47,6 +47,9 @@
       (root + "/README.md")
       (root + "/nix/nginx")
       (root + "/ops")
+      # The settings' defaults as the NixOS module and README state them: a test compares them
+      # with the binaries' (tests/integration/config_errors.rs).
+      (root + "/nix/modules/settings-defaults.json")
     ]
     ++ map (m: craneLib.fileset.commonCargoSources (root + "/${m}")) toolMembers);
 

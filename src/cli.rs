@@ -1,13 +1,13 @@
 //! The entry points of the binaries. They are public so that a launcher (tools/stack) can run
 //! the same code as `pageviews-app` and `pageviews-worker` in its child processes.
 
-use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, WorkerConfig};
+use crate::config::{AppConfig, ConfigError, DatabaseConfig, Environment, LogConfig, MAX_PASSWORD_BYTES, WorkerConfig};
 use crate::telemetry;
 use std::future::Future;
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-/// `pageviews-app [migrate | scram-verifier]`
+/// `pageviews-app [migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]`
 pub fn app(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-app";
     match args {
@@ -17,12 +17,16 @@ pub fn app(args: &[String]) -> ExitCode {
             crate::web::run,
             log_failure,
         ),
+        [cmd, rest @ ..] if cmd == "check-config" => {
+            check_config(PROGRAM, rest, || AppConfig::from_source(&Environment))
+        }
         [cmd] if cmd == "migrate" => main_with(
             PROGRAM,
             || DatabaseConfig::from_source(&Environment),
             migrate,
             log_failure,
         ),
+        [cmd, rest @ ..] if cmd == "admin" => crate::admin::main(PROGRAM, rest),
         [cmd] if cmd == "scram-verifier" => {
             match scram_verifier(std::io::stdin().lock(), std::io::stdin().is_terminal()) {
                 Ok(verifier) => {
@@ -37,15 +41,20 @@ pub fn app(args: &[String]) -> ExitCode {
         }
         [flag] if flag == "--help" || flag == "-h" => {
             println!(
-                "usage: {PROGRAM} [migrate | scram-verifier]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\nConfiguration is read from the environment; see README.md."
+                "usage: {PROGRAM} [migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]\n  (no argument)   serve HTTP\n  migrate         apply pending database migrations and exit\n  admin           the backlog, dead letters, requeue: {}\n  scram-verifier  read a password on stdin, print its SCRAM-SHA-256 verifier (for ALTER ROLE … PASSWORD)\n  check-config    {CHECK_CONFIG_HELP}\nConfiguration is read from the environment; see README.md.",
+                crate::admin::USAGE
             );
             ExitCode::SUCCESS
         }
-        other => usage_error(PROGRAM, other, "[migrate | scram-verifier]"),
+        other => usage_error(
+            PROGRAM,
+            other,
+            "[migrate | scram-verifier | admin … | check-config [--json | --defaults-json]]",
+        ),
     }
 }
 
-/// `pageviews-worker`
+/// `pageviews-worker [check-config [--json | --defaults-json]]`
 pub fn worker(args: &[String]) -> ExitCode {
     const PROGRAM: &str = "pageviews-worker";
     match args {
@@ -55,7 +64,68 @@ pub fn worker(args: &[String]) -> ExitCode {
             crate::worker::run,
             log_failure,
         ),
-        other => usage_error(PROGRAM, other, "(no arguments; configuration from the environment)"),
+        [cmd, rest @ ..] if cmd == "check-config" => {
+            check_config(PROGRAM, rest, || WorkerConfig::from_source(&Environment))
+        }
+        [flag] if flag == "--help" || flag == "-h" => {
+            println!(
+                "usage: {PROGRAM} [check-config [--json | --defaults-json]]\n  (no argument)   consume tasks and run the rollup\n  check-config    {CHECK_CONFIG_HELP}\nConfiguration is read from the environment; see README.md."
+            );
+            ExitCode::SUCCESS
+        }
+        other => usage_error(PROGRAM, other, "[check-config [--json | --defaults-json]]"),
+    }
+}
+
+const CHECK_CONFIG_HELP: &str = "load the settings from the environment as the service does (no connection made): exit 0 if they are valid, 2 naming the variable if not;\n                  --json prints the effective settings (passwords as ***), --defaults-json every setting's default";
+
+/// The settings as the service would load them, with the logging settings, as
+/// `check-config --json` prints them: one key per variable.
+#[derive(serde::Serialize)]
+struct Effective<C> {
+    #[serde(flatten)]
+    service: C,
+    #[serde(flatten)]
+    log: LogConfig,
+}
+
+/// `check-config`: `load` and the logging settings, in the service's order, without opening
+/// a connection or starting logging.
+fn check_config<C: serde::Serialize>(
+    program: &str,
+    args: &[String],
+    load: impl FnOnce() -> Result<C, ConfigError>,
+) -> ExitCode {
+    const USAGE: &str = "check-config [--json | --defaults-json]";
+    let json = match args {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        [flag] if flag == "--defaults-json" => {
+            return print_json(program, &crate::config::defaults());
+        }
+        other => return usage_error(program, other, USAGE),
+    };
+    let loaded = load().and_then(|service| Ok((service, LogConfig::from_source(&Environment)?)));
+    match loaded {
+        Err(e) => telemetry::config_error(program, &e),
+        Ok((service, log)) if json => print_json(program, &Effective { service, log }),
+        Ok(_) => {
+            println!("{program}: the settings are valid");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_json(program: &str, value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{program}: cannot print the settings as JSON: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -64,25 +134,24 @@ pub fn usage_error(program: &str, args: &[String], usage: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Longest password `scram-verifier` accepts (the generated ones are 64 characters).
-const MAX_PASSWORD: u64 = 1024;
-
 /// The SCRAM-SHA-256 verifier of the password on `input` (a file, not a terminal: typed
 /// passwords would echo), as PostgreSQL stores it: `ALTER ROLE … PASSWORD '<verifier>'` sets
 /// the password without the server ever receiving it, so neither `pg_stat_activity` nor the
-/// log can show it. Trailing newlines are dropped, as `$(cat file)` drops them where the units
-/// build the connection URL from the same file.
+/// log can show it. Trailing newlines are dropped, as the binaries drop them when they read
+/// the same file (`config::password_file`).
 fn scram_verifier(input: impl Read, is_terminal: bool) -> Result<String, String> {
     if is_terminal {
         return Err("reads the password from stdin, which is a terminal; redirect it from the password file".into());
     }
     let mut password = Vec::new();
     input
-        .take(MAX_PASSWORD + 1)
+        .take(MAX_PASSWORD_BYTES + 1)
         .read_to_end(&mut password)
         .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-    if password.len() as u64 > MAX_PASSWORD {
-        return Err(format!("the password on stdin is longer than {MAX_PASSWORD} bytes"));
+    if password.len() as u64 > MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "the password on stdin is longer than {MAX_PASSWORD_BYTES} bytes"
+        ));
     }
     while password.last() == Some(&b'\n') {
         password.pop();
@@ -187,7 +256,7 @@ mod tests {
         assert!(err(b"", false).contains("empty"));
         assert!(err(b"\n\n", false).contains("empty"));
         assert!(err(b"a\0b", false).contains("NUL"));
-        let long = vec![b'x'; MAX_PASSWORD as usize + 1];
+        let long = vec![b'x'; MAX_PASSWORD_BYTES as usize + 1];
         assert!(err(&long, false).contains("longer than 1024 bytes"));
         assert!(scram_verifier(&long[1..], false).is_ok());
     }

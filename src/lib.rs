@@ -4,9 +4,12 @@
 //! hold everything that talks to RabbitMQ and PostgreSQL. This crate is what ships; the local
 //! launcher, the benchmark and the probe are separate crates of the workspace (see README.md).
 
+pub mod admin;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod listener;
 pub mod metrics;
 pub mod queue;
 pub mod shutdown;

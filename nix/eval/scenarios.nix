@@ -183,25 +183,29 @@
     };
   };
   specialised = ev: lib.mapAttrs (_: s: ev.extendModules {modules = [s.configuration];}) ev.config.specialisation;
-  vmNodes = file: let
+  vmNodes = vmNodesWith [];
+  # `extra`: modules added to every node (the data tier's real modules and stubs, below).
+  vmNodesWith = extra: file: let
     test = import (root + "/nix/tests/${file}") testArgs;
     names = lib.sort lib.lessThan (lib.attrNames test.nodes);
     num = lib.listToAttrs (lib.imap1 (i: n: lib.nameValuePair n i) names);
     evs = lib.mapAttrs (n: m:
-      eval [
-        m
-        specialisationStub
-        {
-          networking.hostName = n;
-          networking.primaryIPAddress = "192.168.1.${toString num.${n}}";
-          _module.args.nodes = lib.mkForce nodes;
-        }
-      ])
+      eval ([
+          m
+          specialisationStub
+          {
+            networking.hostName = n;
+            networking.primaryIPAddress = "192.168.1.${toString num.${n}}";
+            _module.args.nodes = lib.mkForce nodes;
+          }
+        ]
+        ++ extra))
     test.nodes;
     nodes = lib.mapAttrs (_: e: e.config) evs;
   in {inherit test evs nodes;};
-  vmTest = file: let
-    inherit (vmNodes file) test evs nodes;
+  vmTest = vmTestWith [];
+  vmTestWith = extra: file: let
+    inherit (vmNodesWith extra file) test evs nodes;
     script = test.testScript {inherit nodes;};
     failed = lib.filterAttrs (_: fa: fa != []) (lib.mapAttrs (_: failedAssertions) evs);
     commonPy = builtins.readFile (root + "/nix/tests/common.py");
@@ -284,11 +288,173 @@
       });
   };
 
+  # `expected`: per unit (app, worker, migrate), variables its environment must hold. Also:
+  # ExecStart is the binary; every `%d/<name>` is a credential the unit loads; no URL holds
+  # a password; system.checks has the build-time check, which runs both binaries'
+  # check-config over what the units get, without `%d` or a credential's file.
+  unitsTakePasswordFiles = ev: expected: let
+    services = ev.config.systemd.services;
+    bin = "${fakePackage}/bin";
+    exec = {
+      app = "${bin}/pageviews-app";
+      worker = "${bin}/pageviews-worker";
+      migrate = "${bin}/pageviews-app migrate";
+    };
+    unit = name: services."pageviews-${name}";
+    seen =
+      lib.mapAttrs (name: _: {
+        inherit (unit name) environment;
+        ExecStart = (unit name).serviceConfig.ExecStart;
+        LoadCredential = lib.toList ((unit name).serviceConfig.LoadCredential or []);
+      })
+      exec;
+    credentialsLoaded = u: map (c: lib.head (lib.splitString ":" c)) u.LoadCredential;
+    passwordFilesLoaded = u:
+      lib.all (v: !lib.hasPrefix "%d/" v || lib.elem (lib.removePrefix "%d/" v) (credentialsLoaded u)) (lib.attrValues u.environment);
+    noPasswordInUrls = u: lib.all (n: !(u.environment ? ${n}) || builtins.match ".*://[^/@]*:[^/@]*@.*" u.environment.${n} == null) ["DATABASE_URL" "AMQP_URL"];
+    checks = lib.filter (d: d.name == "runCommand-pageviews-checked-settings") ev.config.system.checks;
+    cmd = (lib.head checks).cmd or "";
+  in
+    check (noFailedAssertions ev
+      && lib.all (n: seen.${n}.ExecStart == exec.${n}) (lib.attrNames exec)
+      && lib.all (n: lib.all (k: seen.${n}.environment.${k} or null == expected.${n}.${k}) (lib.attrNames expected.${n})) (lib.attrNames expected)
+      && lib.all passwordFilesLoaded (lib.attrValues seen)
+      && lib.all noPasswordInUrls (lib.attrValues seen)
+      && lib.length checks == 1
+      && has "${bin}/pageviews-app check-config --json" cmd
+      && has "${bin}/pageviews-worker check-config --json" cmd
+      && has "pageviews-check-placeholder-password" cmd
+      && !has "%d/" cmd) {
+      inherit seen cmd;
+      failedAssertions = failedAssertions ev;
+    };
+
+  # The data tier (nix/modules/database-ha.nix, pgbackrest.nix) with the real patroni, etcd and
+  # pgbackrest modules, where the cache has them (an extension of the harness's cache, like the
+  # prometheus module: transcribed from faukah/nixpkgs@3b20077c at their nixpkgs paths).
+  haModules = map (f: paths.cache + "/nixpkgs/nixos/modules/services/${f}") [
+    "cluster/patroni/default.nix"
+    "databases/etcd.nix"
+    "backup/pgbackrest.nix"
+  ];
+  haCached = lib.all builtins.pathExists haModules;
+  haMissing = "no ${lib.concatStringsSep ", " (lib.filter (f: !builtins.pathExists f) haModules)}";
+  # What those modules (and vm-ha's repository host) use that the harness neither loads nor
+  # stubs, stubbed here: options with loose types, and packages. pkgs.formats.yaml writes JSON
+  # (a subset of YAML) to a real file, pkgs.formats.ini lib.generators.toINI, so the scenarios
+  # read what Patroni and pgBackRest would be given.
+  yamlValue = with lib.types; nullOr (oneOf [bool int float str path (attrsOf yamlValue) (listOf yamlValue)]);
+  fakePkg = name: {
+    type = "derivation";
+    inherit name;
+    outPath = "${paths.fakestore}/${name}";
+    meta.mainProgram = name;
+  };
+  haPkgs =
+    pkgs
+    // {
+      formats = {
+        yaml = _: {
+          type = yamlValue;
+          generate = name: value: pkgs.writeText name (builtins.toJSON value);
+        };
+        ini = {listsAsDuplicateKeys ? false, ...}: {
+          type = lib.types.attrsOf (lib.types.attrsOf yamlValue);
+          generate = name: value: pkgs.writeText name (lib.generators.toINI {inherit listsAsDuplicateKeys;} value);
+        };
+      };
+    }
+    // lib.genAttrs ["patroni" "etcd" "pgbackrest" "openssh"] fakePkg;
+  haStubs = {
+    options = {
+      services.udev.extraRules = lib.mkOption {
+        type = lib.types.lines;
+        default = "";
+      };
+      environment.sessionVariables = lib.mkOption {
+        type = lib.types.attrsOf lib.types.str;
+        default = {};
+      };
+      systemd.tmpfiles.settings = lib.mkOption {
+        type = lib.types.attrsOf (lib.types.attrsOf (lib.types.attrsOf (lib.types.attrsOf yamlValue)));
+        default = {};
+      };
+      # sshd.nix (not loaded): its enable and hostKeys, and the users' authorizedKeys.
+      services.openssh = {
+        enable = lib.mkOption {
+          type = lib.types.bool;
+          default = false;
+        };
+        hostKeys = lib.mkOption {
+          type = lib.types.listOf lib.types.attrs;
+          default = [];
+        };
+      };
+      users.users = lib.mkOption {
+        type = lib.types.attrsOf (lib.types.submodule {
+          options.openssh.authorizedKeys.keyFiles = lib.mkOption {
+            type = lib.types.listOf lib.types.path;
+            default = [];
+          };
+        });
+      };
+    };
+    config._module.args.pkgs = lib.mkForce haPkgs;
+  };
+  haExtra = haModules ++ [haStubs];
+  ha = vmNodesWith haExtra "vm-ha.nix";
+  # The three database hosts, the app host: their addresses as the test framework gives them.
+  haIp = name: ha.nodes.${name}.networking.primaryIPAddress;
+  haDbs = ["db1" "db2" "db3"];
+  # A database host outside the VM test with `modules` besides (assertion scenarios).
+  haHost = modules:
+    eval ([
+        module
+        withPackage
+        {
+          networking.hostName = "db1";
+          services.pageviews = {
+            enable = true;
+            roles = ["database"];
+            database.passwordFiles = secrets.database;
+            rabbitmq.passwordFiles = secrets.rabbitmq;
+            rabbitmq.cluster = {
+              nodes = [
+                {
+                  hostName = "broker";
+                  address = "192.168.1.9";
+                }
+              ];
+              cookieFile = secrets.erlangCookie;
+            };
+            database.ha = {
+              enable = true;
+              nodes = lib.imap1 (i: n: {
+                hostName = n;
+                address = "192.168.1.${toString (10 + i)}";
+              }) ["db1" "db2" "db3"];
+              passwordFiles = lib.genAttrs ["superuser" "replication" "rewind"] (w: "/run/secrets/patroni-${w}");
+            };
+          };
+        }
+      ]
+      ++ haExtra
+      ++ modules);
+
   # A check that could not run here: scripts/nixos-eval prints SKIPPED and the reason.
   skipped = reason: {
     ok = true;
     skipped = reason;
     detail = {};
+  };
+
+  # services.pageviews.monitoring with the real prometheus, exporters and grafana modules.
+  monitoring = import ./monitoring.nix {
+    inherit lib pkgs paths eval module withPackage check skipped failedAssertions root testArgs;
+  };
+  # The deploy-rs output (deploy.nix).
+  rollout = import ./deploy.nix {
+    inherit lib pkgs paths check skipped failedAssertions root flake;
   };
 in {
   checks = {
@@ -492,19 +658,233 @@ in {
     in
       check (lib.any (has "needs services.prometheus.enable") fa) {failedAssertions = fa;};
 
+    # The data tier (vm-ha): every node evaluates with the real patroni, etcd and pgbackrest
+    # modules, no assertion fails, and the script gets its constants.
+    vmHa =
+      if !haCached
+      then skipped haMissing
+      else vmTestWith haExtra "vm-ha.nix";
+
+    # What Patroni is given on a database host: synchronous replication (not strict by
+    # default), every etcd member, passwords only as credentials (never in the YAML), WAL
+    # archived by pgBackRest and replicas rebuilt from it.
+    haPatroniConfig =
+      if !haCached
+      then skipped haMissing
+      else let
+        c = ha.nodes.db1;
+        file = c.environment.etc."patroni-pageviews-db1.yaml".source;
+        y = builtins.fromJSON (builtins.readFile file);
+        unit = c.systemd.services.patroni;
+        pg = y.postgresql;
+        text = builtins.readFile file;
+      in
+        check (y.bootstrap.dcs.synchronous_mode
+          == true
+          && y.bootstrap.dcs.synchronous_mode_strict == false
+          && y.etcd3.hosts == map (n: "${haIp n}:2379") haDbs
+          && y.restapi.listen == "${haIp "db1"}:8008"
+          && pg.listen == "${haIp "db1"}:5432"
+          && !(has "vmtest-patroni" text)
+          && !(pg.authentication.superuser ? password)
+          && c.services.patroni.environmentFiles.PATRONI_SUPERUSER_PASSWORD == "/run/credentials/patroni.service/superuser"
+          && lib.all (w: lib.length (lib.filter (lib.hasPrefix "${w}:") unit.serviceConfig.LoadCredential) == 1) ["superuser" "replication" "rewind"]
+          && has "archive-push" pg.parameters.archive_command
+          && pg.parameters.archive_mode == "on"
+          && lib.head pg.create_replica_methods == "pgbackrest"
+          && lib.elem "host replication replicator ${haIp "db2"}/32 scram-sha-256" pg.pg_hba
+          && lib.elem "host pageviews pageviews-app ${haIp "app"}/32 scram-sha-256" pg.pg_hba
+          && !lib.any (has (haIp "proxy")) pg.pg_hba
+          && c.services.etcd.initialCluster == map (n: "${n}=http://${haIp n}:2380") haDbs
+          && !c.services.etcd.openFirewall) {
+          patroni = y;
+          loadCredential = unit.serviceConfig.LoadCredential;
+          etcdInitialCluster = c.services.etcd.initialCluster;
+        };
+    # strict mode is the option's to choose.
+    haStrictOption =
+      if !haCached
+      then skipped haMissing
+      else let
+        c = (haHost [{services.pageviews.database.ha.synchronousStrict = true;}]).config;
+        y = builtins.fromJSON (builtins.readFile c.environment.etc."patroni-pageviews-db1.yaml".source);
+      in
+        check (y.bootstrap.dcs.synchronous_mode_strict == true) {dcs = y.bootstrap.dcs;};
+
+    # The app's DATABASE_URL (built by its start script from the credential) lists every node
+    # and asks for the one that accepts writes; its IP allow-list has the three nodes.
+    haAppUrl =
+      if !haCached
+      then skipped haMissing
+      else let
+        unit = ha.nodes.app.systemd.services.pageviews-app;
+        # `%%` in a unit's environment is a `%` (the password comes from the credential).
+        url = unit.environment.DATABASE_URL;
+        want = "postgres://pageviews-app@${lib.concatMapStringsSep "," (n: "${haIp n}:5432") haDbs}/pageviews?target_session_attrs=read-write&connect_timeout=2";
+      in
+        check (url == want && unit.environment.PAGEVIEWS_DATABASE_PASSWORD_FILE == "%d/db-password"
+          && lib.all (n: lib.elem (haIp n) unit.serviceConfig.IPAddressAllow) haDbs) {
+          inherit want url;
+          ipAddressAllow = unit.serviceConfig.IPAddressAllow;
+        };
+
+    # The firewall of a database host (iptables backend, the default): PostgreSQL from the app
+    # host and the other nodes; Patroni's REST API and etcd from the other nodes only; none of
+    # them open to all.
+    haFirewall =
+      if !haCached
+      then skipped haMissing
+      else let
+        c = ha.nodes.db1;
+        fw = c.networking.firewall;
+        rule = addr: port: "iptables -w -A nixos-fw -p tcp -s ${addr} --dport ${toString port} -j nixos-fw-accept";
+        peers = ["db2" "db3"];
+        ports = [8008 2379 2380];
+        want = map (a: rule (haIp a) 5432) (["app"] ++ peers) ++ lib.concatMap (a: map (rule (haIp a)) ports) peers;
+        unwanted = map (rule (haIp "app")) ports ++ lib.concatMap (a: map (rule (haIp a)) (ports ++ [5432])) ["proxy" "client" "broker" "backup" "db1"];
+      in
+        check (lib.all (r: has r fw.extraCommands) want
+          && !lib.any (r: has r fw.extraCommands) unwanted
+          && !lib.any (p: lib.elem p fw.allowedTCPPorts) ([5432] ++ ports)) {
+          inherit (fw) extraCommands allowedTCPPorts;
+        };
+
+    # pgBackRest on a database host: the SFTP repository with the host key checked strictly,
+    # retention, full and diff jobs on timers that run only on the primary; the repository
+    # host runs sshd.
+    haPgbackrest =
+      if !haCached
+      then skipped haMissing
+      else let
+        c = ha.nodes.db1;
+        conf = builtins.readFile c.environment.etc."pgbackrest/pgbackrest.conf".source;
+        jobs = map (j: "pgbackrest-pageviews-${j}") ["full" "diff"];
+      in
+        check (lib.all (l: has l conf) [
+            "repo1-type=sftp"
+            "repo1-sftp-host=${haIp "backup"}"
+            "repo1-sftp-host-key-check-type=strict"
+            "repo1-sftp-private-key-file=/var/lib/pageviews-pgbackrest/sftp-key"
+            "repo1-retention-full=2"
+            "[pageviews]"
+            "pg1-path=${c.services.patroni.postgresqlDataDir}"
+            "pg1-socket-path=/run/patroni"
+          ]
+          && lib.all (j: has "/primary" c.systemd.services.${j}.serviceConfig.ExecCondition && c.systemd.timers ? ${j}) jobs
+          && has "stanza-create" c.systemd.services.pageviews-db-setup.script
+          && ha.nodes.backup.services.openssh.enable) {
+          inherit conf;
+          setup = c.systemd.services.pageviews-db-setup.script;
+        };
+
+    # etcd with TLS: the files reach etcd and Patroni as credentials (paths under
+    # /run/credentials, never the store), client certificates required, https everywhere.
+    haEtcdTls =
+      if !haCached
+      then skipped haMissing
+      else let
+        files = lib.genAttrs ["caFile" "certFile" "keyFile"] (f: "/run/secrets/etcd-${f}");
+        c = (haHost [{services.pageviews.database.ha.etcd.tls = files;}]).config;
+        env = c.systemd.services.etcd.environment;
+        y = builtins.fromJSON (builtins.readFile c.environment.etc."patroni-pageviews-db1.yaml".source);
+        creds = ["etcd-ca:/run/secrets/etcd-caFile" "etcd-cert:/run/secrets/etcd-certFile" "etcd-key:/run/secrets/etcd-keyFile"];
+      in
+        check (env.ETCD_KEY_FILE
+          == "/run/credentials/etcd.service/etcd-key"
+          && env.ETCD_PEER_KEY_FILE == env.ETCD_KEY_FILE
+          && env.ETCD_CLIENT_CERT_AUTH == "1"
+          && env.ETCD_PEER_CLIENT_CERT_AUTH == "1"
+          && lib.hasPrefix "https://" env.ETCD_LISTEN_PEER_URLS
+          && y.etcd3.protocol == "https"
+          && y.etcd3.key == "/run/credentials/patroni.service/etcd-key"
+          && lib.all (cr: lib.elem cr c.systemd.services.etcd.serviceConfig.LoadCredential && lib.elem cr c.systemd.services.patroni.serviceConfig.LoadCredential) creds) {
+          inherit env;
+          etcd3 = y.etcd3;
+        };
+
+    # Impossible combinations fail an assertion: two nodes; HA beside the single-host data
+    # role; the database role without HA; a database host missing from the nodes.
+    haAssertions =
+      if !haCached
+      then skipped haMissing
+      else let
+        fa = modules: failedAssertions (haHost modules);
+        cases = {
+          twoNodes = fa [
+            {
+              services.pageviews.database.ha.nodes = lib.mkForce (lib.genList (i: {
+                  hostName = "db${toString (i + 1)}";
+                  address = "192.168.1.${toString (11 + i)}";
+                })
+                2);
+            }
+          ];
+          withData = fa [{services.pageviews.roles = lib.mkForce ["database" "data"];}];
+          noHa = fa [{services.pageviews.database.ha.enable = lib.mkForce false;}];
+          notANode = fa [{networking.hostName = lib.mkForce "db9";}];
+          noBackupKey = fa [{services.pageviews.database.pgbackrest.enable = true;}];
+        };
+        wants = {
+          twoNodes = "at least three nodes";
+          withData = "also has the `data` role";
+          noHa = "is a node of database.ha";
+          notANode = "is not in database.ha.nodes";
+          noBackupKey = "privateKeyFile";
+        };
+      in
+        check (noFailedAssertions (haHost []) && lib.all (n: lib.any (has wants.${n}) cases.${n}) (lib.attrNames cases)) cases;
+
     # 5: what the module deploys is what systemd-score scores (ExecStart, ExecStartPre aside: store paths
     # there, a placeholder in the score).
     unitsSingleSource = check (noFailedAssertions example && deployed == scored) {
       onlyDeployed = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (scored.${n}.${k} or null) != v) c) deployed;
       onlyScored = lib.mapAttrs (n: c: lib.filterAttrs (k: v: (deployed.${n}.${k} or null) != v) c) scored;
     };
+
+    # The units exec the binaries themselves (no shell wrapper); the URLs in their environment
+    # hold no password, the binaries read it from the credential (`%d/…`, the name
+    # LoadCredential= gives it); and `check-config` runs over each unit's environment when the
+    # system is built (system.checks), a placeholder standing in for the credentials.
+    unitsExecTheBinaries = let
+      ev = exampleWith [withPackage];
+    in
+      unitsTakePasswordFiles ev {
+        app = {
+          DATABASE_URL = "postgres://pageviews-app@/pageviews?host=/run/postgresql";
+          AMQP_URL = "amqp://pageviews-app@127.0.0.1:5672/pageviews";
+          PAGEVIEWS_AMQP_PASSWORD_FILE = "%d/amqp-password";
+        };
+        worker.AMQP_URL = "amqp://pageviews-worker@127.0.0.1:5672/pageviews";
+        migrate.DATABASE_URL = "postgres://pageviews@/pageviews?host=/run/postgresql";
+      };
+    splitAppUnitsTakePasswordFiles = unitsTakePasswordFiles (split ["app"] {}) {
+      app = {
+        DATABASE_URL = "postgres://pageviews-app@192.168.1.3:5432/pageviews";
+        PAGEVIEWS_DATABASE_PASSWORD_FILE = "%d/db-password";
+        AMQP_URL = "amqp://pageviews-app@192.168.1.3:5672/pageviews";
+        PAGEVIEWS_AMQP_PASSWORD_FILE = "%d/amqp-password";
+      };
+      migrate = {
+        DATABASE_URL = "postgres://pageviews@192.168.1.3:5432/pageviews";
+        PAGEVIEWS_DATABASE_PASSWORD_FILE = "%d/db-password";
+      };
+    };
+
+    # services.pageviews.monitoring with the real prometheus, exporters and grafana modules
+    # (monitoring.nix).
+    inherit (monitoring.checks) monitoringOneHost monitoringNeedsOneHost monitoringUndeclared vmMonitoring;
+    # The deploy-rs nodes of the split and cluster hosts, against deploy-rs' schema (deploy.nix).
+    inherit (rollout.checks) deployNodes;
   };
 
   # Scenarios whose generated files scripts/nixos-eval checks with real tools (nginx -t,
   # nft -c), in the harness's report format.
-  reports = lib.mapAttrs (_: h.reportOf) {
-    inherit exampleVm;
-    splitDataNftables = split ["data"] nftables;
-    splitAppNftables = split ["app"] nftables;
-  };
+  reports = lib.mapAttrs (_: h.reportOf) ({
+      inherit exampleVm;
+      splitDataNftables = split ["data"] nftables;
+      splitAppNftables = split ["app"] nftables;
+    }
+    // lib.optionalAttrs (monitoring.checks.monitoringOneHost.skipped or null == null) {
+      inherit (monitoring.evals) monitoringOneHost;
+    });
 }

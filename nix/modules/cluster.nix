@@ -4,7 +4,7 @@
 # config peer discovery). The Erlang cookie comes from a file on each broker host, handed to
 # RabbitMQ as a systemd credential: nixpkgs' `unsafeCookie` would put it in the store.
 # The firewall rules between the nodes are in firewall.nix.
-# PostgreSQL stays one primary on the data host.
+# PostgreSQL is one primary on the data host, or the Patroni cluster of ./database-ha.nix.
 {
   config,
   lib,

@@ -14,6 +14,9 @@
   # data host runs the single broker.
   clustered = cfg.rabbitmq.cluster.nodes != [];
   localBroker = hasRole "broker" || (localData && !clustered);
+  # A member of the Patroni cluster of database.ha (database-ha.nix).
+  localDatabase = hasRole "database";
+  ha = cfg.database.ha.enable;
   brokerAddresses = map (n: n.address) cfg.rabbitmq.cluster.nodes;
   # Every app host, for the nginx upstream (passive failover over all of them).
   inherit (cfg.network) appAddresses;
@@ -38,6 +41,14 @@
     if isIPv6 addr
     then "[${addr}]"
     else addr;
+  # Where the app and the worker find PostgreSQL over TCP: every node of database.ha (the
+  # client tries them in turn and keeps the one that accepts writes), else database.host.
+  databaseAddresses =
+    if ha
+    then map (n: n.address) cfg.database.ha.nodes
+    else lib.optional (cfg.database.host != null) cfg.database.host;
+  databaseUrlHosts = lib.concatMapStringsSep "," (a: "${urlHost a}:${toString cfg.database.port}") databaseAddresses;
+  databaseUrlQuery = lib.optionalString ha "?target_session_attrs=read-write&connect_timeout=${toString cfg.database.ha.connectTimeout}";
   # An address as a one-host CIDR (for pg_hba).
   hostCidr = addr:
     if isIPv6 addr

@@ -15,6 +15,10 @@
   inherit (lib) mkOption types;
   common = import ./common.nix {inherit lib cfg;};
   inherit (common) splitApp splitData localApp localData localProxy secretsDir appSocket;
+  # The binaries' defaults, as `pageviews-app check-config --defaults-json` prints them (a
+  # cargo test, tests/integration/config_errors.rs, fails when this file, the options below
+  # or README's table differ from them).
+  binaryDefaults = lib.importJSON ./settings-defaults.json;
 in {
   imports = [
     ./units.nix
@@ -22,8 +26,11 @@ in {
     ./proxy.nix
     ./firewall.nix
     ./prometheus.nix
+    ./monitoring.nix
     ./cluster.nix
     ./backup.nix
+    ./database-ha.nix
+    ./pgbackrest.nix
   ];
 
   options.services.pageviews = {
@@ -39,7 +46,7 @@ in {
     };
 
     roles = mkOption {
-      type = types.listOf (types.enum ["proxy" "app" "data" "broker"]);
+      type = types.listOf (types.enum ["proxy" "app" "data" "broker" "database"]);
       default = ["proxy" "app" "data"];
       example = ["app"];
       description = ''
@@ -49,7 +56,8 @@ in {
         `network.appAddress` / `network.dataAddress` / `network.proxyAddresses` to the
         private addresses of the others (the same values on every host). `broker`: a node
         of the RabbitMQ cluster in `rabbitmq.cluster` (the data host then runs only
-        PostgreSQL).
+        PostgreSQL). `database`: a node of the Patroni cluster in `database.ha` (PostgreSQL,
+        Patroni and etcd; no host has `data` then).
       '';
     };
 
@@ -165,8 +173,8 @@ in {
           description = ''
             File with the PostgreSQL password of the ${role} role, needed on the app host and
             on the data host (same content) when they are different hosts. Unused on one host
-            (peer authentication over the Unix socket). URL-safe characters only
-            (`A-Za-z0-9._~-`), e.g. `openssl rand -hex 32`.
+            (peer authentication over the Unix socket). Trailing newlines are dropped; any
+            other control character is refused. E.g. `openssl rand -hex 32`.
           '';
         });
     };
@@ -190,7 +198,8 @@ in {
           description = ''
             File with the RabbitMQ password of the ${who} user (`pageviews-${who}`). null:
             generated at first boot under ${secretsDir} (only possible when the app and
-            the broker share a host). URL-safe characters only.
+            the broker share a host). Trailing newlines are dropped; any other control
+            character is refused.
           '';
         });
     };
@@ -199,8 +208,11 @@ in {
       description = ''
         Environment of pageviews-app and pageviews-worker (RFC 42 style: any
         `PAGEVIEWS_*`/`RUST_LOG` variable the binaries read; null removes one).
-        `DATABASE_URL` and `AMQP_URL` are built by the module from the options above
-        and the password files, so secrets never reach the store.
+        `DATABASE_URL` and `AMQP_URL` are built by the module from the options above, and
+        the binaries read the passwords from the units' credentials (`passwordFiles`), so
+        secrets never reach the store. Checked when the system is built
+        (`check-config`): a bad value fails the build. Where an option's default differs
+        from the binary's own (settings-defaults.json), its description says why.
       '';
       default = {};
       type = types.submodule {
@@ -208,13 +220,13 @@ in {
         options = {
           RUST_LOG = mkOption {
             type = types.str;
-            default = "info";
+            default = binaryDefaults.RUST_LOG;
             description = "tracing filter.";
           };
           PAGEVIEWS_LOG_FORMAT = mkOption {
             type = types.enum ["text" "json"];
             default = "json";
-            description = "Log format (journald indexes JSON fields).";
+            description = "Log format: `json` here, as journald indexes JSON fields (the binaries' own default is `${binaryDefaults.PAGEVIEWS_LOG_FORMAT}`, for a terminal).";
           };
           PAGEVIEWS_LISTEN = mkOption {
             type = types.str;
@@ -223,37 +235,37 @@ in {
               then "${cfg.network.appAddress}:${toString cfg.network.appPort}"
               else appSocket;
             defaultText = lib.literalExpression ''"/run/pageviews-app/app.sock", or "''${appAddress}:''${appPort}" when split'';
-            description = "App listen address: HOST:PORT or an absolute Unix socket path.";
+            description = "App listen address: HOST:PORT or an absolute Unix socket path (the socket unit owns it; nginx reaches a socket on this host).";
           };
           PAGEVIEWS_METRICS_LISTEN = mkOption {
             type = types.nullOr types.str;
             default = "127.0.0.1:9101";
-            description = "Worker /metrics and /healthz listen address (null: off).";
+            description = "Worker /metrics and /healthz listen address (null: off). On by default here, for Prometheus; the binary has none unless set.";
           };
           PAGEVIEWS_APP_METRICS_LISTEN = mkOption {
             type = types.nullOr types.str;
-            default = null;
+            default = binaryDefaults.PAGEVIEWS_APP_METRICS_LISTEN;
             defaultText = lib.literalExpression ''null, or "127.0.0.1:9102" with prometheus.enable'';
             description = "A second app listener with only /metrics, /healthz and /readyz, HOST:PORT (null: off).";
           };
           PAGEVIEWS_DB_POOL_SIZE = mkOption {
             type = types.ints.positive;
-            default = 16;
+            default = binaryDefaults.PAGEVIEWS_DB_POOL_SIZE;
             description = "Database connections per process.";
           };
           PAGEVIEWS_PREFETCH = mkOption {
             type = types.ints.between 1 65535;
-            default = 100;
+            default = binaryDefaults.PAGEVIEWS_PREFETCH;
             description = "Worker AMQP prefetch (unacknowledged deliveries).";
           };
           PAGEVIEWS_ROLLUP_INTERVAL_SECS = mkOption {
             type = types.ints.positive;
-            default = 60;
+            default = binaryDefaults.PAGEVIEWS_ROLLUP_INTERVAL_SECS;
             description = "Worker scheduled rollup interval.";
           };
           PAGEVIEWS_SWEEP_INTERVAL_SECS = mkOption {
             type = types.ints.positive;
-            default = 10;
+            default = binaryDefaults.PAGEVIEWS_SWEEP_INTERVAL_SECS;
             description = "App re-publish sweep interval for unconfirmed page views.";
           };
         };
@@ -282,11 +294,11 @@ in {
         message = "services.pageviews.database.owner must equal database.name (ensureDBOwnership).";
       }
       {
-        assertion = !(cfg.settings ? DATABASE_URL || cfg.settings ? AMQP_URL);
-        message = "services.pageviews.settings: DATABASE_URL/AMQP_URL are built by the module; use the passwordFiles options.";
+        assertion = lib.all (name: !(lib.hasAttr name cfg.settings)) ["DATABASE_URL" "AMQP_URL" "PAGEVIEWS_DATABASE_PASSWORD_FILE" "PAGEVIEWS_AMQP_PASSWORD_FILE"];
+        message = "services.pageviews.settings: DATABASE_URL, AMQP_URL and their password files are set by the module; use the passwordFiles options.";
       }
       {
-        assertion = splitData -> (localApp -> cfg.network.dataAddress != null) && (localData -> cfg.network.dataClients != []);
+        assertion = splitData -> (localApp -> common.databaseAddresses != [] && (common.clustered || cfg.network.dataAddress != null)) && (localData -> cfg.network.dataClients != []);
         message = "services.pageviews: app and data on different hosts need network.dataAddress (app host) and network.appAddress or dataClients (data host).";
       }
       {

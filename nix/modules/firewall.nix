@@ -47,7 +47,22 @@
         addrs = map (n: n.address) (lib.filter (n: n.hostName != config.networking.hostName) cfg.rabbitmq.cluster.nodes);
         ports = [4369 (cfg.rabbitmq.port + 20000)];
       }
-    ];
+    ]
+    # A node of the Patroni cluster: PostgreSQL from the app hosts and the other nodes (streaming
+    # replication, pg_rewind); Patroni's REST API and etcd (client and peer) from the other nodes only.
+    ++ lib.optionals common.localDatabase (let
+      ha = cfg.database.ha;
+      peers = map (n: n.address) (lib.filter (n: n.hostName != config.networking.hostName) ha.nodes);
+    in [
+      {
+        addrs = lib.unique (cfg.network.dataClients ++ peers);
+        ports = [cfg.database.port];
+      }
+      {
+        addrs = peers;
+        ports = [ha.restApiPort ha.etcd.clientPort ha.etcd.peerPort];
+      }
+    ]);
   rules = accept: lib.concatMapStrings (r: accept r.addrs r.ports) peerRules;
   restrict = fw.enable && peerRules != [];
 in {

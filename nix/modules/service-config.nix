@@ -23,6 +23,13 @@ let
     then files.${who}
     else "${secretsDir}/amqp-${who}";
 
+  # The names of the credentials (LoadCredential=) holding a unit's passwords; the binaries
+  # read them as `%d/<name>` (PAGEVIEWS_DATABASE_PASSWORD_FILE, PAGEVIEWS_AMQP_PASSWORD_FILE).
+  credentials = {
+    database = "db-password";
+    broker = "amqp-password";
+  };
+
   # Both binaries ping at half of it (WATCHDOG_USEC); a wedged runtime is restarted.
   watchdogSec = "10s";
 
@@ -37,7 +44,7 @@ let
     dataAddress,
     brokerAddresses ? [],
     ...
-  }: extra: ["localhost"] ++ optional splitData dataAddress ++ brokerAddresses ++ extra;
+  }: extra: ["localhost"] ++ optional (splitData && dataAddress != null) dataAddress ++ brokerAddresses ++ extra;
   appIpAllowList = args @ {
     splitApp,
     proxyAddresses,
@@ -73,7 +80,8 @@ let
     );
 
   # Arguments: the values of services.pageviews that the units depend on (plain data), and
-  # the ExecStart programs (store paths in the module, placeholders for the score).
+  # the ExecStart command lines (the binaries themselves: store paths in the module,
+  # placeholders for the score).
   units = {
     owner,
     splitData,
@@ -92,8 +100,8 @@ let
     ipAllow = ipAllowList {inherit splitData dataAddress brokerAddresses;};
     # Credentials: the database password only when split (peer auth on one host), the
     # broker password always.
-    dbCredential = file: optional (splitData && file != null) "db-password:${file}";
-    amqpCredential = who: ["amqp-password:${amqpPasswordFile amqpPasswordFiles who}"];
+    dbCredential = file: optional (splitData && file != null) "${credentials.database}:${file}";
+    amqpCredential = who: ["${credentials.broker}:${amqpPasswordFile amqpPasswordFiles who}"];
     base = user:
       hardening
       // {
@@ -101,7 +109,7 @@ let
         Group = user;
         IPAddressDeny = "any";
       };
-    appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses;};
+    appIpAllow = appIpAllowList {inherit splitData splitApp dataAddress proxyAddresses brokerAddresses;};
     # app and worker: long-running, restarted whatever the exit, both credentials;
     # READY=1 (app: once the database answers; worker: once it consumes) and WATCHDOG=1
     # from the async runtime. They start only once the migrations succeeded: ordered after
@@ -145,7 +153,7 @@ let
     };
   };
 in {
-  inherit hardening secretsDir users amqpPasswordFile units appSocket watchdogSec;
+  inherit hardening secretsDir users amqpPasswordFile credentials units appSocket watchdogSec;
 
   # The most `systemd-analyze security` may score each unit, in tenths (15 = 1.5 on its 0-10
   # scale): scripts/systemd-score and the VM tests check against it.
@@ -172,9 +180,9 @@ in {
       worker = null;
     };
     execStart = {
-      migrate = "/nix/store/00000000000000000000000000000000-pageviews-app-start";
-      app = "/nix/store/00000000000000000000000000000000-pageviews-app-start";
-      worker = "/nix/store/00000000000000000000000000000000-pageviews-worker-start";
+      migrate = "/nix/store/00000000000000000000000000000000-pageviews/bin/pageviews-app migrate";
+      app = "/nix/store/00000000000000000000000000000000-pageviews/bin/pageviews-app";
+      worker = "/nix/store/00000000000000000000000000000000-pageviews/bin/pageviews-worker";
     };
     migrated = "/nix/store/00000000000000000000000000000000-systemd/bin/systemctl is-active --quiet pageviews-migrate.service";
   };

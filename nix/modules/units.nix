@@ -31,72 +31,80 @@
     else [dataHostUrl];
   secretUnits = lib.optional (common.generatedSecrets != []) "pageviews-secrets.service";
 
-  # Builds DATABASE_URL / AMQP_URL from credentials at start, then execs the binary:
-  # the passwords stay in systemd's credential store, never in the Nix store or argv.
-  mkStart = {
-    name,
-    role,
-    args ? "",
-    amqp ? true,
-  }:
-    pkgs.writeShellScript "${name}-start" ''
-      set -eu
-      urlsafe() {
-        case "$1" in
-          "" | *[!A-Za-z0-9._~-]*)
-            echo "$2 must be non-empty and URL-safe (A-Za-z0-9._~-)" >&2
-            exit 1
-            ;;
-        esac
-      }
-      ${
-        if splitData
-        then ''
-          db_password="$(cat "$CREDENTIALS_DIRECTORY/db-password")"
-          urlsafe "$db_password" "the ${role} database password"
-          export DATABASE_URL="postgres://${role}:$db_password@${dataHostUrl}:${toString cfg.database.port}/${cfg.database.name}"
-        ''
-        else ''
-          export DATABASE_URL="postgres://${role}@/${cfg.database.name}?host=/run/postgresql"
-        ''
-      }
-      ${lib.optionalString amqp ''
-        amqp_password="$(cat "$CREDENTIALS_DIRECTORY/amqp-password")"
-        urlsafe "$amqp_password" "the ${role} RabbitMQ password"
-        export AMQP_URL="${lib.concatMapStringsSep "," (host: "amqp://${role}:$amqp_password@${host}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}") amqpHosts}"
-      ''}
-      exec ${cfg.package}/bin/${name} ${args}
-    '';
-
-  environment = lib.mapAttrs (_: v:
+  # The settings of services.pageviews, as the binaries read them.
+  settingsEnvironment = lib.mapAttrs (_: v:
     if builtins.isBool v
     then lib.boolToString v
     else toString v)
   (lib.filterAttrs (_: v: v != null) cfg.settings);
 
+  # DATABASE_URL and AMQP_URL of a role, without passwords: the binaries read those from the
+  # unit's credentials and put them into the URLs themselves, so neither the store nor argv
+  # ever holds one. `passwordFile`: the path of a credential; `url`: how a URL is written.
+  inherit (common.serviceConfig) credentials;
+  connectionEnvironment = {
+    role,
+    amqp ? true,
+  }: passwordFile: url:
+    (
+      if splitData
+      then {
+        DATABASE_URL = url "postgres://${role}@${common.databaseUrlHosts}/${cfg.database.name}${common.databaseUrlQuery}";
+        PAGEVIEWS_DATABASE_PASSWORD_FILE = passwordFile credentials.database;
+      }
+      else {
+        DATABASE_URL = url "postgres://${role}@/${cfg.database.name}?host=/run/postgresql";
+      }
+    )
+    // lib.optionalAttrs amqp {
+      AMQP_URL = url (lib.concatMapStringsSep "," (host: "amqp://${role}@${host}:${toString cfg.rabbitmq.port}/${cfg.rabbitmq.vhost}") amqpHosts);
+      PAGEVIEWS_AMQP_PASSWORD_FILE = passwordFile credentials.broker;
+    };
+  roles = {
+    migrate = {
+      role = users.owner;
+      amqp = false;
+    };
+    app.role = users.app;
+    worker.role = users.worker;
+  };
+  # In the unit, `%d` is its credentials directory (systemd.unit(5), "Specifiers"); a `%` of
+  # a URL is written `%%`, which systemd passes on as `%`.
+  unitEnvironment = name:
+    settingsEnvironment
+    // connectionEnvironment roles.${name} (credential: "%d/${credential}") (lib.replaceStrings ["%"] ["%%"]);
+
+  # The settings as each binary loads them, checked when the system is built (attic's
+  # checkedConfigFile pattern): `check-config` over each unit's environment, so a bad setting
+  # fails `nixos-rebuild build` instead of the unit's start. The credentials are not in the
+  # build: a placeholder (no secret) stands in for each password file. $out keeps the
+  # effective settings (`check-config --json`, passwords left out).
+  placeholderPassword = pkgs.writeText "pageviews-check-placeholder-password" "placeholder";
+  checkEnvironment = name:
+    settingsEnvironment // connectionEnvironment roles.${name} (_: "${placeholderPassword}") lib.id;
+  checkConfig = name: program: ''
+    env -i ${lib.escapeShellArgs (lib.mapAttrsToList (n: v: "${n}=${v}") (checkEnvironment name))} \
+      ${cfg.package}/bin/${program} check-config --json > "$out/${name}.json"
+  '';
+  checkedSettings = pkgs.runCommand "pageviews-checked-settings" {} ''
+    mkdir -p "$out"
+    ${checkConfig "app" "pageviews-app"}
+    ${checkConfig "worker" "pageviews-worker"}
+  '';
+
   serviceConfigs = common.serviceConfig.units {
     owner = cfg.database.owner;
     inherit splitData splitApp;
     inherit (cfg.network) dataAddress proxyAddresses;
-    inherit (common) brokerAddresses;
+    # (and the database hosts: the units' IP allow-list)
+    brokerAddresses = common.brokerAddresses ++ common.databaseAddresses;
     dbPasswordFiles = cfg.database.passwordFiles;
     amqpPasswordFiles = cfg.rabbitmq.passwordFiles;
     migrated = "${config.systemd.package}/bin/systemctl is-active --quiet pageviews-migrate.service";
     execStart = {
-      migrate = mkStart {
-        name = "pageviews-app";
-        role = users.owner;
-        args = "migrate";
-        amqp = false;
-      };
-      app = mkStart {
-        name = "pageviews-app";
-        role = users.app;
-      };
-      worker = mkStart {
-        name = "pageviews-worker";
-        role = users.worker;
-      };
+      migrate = "${cfg.package}/bin/pageviews-app migrate";
+      app = "${cfg.package}/bin/pageviews-app";
+      worker = "${cfg.package}/bin/pageviews-worker";
     };
   };
 
@@ -107,7 +115,8 @@
   }:
     lib.mkMerge [
       {
-        inherit description environment;
+        inherit description;
+        environment = unitEnvironment (lib.removePrefix "pageviews-" name);
         wants = ["network-online.target"] ++ localDataUnits ++ secretUnits;
         after = ["network-online.target"] ++ localDataUnits ++ secretUnits;
         serviceConfig = serviceConfigs.${name};
@@ -183,6 +192,8 @@ in {
         }
         cfg.settings.PAGEVIEWS_LISTEN;
     };
+
+    system.checks = [checkedSettings];
 
     # Operators and tests can run the end-to-end probe: pageviews-probe https://DOMAIN/
     environment.systemPackages = [cfg.package];

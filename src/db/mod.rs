@@ -1,6 +1,8 @@
 //! PostgreSQL: the connection pool, the embedded migrations and the queries, one file per table.
 
+pub mod admin;
 pub mod page_views;
+pub mod retention;
 pub mod rollups;
 pub mod schema;
 
@@ -127,7 +129,7 @@ pub async fn open_connections(pool: &Pool, connections: u32) -> Result<(), Strin
 
 /// `open_connections` until it succeeds, retrying with backoff (and saying so).
 pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
-    let mut backoff = crate::queue::Backoff::default();
+    let mut backoff = crate::backoff::Backoff::default();
     while let Err(error) = open_connections(pool, connections).await {
         let delay = backoff.next_delay();
         tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; not ready yet");
@@ -138,13 +140,14 @@ pub async fn wait_until_reachable(pool: &Pool, connections: u32) {
 /// Whether a pooled connection answers a query, within the pool's timeout (readiness, the
 /// `database_up` gauge).
 pub async fn ping(pool: &Pool) -> Result<(), DbError> {
-    run(pool, async |conn| {
+    with_connection(pool, async |conn| {
         diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
     })
     .await
 }
 
-/// A database error: no connection, or the query failed (requests wrap it in `AppError`).
+/// A database error: no connection, or the query failed (requests wrap it in `AppError`;
+/// docs/ARCHITECTURE.md, "Errors").
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database unavailable: {0}")]
@@ -153,8 +156,8 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
 }
 
-/// Runs `query` on a pooled connection.
-pub async fn run<T>(
+/// Runs `query` on a connection from `pool` (waiting for one up to the pool's timeout).
+pub async fn with_connection<T>(
     pool: &Pool,
     query: impl AsyncFnOnce(&mut AsyncPgConnection) -> diesel::QueryResult<T>,
 ) -> Result<T, DbError> {

@@ -158,11 +158,19 @@ pub async fn unprocessed(
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
+/// A page view newly marked processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Queryable)]
+pub struct Done {
+    pub id: i64,
+    /// When the page view was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
 /// What happened to a batch of tasks.
 #[derive(Debug, Default, PartialEq)]
 pub struct Processed {
-    /// Newly processed: id and when the page view was recorded.
-    pub done: Vec<(i64, DateTime<Utc>)>,
+    /// Newly processed.
+    pub done: Vec<Done>,
     /// Already processed earlier (a redelivery or a duplicate): nothing changed.
     pub duplicates: Vec<i64>,
     /// No such page view: the task is bogus.
@@ -189,11 +197,11 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
             .skip_locked()
             .load(conn)
             .await?;
-        let done: Vec<(i64, DateTime<Utc>)> = ProcessBatch { ids: &locked }.load(conn).await?;
+        let done: Vec<Done> = ProcessBatch { ids: &locked }.load(conn).await?;
         let (duplicates, rest): (Vec<i64>, Vec<i64>) = ids
             .iter()
             .copied()
-            .filter(|id| !done.iter().any(|(d, _)| d == id))
+            .filter(|id| !done.iter().any(|d| d.id == *id))
             .partition(|id| locked.binary_search(id).is_ok());
         // Not locked here: held elsewhere, or no such row. Looked up only when there are any.
         let busy: Vec<i64> = match rest.is_empty() {

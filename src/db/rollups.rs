@@ -68,8 +68,16 @@ pub async fn run_if_due(conn: &mut AsyncPgConnection, interval: std::time::Durat
     .await
 }
 
+/// One row of the rollup: the views recorded in one minute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Queryable)]
+pub struct MinuteViews {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    pub views: i64,
+}
+
 /// The newest `n` minutes, newest first.
-pub async fn recent(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<Vec<(DateTime<Utc>, i64)>> {
+pub async fn recent(conn: &mut AsyncPgConnection, n: i64) -> QueryResult<Vec<MinuteViews>> {
     page_view_rollups::table
         .select((page_view_rollups::minute, page_view_rollups::views))
         .order(page_view_rollups::minute.desc())

@@ -78,11 +78,14 @@ BEGIN
         -- EXCLUDED reads every column); the app reads them.
         'GRANT SELECT (name, last_run_at, runs), UPDATE (last_run_at, runs) ON public.scheduled_jobs TO %2$I',
         'GRANT SELECT (minute, views, computed_at), INSERT (minute, views, computed_at), UPDATE (views, computed_at) ON public.page_view_rollups TO %2$I',
-        'GRANT SELECT (minute, views) ON public.page_view_rollups TO %1$I'
+        'GRANT SELECT (minute, views) ON public.page_view_rollups TO %1$I',
+        -- Retention: the worker deletes old processed rows only through this function
+        -- (migrations/…_retention), never with a DELETE of its own.
+        'GRANT EXECUTE ON FUNCTION public.expire_page_views(timestamptz, integer) TO %2$I'
     ] LOOP
         BEGIN
             EXECUTE format(statement, app, worker);
-        EXCEPTION WHEN undefined_table OR undefined_column THEN
+        EXCEPTION WHEN undefined_table OR undefined_column OR undefined_function THEN
             -- Not created yet (a migration still to run): granted when it is.
             NULL;
         END;
@@ -107,7 +110,7 @@ REVOKE ALL ON FUNCTION pageviews_setup.grant_after_ddl() FROM PUBLIC;
 -- Not on GRANT or REVOKE (the function's own statements), nor on DROP.
 DROP EVENT TRIGGER IF EXISTS pageviews_grants;
 CREATE EVENT TRIGGER pageviews_grants ON ddl_command_end
-WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'CREATE SEQUENCE', 'ALTER SEQUENCE')
+WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'CREATE SEQUENCE', 'ALTER SEQUENCE', 'CREATE FUNCTION')
 EXECUTE PROCEDURE pageviews_setup.grant_after_ddl();
 
 DO $$ BEGIN PERFORM pageviews_setup.grant_runtime(); END $$;

@@ -1,39 +1,11 @@
-//! Several broker nodes: `AMQP_URL` may list the nodes of a RabbitMQ cluster as
-//! comma-separated full URLs. A client connects to the first node that answers and, after
-//! losing it, tries the others first, so it fails over instead of waiting for the lost node.
+//! Connecting to the broker: one node ([`open`]), or the first that answers of several
+//! ([`Brokers`]). `AMQP_URL` may list the nodes of a RabbitMQ cluster as comma-separated full
+//! URLs. A client connects to the first node that answers and, after losing it, tries the
+//! others first, so it fails over instead of waiting for the lost node.
 
-use super::{QueueType, redacted};
+use super::{CONNECT_TIMEOUT, Error, declare_topology, redacted};
+use crate::config::QueueType;
 use amiquip::{Channel, Connection};
-
-/// Splits an `AMQP_URL` value into its node URLs. The error says which entry (1-based) was
-/// wrong and never quotes an entry, since it may hold a password.
-pub fn parse_list(raw: &str) -> Result<Vec<String>, String> {
-    let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
-    let count = entries.len();
-    entries
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| {
-            let which = if count == 1 {
-                String::new()
-            } else {
-                format!("entry {} of {count}: ", i + 1)
-            };
-            if entry.is_empty() {
-                return Err(format!("{which}is empty (separate full amqp:// URLs with commas)"));
-            }
-            let url = url::Url::parse(entry).map_err(|e| format!("{which}not a URL: {e}"))?;
-            match url.scheme() {
-                "amqp" if url.host_str().is_some_and(|h| !h.is_empty()) => Ok((*entry).to_owned()),
-                "amqp" => Err(format!("{which}has no host")),
-                "amqps" => Err(format!(
-                    "{which}amqps:// is not supported by this build; use amqp:// on a private network"
-                )),
-                other => Err(format!("{which}scheme {other:?} is not amqp")),
-            }
-        })
-        .collect()
-}
 
 /// The nodes of one broker (a cluster or a single node) and which one this client used last.
 pub struct Brokers {
@@ -72,7 +44,7 @@ impl Brokers {
                 return Ok(None);
             }
             self.current = Some(i);
-            match super::open(&self.nodes[i], self.queue_type) {
+            match open(&self.nodes[i], self.queue_type) {
                 Ok(pair) => return Ok(Some(pair)),
                 Err(e) => {
                     explain_queue_type_mismatch(&e, self.queue_type);
@@ -90,6 +62,33 @@ impl Brokers {
     }
 }
 
+/// The heartbeat: a dead broker is noticed within seconds instead of at the next TCP timeout.
+const HEARTBEAT_SECS: u64 = 5;
+
+/// Opens a connection to one node and a channel with the topology declared, within
+/// [`CONNECT_TIMEOUT`] for the connection.
+pub fn open(url: &str, queue_type: QueueType) -> super::Result<(Connection, Channel)> {
+    let mut connection = Connection::insecure_open(&with_client_settings(url)).map_err(|e| Error::connect(&e, url))?;
+    let channel = connection.open_channel(None)?;
+    declare_topology(&channel, queue_type).map_err(Error::Topology)?;
+    Ok((connection, channel))
+}
+
+/// `url` with the heartbeat and the connect timeout, unless it sets them itself.
+fn with_client_settings(url: &str) -> String {
+    let mut full = url.to_owned();
+    for (name, value) in [
+        ("heartbeat", HEARTBEAT_SECS),
+        ("connection_timeout", CONNECT_TIMEOUT.as_millis() as u64),
+    ] {
+        if !url.contains(&format!("{name}=")) {
+            let separator = if full.contains('?') { '&' } else { '?' };
+            full = format!("{full}{separator}{name}={value}");
+        }
+    }
+    full
+}
+
 /// Every node, without credentials, for the log line when none answers.
 impl std::fmt::Display for Brokers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,10 +99,10 @@ impl std::fmt::Display for Brokers {
 
 /// A queue declared with another `x-queue-type` (a classic queue from before quorum queues
 /// were the default) makes the broker refuse the declaration; say what to do about it.
-fn explain_queue_type_mismatch(error: &super::Error, wanted: QueueType) {
-    // PRECONDITION_FAILED (406) naming the argument; the error is text by now (no credentials).
+fn explain_queue_type_mismatch(error: &Error, wanted: QueueType) {
+    // PRECONDITION_FAILED (406) naming the argument.
     let message = error.to_string();
-    if message.contains("x-queue-type") {
+    if matches!(error, Error::Topology(_)) && message.contains("x-queue-type") {
         tracing::error!(
             queue_type = wanted.as_str(),
             %message,
@@ -118,28 +117,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_list_of_urls_is_split_and_checked() {
-        assert_eq!(
-            parse_list("amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5672/%2f").unwrap(),
-            ["amqp://u:p@h1:5672/%2f", "amqp://u:p@h2:5672/%2f"]
-        );
-        assert_eq!(parse_list("amqp://u:p@h/v").unwrap(), ["amqp://u:p@h/v"]);
+    fn connection_errors_hide_credentials() {
+        let url = "amqp://app:S3CRET%2FPW@rabbitmq.invalid:5672/%2f";
+        let Err(e) = open(url, QueueType::Classic) else {
+            panic!("rabbitmq.invalid resolved")
+        };
+        assert!(matches!(e, Error::Connect(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(!e.contains("S3CRET") && e.contains("rabbitmq.invalid"), "{e}");
     }
 
     #[test]
-    fn a_bad_entry_is_named_by_position_without_its_password() {
-        let error = parse_list("amqp://u:secret@h1/v,amqp://u:secret@h2:port/v").unwrap_err();
-        assert_eq!(error, "entry 2 of 2: not a URL: invalid port number");
+    fn the_client_settings_are_added_unless_the_url_has_them() {
         assert_eq!(
-            parse_list("amqp://u:secret@h1/v,,amqp://h3").unwrap_err(),
-            "entry 2 of 3: is empty (separate full amqp:// URLs with commas)"
+            with_client_settings("amqp://h/v"),
+            "amqp://h/v?heartbeat=5&connection_timeout=5000"
         );
         assert_eq!(
-            parse_list("amqp://u:secret@h1/v,http://u:secret@h2/").unwrap_err(),
-            "entry 2 of 2: scheme \"http\" is not amqp"
+            with_client_settings("amqp://h/v?heartbeat=30"),
+            "amqp://h/v?heartbeat=30&connection_timeout=5000"
         );
-        assert_eq!(parse_list("http://x").unwrap_err(), "scheme \"http\" is not amqp");
-        assert!(parse_list("amqps://u:secret@h1/v").unwrap_err().starts_with("amqps://"));
     }
 
     #[test]

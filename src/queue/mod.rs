@@ -3,9 +3,14 @@
 
 pub mod brokers;
 pub mod consumer;
+mod error;
 pub mod outbox;
 
-use amiquip::{AmqpValue, Channel, Connection, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
+pub use brokers::open;
+pub use error::{BadTask, Error, Result};
+
+use crate::config::QueueType;
+use amiquip::{AmqpValue, Channel, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -58,60 +63,26 @@ impl Task {
     /// Parses a message body; the error says what was wrong, for the dead-letter log line. A
     /// body over [`MAX_TASK_BYTES`] is refused before any parsing: parsed, a few megabytes of
     /// `1,1,1,...` take twenty times their size in memory.
-    pub fn parse(body: &[u8]) -> std::result::Result<Task, String> {
+    pub fn parse(body: &[u8]) -> std::result::Result<Task, BadTask> {
         if body.len() > MAX_TASK_BYTES {
-            return Err(format!(
-                "task body of {} bytes is over the limit of {MAX_TASK_BYTES} ({MAX_IDS} ids)",
-                body.len()
-            ));
+            return Err(BadTask::TooLarge(body.len()));
         }
-        let shown = || String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
-        let wire: Wire = serde_json::from_slice(body).map_err(|e| {
-            format!(
-                "not a task {{\"v\": 2, \"page_view_ids\": [<positive integers>]}}: {e}; body {:?}",
-                shown()
-            )
+        let wire: Wire = serde_json::from_slice(body).map_err(|e| BadTask::NotATask {
+            error: e.to_string(),
+            body: String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned(),
         })?;
         let ids = match wire {
             Wire::Versioned { v: 2, page_view_ids } => page_view_ids,
-            Wire::Versioned { v, .. } => return Err(format!("task format version {v} is not supported (2 is)")),
+            Wire::Versioned { v, .. } => return Err(BadTask::Version(v)),
             Wire::V1 { page_view_id } => vec![page_view_id],
         };
         if ids.is_empty() || ids.len() > MAX_IDS {
-            return Err(format!("{} page_view_ids; a task has 1 to {MAX_IDS}", ids.len()));
+            return Err(BadTask::IdCount(ids.len()));
         }
         if let Some(bad) = ids.iter().find(|id| **id <= 0) {
-            return Err(format!("page_view_id {bad} is not positive"));
+            return Err(BadTask::NotPositive(*bad));
         }
         Ok(Task { page_view_ids: ids })
-    }
-}
-
-/// The type of the task and dead-letter queues (`PAGEVIEWS_QUEUE_TYPE`). Quorum queues are
-/// replicated across a cluster's nodes (Raft); classic queues live on one node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueType {
-    Classic,
-    Quorum,
-}
-
-impl QueueType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
-    }
-}
-
-impl std::str::FromStr for QueueType {
-    type Err = ();
-    fn from_str(s: &str) -> std::result::Result<Self, ()> {
-        match s {
-            "classic" => Ok(QueueType::Classic),
-            "quorum" => Ok(QueueType::Quorum),
-            _ => Err(()),
-        }
     }
 }
 
@@ -170,47 +141,6 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Waits between reconnect (and retry) attempts: 100 ms doubling to 5 s. A session that stayed
-/// up for at least the longest wait counts as a recovery: the next outage starts again from
-/// 100 ms. One that fails sooner (a broker accepting connections and then refusing us) keeps
-/// doubling, so a broken peer never gets a reconnect loop.
-pub struct Backoff {
-    next: Duration,
-    connected_at: Option<Instant>,
-}
-
-const FIRST_DELAY: Duration = Duration::from_millis(100);
-const MAX_DELAY: Duration = Duration::from_secs(5);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: FIRST_DELAY,
-            connected_at: None,
-        }
-    }
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        if self.connected_at.take().is_some_and(|at| at.elapsed() >= MAX_DELAY) {
-            self.next = FIRST_DELAY;
-        }
-        let delay = self.next;
-        self.next = (self.next * 2).min(MAX_DELAY);
-        delay
-    }
-
-    /// A session is up: if it lasts, the next failure waits the shortest time again.
-    pub fn connected(&mut self) {
-        self.connected_at = Some(Instant::now());
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-}
-
 /// How long a connection attempt (TCP connect and AMQP handshake) may take: well under
 /// systemd's stop timeout (30 s in nix/modules/hardening.nix), so a SIGTERM while the broker's
 /// host drops packets still ends in time.
@@ -237,52 +167,6 @@ pub async fn join_within(thread: std::thread::JoinHandle<()>, limit: impl Fn() -
     true
 }
 
-/// A broker error, as text without the URL's credentials: amiquip puts the whole URL, password
-/// included, in the text of its connection errors.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Error(String);
-
-impl From<amiquip::Error> for Error {
-    fn from(error: amiquip::Error) -> Self {
-        Error(error.to_string())
-    }
-}
-
-impl Error {
-    fn without_credentials(error: &amiquip::Error, url: &str) -> Self {
-        let mut text = error.to_string();
-        if let Ok(u) = url::Url::parse(url) {
-            // amiquip shows the URL as `url` serialises it: userinfo is `user[:password]@`.
-            if let Some(password) = u.password() {
-                text = text.replace(&format!(":{password}@"), ":***@").replace(password, "***");
-            }
-        }
-        Error(text)
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// Opens a connection and a channel with the topology declared. The heartbeat notices a dead
-/// broker within seconds instead of at the next TCP timeout.
-pub fn open(url: &str, queue_type: QueueType) -> Result<(Connection, Channel)> {
-    let mut full = url.to_owned();
-    for (name, value) in [
-        ("heartbeat", 5),
-        ("connection_timeout", CONNECT_TIMEOUT.as_millis() as u64),
-    ] {
-        if !url.contains(&format!("{name}=")) {
-            let separator = if full.contains('?') { '&' } else { '?' };
-            full = format!("{full}{separator}{name}={value}");
-        }
-    }
-    let mut connection = Connection::insecure_open(&full).map_err(|e| Error::without_credentials(&e, url))?;
-    let channel = connection.open_channel(None)?;
-    declare_topology(&channel, queue_type)?;
-    Ok((connection, channel))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,23 +182,34 @@ mod tests {
             Task::parse(br#"{"page_view_id": 7}"#),
             Ok(Task { page_view_ids: vec![7] })
         );
-        assert!(Task::parse(b"hello").unwrap_err().contains("body \"hello\""));
+        assert!(
+            Task::parse(b"hello")
+                .unwrap_err()
+                .to_string()
+                .contains("body \"hello\"")
+        );
         assert!(
             Task::parse(br#"{"page_view_id": "7"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("not a task")
         );
         assert_eq!(
-            Task::parse(br#"{"v": 2, "page_view_ids": [3, -1]}"#).unwrap_err(),
+            Task::parse(br#"{"v": 2, "page_view_ids": [3, -1]}"#)
+                .unwrap_err()
+                .to_string(),
             "page_view_id -1 is not positive"
         );
         assert_eq!(
-            Task::parse(br#"{"v": 3, "page_view_ids": [3]}"#).unwrap_err(),
+            Task::parse(br#"{"v": 3, "page_view_ids": [3]}"#)
+                .unwrap_err()
+                .to_string(),
             "task format version 3 is not supported (2 is)"
         );
         assert!(
             Task::parse(br#"{"v": 2, "page_view_ids": []}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("0 page_view_ids")
         );
         let widest = Task {
@@ -323,7 +218,7 @@ mod tests {
         assert!(widest.to_bytes().len() <= MAX_TASK_BYTES);
         assert_eq!(Task::parse(&widest.to_bytes()), Ok(widest));
         assert_eq!(
-            Task::parse(&vec![b' '; MAX_TASK_BYTES + 1]).unwrap_err(),
+            Task::parse(&vec![b' '; MAX_TASK_BYTES + 1]).unwrap_err().to_string(),
             "task body of 32001 bytes is over the limit of 32000 (1000 ids)"
         );
     }
@@ -331,26 +226,5 @@ mod tests {
     #[test]
     fn redacted_urls_hide_credentials() {
         assert_eq!(redacted("amqp://user:secret@broker:5673/%2fv"), "broker:5673/%2fv");
-    }
-
-    #[test]
-    fn connection_errors_hide_credentials() {
-        let url = "amqp://app:S3CRET%2FPW@rabbitmq.invalid:5672/%2f";
-        let Err(e) = open(url, QueueType::Classic) else {
-            panic!("rabbitmq.invalid resolved")
-        };
-        let e = e.to_string();
-        assert!(!e.contains("S3CRET") && e.contains("rabbitmq.invalid"), "{e}");
-    }
-
-    #[test]
-    fn backoff_doubles_and_restarts_only_after_a_lasting_session() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        backoff.connected();
-        assert_eq!(backoff.next_delay(), MAX_DELAY, "a session that failed at once");
-        backoff.connected_at = Some(Instant::now() - MAX_DELAY);
-        assert_eq!(backoff.next_delay(), FIRST_DELAY, "a session that lasted");
     }
 }

@@ -17,7 +17,7 @@
 use super::AppMetrics;
 use super::error::AppError;
 use crate::db::{self, Pool};
-use crate::queue::outbox::Outbox;
+use crate::queue::outbox::{Offer, Outbox};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -135,7 +135,10 @@ async fn run(mut rx: mpsc::Receiver<Visit>, pool: Pool, outbox: Outbox, metrics:
         match insert(&pool, &data, ends).await {
             Ok(ids) => {
                 metrics.recorded.inc_by(ids.len() as u64);
-                outbox.offer(ids.clone());
+                // Not accepted: counted as deferred; the rows wait for the sweep.
+                let _ = outbox.offer(Offer {
+                    page_view_ids: ids.clone(),
+                });
                 for (id, reply) in ids.into_iter().zip(replies) {
                     let _ = reply.send(Ok(id));
                 }

@@ -1,7 +1,11 @@
 //! The one error type of the request path: anything that goes wrong while serving a page is a
-//! dependency being unavailable, answered with 503 and a plain page, logged once here.
+//! dependency being unavailable, answered with 503 and a plain page. Turning it into the
+//! answer logs nothing: the answer carries a [`Failure`], which [`log_failures`] (a middleware
+//! inside the request's span) logs once.
 
+use axum::extract::Request;
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +55,45 @@ impl AppError {
     }
 }
 
+/// What failed, attached to the answer for [`log_failures`].
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The error's text (it never holds a secret: no URL, no credential).
+    error: String,
+    /// The page view may have been stored (`AppError::OutcomeUnknown`).
+    outcome_unknown: bool,
+}
+
+/// Logs the failure an answer carries, once per request, and takes it off the answer.
+pub async fn log_failures(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(failure) = response.extensions_mut().remove::<Failure>() {
+        let error = failure.error;
+        if failure.outcome_unknown {
+            tracing::error!(%error, "request failed; its page view may have been stored");
+        } else {
+            tracing::error!(%error, "request failed");
+        }
+    }
+    response
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        let failure = Failure {
+            error: self.to_string(),
+            outcome_unknown: self.outcome_unknown(),
+        };
+        let mut response = self.answer();
+        response.extensions_mut().insert(failure);
+        response
+    }
+}
+
+impl AppError {
+    /// The answer, without logging.
+    fn answer(&self) -> Response {
         if self.outcome_unknown() {
-            tracing::error!(error = %self, "request failed; its page view may have been stored");
             let page = Html(
                 "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Error</title></head>\
                  <body><h1>Something went wrong</h1><p>Your visit may have been recorded; \
@@ -62,11 +101,74 @@ impl IntoResponse for AppError {
             );
             return (StatusCode::INTERNAL_SERVER_ERROR, page).into_response();
         }
-        tracing::error!(error = %self, "request failed");
         let page = Html(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unavailable</title></head>\
              <body><h1>Temporarily unavailable</h1><p>Please try again in a few seconds.</p></body></html>\n",
         );
         (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], page).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+    use std::sync::{Arc, Mutex};
+    use tower::ServiceExt;
+
+    /// The log lines written while it is the default subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_logged_once_by_the_middleware_and_not_by_the_answer() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let lines = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+
+        let answer = AppError::Busy.into_response();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(lines(), "", "turning an error into an answer logs nothing");
+
+        let app = Router::new()
+            .route("/", get(|| async { Err::<(), _>(AppError::Busy) }))
+            .route(
+                "/unknown",
+                get(|| async { Err::<(), _>(AppError::OutcomeUnknown("no answer to COMMIT".into())) }),
+            )
+            .layer(axum::middleware::from_fn(log_failures));
+        let request = |path| axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+        let response = app.clone().oneshot(request("/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.extensions().get::<Failure>().is_none());
+        let response = app.oneshot(request("/unknown")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let text = lines();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.contains("request failed error=too many page views waiting for the database"),
+            "{text}"
+        );
+        assert!(
+            text.contains("request failed; its page view may have been stored error=the page view may or may not be stored: no answer to COMMIT"),
+            "{text}"
+        );
     }
 }

@@ -3,11 +3,24 @@
 //! they are served on that listener only.
 
 use super::AppState;
+use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
+use axum::routing::get;
 use std::time::{Duration, Instant};
+
+/// `/healthz`, and with `operations` also `/readyz` and `/metrics`: the one list of the
+/// operational routes, for the public router and the operators' listener.
+pub fn routes(operations: bool) -> Router<AppState> {
+    let routes = Router::new().route("/healthz", get(healthz));
+    if operations {
+        routes.route("/readyz", get(readyz)).route("/metrics", get(metrics))
+    } else {
+        routes
+    }
+}
 
 pub async fn healthz() -> &'static str {
     "ok\n"

@@ -3,7 +3,6 @@
 mod batch_insert;
 mod error;
 mod health;
-pub mod listener;
 mod page;
 mod request_id;
 mod stats;
@@ -11,6 +10,7 @@ mod visits;
 
 use crate::config::{AppConfig, Listen};
 use crate::db::{self, Pool};
+use crate::listener;
 use crate::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use crate::queue::brokers::Brokers;
 use crate::queue::outbox::Outbox;
@@ -33,7 +33,7 @@ pub struct App {
     batcher: batch_insert::InsertBatcher,
     /// Totals shown on the page, refreshed at most once a second (counting rows per request
     /// would make every page view scan the table).
-    page_stats: page::StatsCache,
+    page_stats: stats::StatsCache,
     /// What `/metrics` exposes: `metrics` and the publisher's.
     registry: Registry,
     /// The database's answer to `/readyz` and scrapes.
@@ -124,7 +124,7 @@ impl App {
             outbox,
             metrics,
             batcher,
-            page_stats: page::StatsCache::default(),
+            page_stats: stats::StatsCache::default(),
             registry,
             database_check: health::DatabaseCheck::default(),
         })
@@ -133,6 +133,8 @@ impl App {
 
 /// A request not answered within this time is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+// A request that came in while the listener drains is answered before its deadline.
+const _: () = assert!(listener::DRAIN_DEADLINE.as_millis() > listener::DRAIN.as_millis() + REQUEST_TIMEOUT.as_millis());
 
 /// Every route, in one place. `operations`: also `/readyz` and `/metrics` (else they are on
 /// the operators' listener only, `operations_router`).
@@ -141,15 +143,10 @@ pub fn router(app: AppState, operations: bool) -> Router {
         .route("/", get(page::show))
         .route("/stats", get(stats::show))
         .route("/visits/{id}", get(visits::show))
-        .route("/healthz", get(health::healthz));
-    let routes = if operations {
-        routes
-            .route("/readyz", get(health::readyz))
-            .route("/metrics", get(health::metrics))
-    } else {
-        routes
-    };
+        .merge(health::routes(operations));
     routes
+        // Inside the request's span (below), so its log line carries the request id.
+        .layer(axum::middleware::from_fn(error::log_failures))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -176,11 +173,7 @@ pub fn router(app: AppState, operations: bool) -> Router {
 
 /// The operators' routes alone, for `PAGEVIEWS_APP_METRICS_LISTEN`.
 fn operations_router(app: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .with_state(app)
+    health::routes(true).with_state(app)
 }
 
 /// Runs the app until SIGTERM/SIGINT: stops accepting, lets requests in flight finish, hands
@@ -190,11 +183,7 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
     let mut stop = Box::pin(shutdown::signal());
     crate::systemd::spawn_watchdog();
     let pool = db::request_pool(&config.database);
-    let outbox = Outbox::start(
-        Brokers::from_config(&config.broker),
-        pool.clone(),
-        config.sweep_interval,
-    );
+    let outbox = Outbox::start(Brokers::from_config(&config.broker), pool.clone(), config.sweep.clone());
     let app = App::new(pool.clone(), outbox.clone(), config.database.timeout);
     let (trigger, stopping) = shutdown::channel();
     let operations = match &config.metrics_listen {

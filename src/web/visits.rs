@@ -24,7 +24,7 @@ pub async fn show(State(app): State<AppState>, id: Result<Path<String>, PathReje
     let Some(id) = id.ok().and_then(|Path(id)| id.parse::<i64>().ok()) else {
         return Ok((StatusCode::BAD_REQUEST, "a visit id is a whole number\n").into_response());
     };
-    let processed = db::run(&app.pool, async |conn| page_views::is_processed(conn, id).await).await?;
+    let processed = db::with_connection(&app.pool, async |conn| page_views::is_processed(conn, id).await).await?;
     let cache = [(header::CACHE_CONTROL, "no-store")];
     Ok(match processed {
         Some(processed) => (cache, Json(Visit { id, processed })).into_response(),

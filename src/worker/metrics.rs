@@ -1,7 +1,6 @@
 //! The worker's Prometheus metrics and the small server that exposes them.
 
 use crate::metrics::{Counter, Gauge, Histogram, Registry};
-use crate::queue::consumer::ConsumerEvents;
 use crate::shutdown::Shutdown;
 use axum::Router;
 use axum::extract::State;
@@ -17,16 +16,6 @@ pub struct WorkerMetrics {
     pub latency: Histogram,
     pub broker_connected: Gauge,
     registry: Registry,
-}
-
-impl ConsumerEvents for WorkerMetrics {
-    fn dead_lettered(&self) {
-        self.dead_lettered.inc();
-    }
-
-    fn connected(&self, up: bool) {
-        self.broker_connected.set(i64::from(up));
-    }
 }
 
 impl Default for WorkerMetrics {
@@ -77,7 +66,7 @@ impl Default for WorkerMetrics {
     }
 }
 
-pub async fn serve(listener: crate::web::listener::Listener, metrics: Arc<WorkerMetrics>, mut stopping: Shutdown) {
+pub async fn serve(listener: crate::listener::Listener, metrics: Arc<WorkerMetrics>, mut stopping: Shutdown) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -85,7 +74,7 @@ pub async fn serve(listener: crate::web::listener::Listener, metrics: Arc<Worker
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(metrics);
-    if let Err(e) = crate::web::listener::serve(listener, app, async move { stopping.wait().await }).await {
+    if let Err(e) = crate::listener::serve(listener, app, async move { stopping.wait().await }).await {
         tracing::error!(error = %e, "worker metrics server failed");
     }
 }

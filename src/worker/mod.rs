@@ -2,10 +2,13 @@
 //! scheduled rollup. Optionally serves `/metrics` and `/healthz`.
 
 mod metrics;
+pub mod retention;
 mod rollup;
 mod tasks;
 
+pub use crate::queue::consumer::Verdict;
 pub use metrics::WorkerMetrics;
+pub use tasks::process;
 
 use crate::config::WorkerConfig;
 use crate::db;
@@ -14,7 +17,7 @@ use crate::shutdown;
 use std::sync::Arc;
 
 /// The consumer's events go to the metrics; the first time it consumes, the service manager is
-/// told the worker is ready.
+/// told the worker is ready (the one implementation of `ConsumerEvents`).
 struct Events {
     metrics: Arc<WorkerMetrics>,
     ready: std::sync::Once,
@@ -22,11 +25,11 @@ struct Events {
 
 impl ConsumerEvents for Events {
     fn dead_lettered(&self) {
-        self.metrics.dead_lettered();
+        self.metrics.dead_lettered.inc();
     }
 
     fn connected(&self, up: bool) {
-        self.metrics.connected(up);
+        self.metrics.broker_connected.set(i64::from(up));
         if up {
             self.ready.call_once(|| crate::systemd::ready("consuming"));
         }
@@ -43,7 +46,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
 
     let metrics_server = match &config.metrics_listen {
         Some(listen) => {
-            let listener = crate::web::listener::bind(listen)
+            let listener = crate::listener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("PAGEVIEWS_METRICS_LISTEN: {e}"))?;
             tracing::info!(%listen, "worker metrics listening");
@@ -76,7 +79,16 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         metrics.clone(),
         stopping.clone(),
     ));
+    let retention = config.retention_days.map(|days| {
+        tokio::spawn(retention::schedule(
+            pool.clone(),
+            days,
+            config.rollup_interval,
+            stopping.clone(),
+        ))
+    });
     tracing::info!(
+        retention_days = config.retention_days,
         prefetch = config.prefetch,
         rollup_interval_secs = config.rollup_interval.as_secs(),
         "worker started"
@@ -91,6 +103,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     consumer.shutdown().await;
     let _ = processor.await;
     let _ = scheduler.await;
+    if let Some(retention) = retention {
+        let _ = retention.await;
+    }
     if let Some(server) = metrics_server {
         let _ = server.await;
     }

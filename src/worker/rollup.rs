@@ -11,7 +11,7 @@ pub async fn schedule(pool: Pool, interval: Duration, metrics: Arc<WorkerMetrics
     let mut stop = stopping.clone();
     let mut ticker = stopping.ticker(interval);
     while ticker.tick().await {
-        let run = db::run(&pool, async |conn| db::rollups::run_if_due(conn, interval).await);
+        let run = db::with_connection(&pool, async |conn| db::rollups::run_if_due(conn, interval).await);
         let outcome = tokio::select! {
             outcome = run => outcome,
             () = stop.wait() => break,

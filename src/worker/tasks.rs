@@ -1,8 +1,10 @@
-//! Processing task batches in PostgreSQL, retrying while the database is away.
+//! Processing task batches in PostgreSQL, retrying while the database is away: the worker's
+//! step, [`process`], needs PostgreSQL only (the consumer hands it the ids and acts on its
+//! verdict).
 
 use super::WorkerMetrics;
+use crate::backoff::Backoff;
 use crate::db::{self, Pool};
-use crate::queue::Backoff;
 use crate::queue::consumer::{Batch, Verdict};
 use crate::shutdown::Shutdown;
 use chrono::Utc;
@@ -24,23 +26,26 @@ pub async fn process_batches(
             () = stopping.wait() => batches.try_recv().ok(),
         };
         let Some(batch) = batch else { return };
-        let verdict = process_with_retry(&pool, &batch.ids, &metrics, &mut stopping).await;
+        let verdict = process(&pool, &batch.ids, &metrics, &mut stopping).await;
         let _ = batch.reply.send(verdict);
     }
 }
 
-/// Retries until the transaction commits. Only a shutdown while the database is unreachable
-/// gives up (at the next failed attempt, or at once while waiting to retry), leaving the
-/// deliveries unacked so the broker redelivers them.
-async fn process_with_retry(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &mut Shutdown) -> Verdict {
+/// Marks the page views `ids` processed in one transaction and says what to do with their
+/// messages: [`Verdict::Done`] (ack; dead-letter the ids that name no page view) or
+/// [`Verdict::NotDone`] (leave unacked). Retries until the transaction commits. Only a
+/// shutdown (`stopping`) while the database is unreachable gives up (at the next failed
+/// attempt, or at once while waiting to retry), leaving the deliveries unacked so the broker
+/// redelivers them.
+pub async fn process(pool: &Pool, ids: &[i64], metrics: &WorkerMetrics, stopping: &mut Shutdown) -> Verdict {
     let mut backoff = Backoff::default();
     loop {
-        let outcome = db::run(pool, async |conn| db::page_views::process(conn, ids).await).await;
+        let outcome = db::with_connection(pool, async |conn| db::page_views::process(conn, ids).await).await;
         match outcome {
             Ok(processed) => {
                 let now = Utc::now();
-                for (_, created_at) in &processed.done {
-                    metrics.latency.observe((now - *created_at).as_seconds_f64());
+                for done in &processed.done {
+                    metrics.latency.observe((now - done.created_at).as_seconds_f64());
                 }
                 metrics.processed.inc_by(processed.done.len() as u64);
                 metrics.duplicates.inc_by(processed.duplicates.len() as u64);

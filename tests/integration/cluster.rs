@@ -5,7 +5,8 @@
 //! processed twice; failed requests and reconnection times are counted and printed.
 
 use crate::support::binaries;
-use pageviews::queue::{QUEUE, QueueType};
+use pageviews::config::QueueType;
+use pageviews::queue::QUEUE;
 use pageviews_testbed::nginx::{Nginx, NginxOptions};
 use pageviews_testbed::process::{Process, free_port, wait_until};
 use pageviews_testbed::{Postgres, RabbitMqCluster, ScratchDir, Urls, tls};

@@ -43,7 +43,28 @@ type Case<'a> = (Command, Vec<(&'a str, &'a str)>, &'a str);
 
 #[test]
 fn each_bad_setting_is_named_with_what_is_wrong() {
-    let cases: Vec<Case> = vec![
+    for (command, env, expected) in bad_settings() {
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        assert_refused(command, &env, expected);
+    }
+}
+
+/// `check-config` refuses every setting the service refuses, with the same message, without
+/// connecting to anything (nothing listens at the URLs).
+#[test]
+fn check_config_refuses_what_the_service_refuses() {
+    for (mut command, env, expected) in bad_settings() {
+        if command.get_args().next().is_some() {
+            continue; // `migrate` reads only the database settings
+        }
+        command.arg("check-config");
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        assert_refused(command, &env, expected);
+    }
+}
+
+fn bad_settings() -> Vec<Case<'static>> {
+    vec![
         (
             binaries().app_command(),
             vec![MQ],
@@ -132,11 +153,22 @@ fn each_bad_setting_is_named_with_what_is_wrong() {
             vec![("DATABASE_URL", "mysql://nope")],
             "DATABASE_URL: not a PostgreSQL connection URL",
         ),
-    ];
-    for (command, env, expected) in cases {
-        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
-        assert_refused(command, &env, expected);
-    }
+        // A password file next to a URL that has a password already, or names no user.
+        (
+            binaries().app_command(),
+            vec![
+                ("DATABASE_URL", "postgres://u:p@127.0.0.1:1/db"),
+                MQ,
+                ("PAGEVIEWS_DATABASE_PASSWORD_FILE", "/dev/null"),
+            ],
+            "PAGEVIEWS_DATABASE_PASSWORD_FILE: /dev/null is empty",
+        ),
+        (
+            binaries().worker_command(),
+            vec![DB, MQ, ("PAGEVIEWS_AMQP_PASSWORD_FILE", "/nonexistent/amqp-password")],
+            "PAGEVIEWS_AMQP_PASSWORD_FILE: cannot read /nonexistent/amqp-password",
+        ),
+    ]
 }
 
 /// `WATCHDOG_USEC=0` means no watchdog (sd_watchdog_enabled(3)): both binaries run on
@@ -225,4 +257,235 @@ fn assert_refused(command: Command, env: &[(&str, &OsStr)], expected: &str) {
         "{shown}: expected {expected:?} in {stderr:?}"
     );
     assert!(!stderr.contains("u:p@"), "{shown}: the secret in {stderr:?}");
+}
+
+/// Runs `command` with exactly `env` (and PATH), to its end: (exit code, stdout, stderr).
+fn output(mut command: Command, env: &[(&str, &str)]) -> (i32, String, String) {
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().expect("the binary runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn check_config(mut command: Command, flag: Option<&str>) -> Command {
+    command.arg("check-config").args(flag);
+    command
+}
+
+/// `check-config --json`: the settings each binary would run with, one key per variable,
+/// passwords (from the URL or a password file) shown as `***`; without `--json`, exit 0 and
+/// one line.
+#[test]
+fn check_config_prints_the_effective_settings_without_passwords() {
+    let dir = pageviews_testbed::ScratchDir::new("pageviews-check-config").unwrap();
+    let password_file = dir.path().join("db-password");
+    std::fs::write(&password_file, "Sup3r/secret@pw\n").unwrap();
+    let password_file = password_file.to_str().unwrap();
+    let env = [
+        ("DATABASE_URL", "postgres://pageviews-app@10.0.0.3:5432/pageviews"),
+        ("PAGEVIEWS_DATABASE_PASSWORD_FILE", password_file),
+        (
+            "AMQP_URL",
+            "amqp://u:Sup3rAmqp@10.0.0.3:5672/pageviews,amqp://u:Sup3rAmqp@10.0.0.4:5672/pageviews",
+        ),
+        ("PAGEVIEWS_LISTEN", "/run/pageviews-app/app.sock"),
+        ("PAGEVIEWS_DB_POOL_SIZE", "32"),
+        ("PAGEVIEWS_LOG_FORMAT", "json"),
+    ];
+    let (code, stdout, stderr) = output(check_config(binaries().app_command(), Some("--json")), &env);
+    assert_eq!(code, 0, "{stderr}");
+    for secret in ["Sup3r", "secret", "%40pw"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} in {stdout}{stderr}"
+        );
+    }
+    let app: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        app["DATABASE_URL"],
+        "postgres://pageviews-app:***@10.0.0.3:5432/pageviews"
+    );
+    assert_eq!(app["PAGEVIEWS_DATABASE_PASSWORD_FILE"], password_file);
+    assert_eq!(
+        app["AMQP_URL"],
+        "amqp://u:***@10.0.0.3:5672/pageviews,amqp://u:***@10.0.0.4:5672/pageviews"
+    );
+    assert_eq!(app["PAGEVIEWS_LISTEN"], "/run/pageviews-app/app.sock");
+    assert_eq!(app["PAGEVIEWS_DB_POOL_SIZE"], 32);
+    assert_eq!(app["PAGEVIEWS_SWEEP_INTERVAL_SECS"], 10);
+    assert_eq!(app["PAGEVIEWS_LOG_FORMAT"], "json");
+    assert_eq!(app["RUST_LOG"], "info");
+
+    let (code, stdout, stderr) = output(check_config(binaries().worker_command(), Some("--json")), &env);
+    assert_eq!(code, 0, "{stderr}");
+    let worker: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(worker["PAGEVIEWS_PREFETCH"], 100);
+    assert_eq!(worker["PAGEVIEWS_METRICS_LISTEN"], serde_json::Value::Null);
+    assert_eq!(worker["DATABASE_URL"], app["DATABASE_URL"]);
+
+    let (code, stdout, stderr) = output(check_config(binaries().worker_command(), None), &env);
+    assert_eq!(
+        (code, stdout.as_str()),
+        (0, "pageviews-worker: the settings are valid\n"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = output(check_config(binaries().app_command(), Some("--yaml")), &env);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unexpected arguments [\"--yaml\"]"), "{stderr}");
+}
+
+/// A password file and a URL that has a password already: which one is meant is not
+/// guessed, and neither password is shown.
+#[test]
+fn a_password_in_the_url_and_a_password_file_are_refused() {
+    let dir = pageviews_testbed::ScratchDir::new("pageviews-password-twice").unwrap();
+    let file = dir.path().join("amqp-password");
+    std::fs::write(&file, "fromfile\n").unwrap();
+    let env = [
+        DB,
+        ("AMQP_URL", "amqp://u:p@127.0.0.1:1/%2f"),
+        ("PAGEVIEWS_AMQP_PASSWORD_FILE", file.to_str().unwrap()),
+    ];
+    for command in [
+        binaries().app_command(),
+        check_config(binaries().worker_command(), None),
+    ] {
+        let (code, _, stderr) = output(command, &env);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains("AMQP_URL: has a password and PAGEVIEWS_AMQP_PASSWORD_FILE gives one too; set one"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("fromfile") && !stderr.contains("u:p@"), "{stderr}");
+    }
+}
+
+/// Options of the NixOS module whose default is the module's own choice, not the binaries'
+/// (each option's description says why).
+const MODULE_CHOICES: [&str; 3] = [
+    // JSON lines, which journald indexes.
+    "PAGEVIEWS_LOG_FORMAT",
+    // The socket unit's socket, or the private address when split.
+    "PAGEVIEWS_LISTEN",
+    // On for Prometheus.
+    "PAGEVIEWS_METRICS_LISTEN",
+];
+
+/// One source for every default: the binaries (`check-config --defaults-json`). The NixOS
+/// module reads nix/modules/settings-defaults.json, which must be exactly that; each of its
+/// `settings` options takes its default from there unless it is one of `MODULE_CHOICES`; and
+/// README's settings table states the same defaults.
+#[test]
+fn the_nixos_module_and_readme_state_the_binaries_defaults() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, stdout, stderr) = output(check_config(binaries().app_command(), Some("--defaults-json")), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let defaults: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let (_, worker, _) = output(check_config(binaries().worker_command(), Some("--defaults-json")), &[]);
+    assert_eq!(worker, stdout, "the worker prints other defaults");
+
+    let file = root.join("nix/modules/settings-defaults.json");
+    let in_nix: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        in_nix,
+        defaults,
+        "{} differs from the binaries' defaults; regenerate it: pageviews-app check-config --defaults-json > nix/modules/settings-defaults.json",
+        file.display()
+    );
+
+    let module = std::fs::read_to_string(root.join("nix/modules/default.nix")).unwrap();
+    let settings = &module[module.find("settings = mkOption {").expect("the settings option")..];
+    let mut options = 0;
+    for name in defaults.keys() {
+        let Some(at) = settings.find(&format!("{name} = mkOption {{")) else {
+            continue; // freeform: the module states no default
+        };
+        options += 1;
+        let from = &settings[at..];
+        let default = &from[from.find("default =").expect("an option with a default") + "default =".len()..];
+        let default = default[..default.find(';').unwrap()].trim();
+        if MODULE_CHOICES.contains(&name.as_str()) {
+            assert!(
+                !default.contains("binaryDefaults"),
+                "{name} is listed as the module's choice"
+            );
+        } else {
+            assert_eq!(
+                default,
+                format!("binaryDefaults.{name}"),
+                "nix/modules/default.nix: the default of settings.{name} must come from settings-defaults.json"
+            );
+        }
+    }
+    assert!(
+        options >= 8,
+        "only {options} settings options found in nix/modules/default.nix"
+    );
+
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for (name, value) in &defaults {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{name}` |")))
+            .unwrap_or_else(|| panic!("README's settings table has no row for {name}"));
+        let stated = row.split('|').nth(3).unwrap().trim();
+        let expected = match value {
+            serde_json::Value::Null => "unset".to_owned(),
+            serde_json::Value::String(s) => format!("`{s}`"),
+            other => other.to_string(),
+        };
+        assert_eq!(stated, expected, "README.md, {name}: {row}");
+    }
+}
+
+/// The units' form: URLs without passwords, the passwords in files (trailing newline and
+/// all); migrate, the app and the worker reach PostgreSQL and RabbitMQ with them, and a page
+/// view goes all the way through.
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_from_files_reach_postgresql_and_rabbitmq() -> anyhow::Result<()> {
+    use crate::support::{TestEnv, client};
+    let env = TestEnv::new().await?;
+    let without_password = |url: &str, file: &str| -> anyhow::Result<(String, String)> {
+        let mut url = url::Url::parse(url)?;
+        let password = url.password().expect("the test servers use passwords").to_owned();
+        url.set_password(None).expect("a URL with a host");
+        let path = env.dir.path().join(file);
+        std::fs::write(&path, format!("{password}\n"))?;
+        Ok((url.into(), path.to_str().unwrap().to_owned()))
+    };
+    let (database, db_file) = without_password(&env.urls.database, "db-password")?;
+    let (amqp, amqp_file) = without_password(&env.urls.amqp, "amqp-password")?;
+    let urls = pageviews_testbed::Urls { database, amqp };
+    let files = [
+        ("PAGEVIEWS_DATABASE_PASSWORD_FILE", db_file.clone()),
+        ("PAGEVIEWS_AMQP_PASSWORD_FILE", amqp_file),
+    ];
+
+    let migrate = binaries()
+        .app_command()
+        .arg("migrate")
+        .env("DATABASE_URL", &urls.database)
+        .env("PAGEVIEWS_DATABASE_PASSWORD_FILE", &db_file)
+        .output()?;
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+
+    let socket = pageviews_testbed::activation::ListenSocket::loopback()?;
+    let _app = pageviews_testbed::start_app(&binaries(), &urls, &socket, &files, &env.log("app")).await?;
+    let _worker = pageviews_testbed::start_worker(&binaries(), &urls, &files, &env.log("worker")).await?;
+    let page = client()
+        .get(format!("http://127.0.0.1:{}/", socket.port()))
+        .send()
+        .await?;
+    assert_eq!(page.status(), 200);
+    assert_eq!(env.all_processed(Duration::from_secs(20)).await?, 1);
+    Ok(())
 }

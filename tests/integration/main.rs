@@ -1,6 +1,8 @@
 //! One test binary: every test starts real PostgreSQL, RabbitMQ (and nginx) processes through
 //! the same launcher code as `pageviews-stack`, and runs the real built binaries.
 
+mod admin;
+mod alerting;
 mod browser;
 mod cluster;
 mod config_errors;
@@ -10,11 +12,15 @@ mod deploys;
 mod failures;
 mod faults;
 mod health;
+mod journald;
 mod migrations;
 mod ops;
 mod outbox;
 mod page;
 mod pipeline;
 mod proxy;
+mod restore;
+mod retention;
 mod setup;
 mod support;
+mod worker;

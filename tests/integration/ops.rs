@@ -35,6 +35,101 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The metrics of the exporters services.pageviews.monitoring scrapes (nix/modules/monitoring.nix),
+/// by the job the rules select them with and the first word of their names. Each list holds
+/// what the exporter exports of the names the rules may use, read from its source: RabbitMQ's
+/// rabbitmq_prometheus plugin (aggregated /metrics: prometheus_rabbitmq_alarm_metrics_collector,
+/// prometheus_rabbitmq_core_metrics_collector), postgres_exporter (pg_up; collectors
+/// stat_database, replication; pg_settings), nginx-prometheus-exporter (stub_status collector)
+/// and prometheus-nginxlog-exporter (namespace `nginxlog`, labels method and status).
+const EXPORTERS: &[(&str, &str, &[&str])] = &[
+    (
+        "rabbitmq",
+        "rabbitmq",
+        &[
+            "rabbitmq_alarms_memory_used_watermark",
+            "rabbitmq_alarms_free_disk_space_watermark",
+            "rabbitmq_alarms_file_descriptor_limit",
+            "rabbitmq_queue_messages_ready",
+            "rabbitmq_queue_messages_unacked",
+            "rabbitmq_queue_messages",
+        ],
+    ),
+    (
+        "postgres",
+        "pg",
+        &[
+            "pg_up",
+            "pg_stat_database_numbackends",
+            "pg_settings_max_connections",
+            "pg_replication_lag_seconds",
+            "pg_replication_is_replica",
+        ],
+    ),
+    (
+        "nginx",
+        "nginx",
+        &[
+            "nginx_up",
+            "nginx_connections_active",
+            "nginx_connections_accepted",
+            "nginx_connections_handled",
+            "nginx_http_requests_total",
+        ],
+    ),
+    (
+        "nginxlog",
+        "nginxlog",
+        &[
+            "nginxlog_http_response_count_total",
+            "nginxlog_http_response_size_bytes",
+            "nginxlog_http_upstream_time_seconds",
+            "nginxlog_http_response_time_seconds",
+        ],
+    ),
+];
+
+/// Every name in `text` that starts with one of the exporters' first words and an underscore,
+/// with the exporter's job.
+fn exporter_metric_names(text: &str) -> BTreeSet<(&'static str, String)> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter_map(|word| {
+            let first = word.split('_').next()?;
+            let (job, _, _) = EXPORTERS.iter().find(|(_, prefix, _)| *prefix == first)?;
+            word.contains('_').then(|| (*job, word.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_exporter_metric_the_alerts_use_is_one_its_exporter_exports() {
+    let alerts = std::fs::read_to_string(ops("prometheus/alerts.yml")).unwrap();
+    let rules: String = alerts
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let used = exporter_metric_names(&rules);
+    for (job, prefix, _) in EXPORTERS {
+        assert!(
+            used.iter().any(|(j, _)| j == job),
+            "alerts.yml has no rule on the {job} exporter ({prefix}_*)"
+        );
+    }
+    for (job, name) in &used {
+        let (_, _, names) = EXPORTERS.iter().find(|(j, _, _)| j == job).unwrap();
+        assert!(
+            names.contains(&name.as_str()),
+            "alerts.yml: {name} is not a metric of the {job} exporter"
+        );
+        // The rule selects the exporter's own scrape job (the ones monitoring.nix defines).
+        assert!(
+            alerts.contains(&format!("{name}{{job=\"{job}\"")),
+            "alerts.yml: {name} without job=\"{job}\""
+        );
+    }
+}
+
 /// The dashboard's panels, checked for the fields Grafana needs to place and query them.
 fn dashboard_queries() -> anyhow::Result<Vec<(String, String)>> {
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(ops("grafana/pageviews.json"))?)
@@ -69,7 +164,11 @@ fn dashboard_queries() -> anyhow::Result<Vec<(String, String)>> {
 fn the_alert_rules_parse_and_fire_in_their_unit_tests() -> anyhow::Result<()> {
     let dir = ops("prometheus");
     let checked = promtool(&["check", "rules", "alerts.yml"], &dir)?;
-    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
+    let rules = std::fs::read_to_string(dir.join("alerts.yml"))?
+        .matches("- alert:")
+        .count();
+    assert!(rules >= 8, "{rules} alert rules");
+    assert!(checked.contains(&format!("SUCCESS: {rules} rules found")), "{checked}");
     let tested = promtool(&["test", "rules", "alerts.test.yml"], &dir)?;
     assert!(tested.contains("SUCCESS"), "{tested}");
     Ok(())

@@ -219,6 +219,7 @@ const FORBIDDEN_TO_APP: &[&str] = &[
     "UPDATE page_view_counts SET processed = processed + 1",
     "INSERT INTO page_view_rollups (minute, views, computed_at) VALUES (now(), 1, now())",
     "UPDATE page_view_rollups SET views = 0",
+    "SELECT expire_page_views(now() - interval '2 days', 10)",
 ];
 
 const FORBIDDEN_TO_WORKER: &[&str] = &[
@@ -260,7 +261,10 @@ async fn assert_pipeline_runs(env: &TestEnv, db: &Database, amqp: (&str, &str)) 
         database: db.url(env, &db.worker),
         amqp: amqp.1.to_owned(),
     };
-    let fast_rollup = [("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1".to_owned())];
+    let fast_rollup = [
+        ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", "1".to_owned()),
+        ("PAGEVIEWS_RETENTION_DAYS", "1".to_owned()),
+    ];
     let _worker = stack::start_worker(&binaries(), &worker_urls, &fast_rollup, &env.log("worker")).await?;
 
     let url = |path: &str| format!("http://127.0.0.1:{}{path}", socket.port());
@@ -290,6 +294,25 @@ async fn assert_pipeline_runs(env: &TestEnv, db: &Database, amqp: (&str, &str)) 
             Ok(())
         },
     )
+    .await?;
+    // Retention, as the worker (EXECUTE on expire_page_views, no DELETE): a processed row two
+    // days old goes.
+    admin
+        .batch_execute(
+            "INSERT INTO page_views (created_at, data, processed_at) VALUES (now() - interval '2 days', '{}', now())",
+        )
+        .await?;
+    wait_until("the old row deleted by retention", Duration::from_secs(30), || async {
+        let old: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM page_views WHERE created_at < now() - interval '1 day'",
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::ensure!(old == 0, "{old} left");
+        Ok(())
+    })
     .await?;
     let visit = client().get(url("/visits/1")).send().await?.text().await?;
     assert_eq!(visit, r#"{"id":1,"processed":true}"#);
@@ -335,7 +358,50 @@ async fn the_modules_database_setup_runs_the_pipeline_with_exact_grants() -> any
         (&broker.url(&env, &broker.app), &broker.url(&env, &broker.worker)),
     )
     .await?;
+    assert_admin_runs(&env, &db, &broker).await?;
     assert_least_privilege(&env, &db).await?;
+    Ok(())
+}
+
+/// `pageviews-app admin` with the services' own database roles and broker users: listing
+/// with either, requeueing with the app's (the worker's may not publish tasks).
+async fn assert_admin_runs(env: &TestEnv, db: &Database, broker: &Broker) -> anyhow::Result<()> {
+    let worker_amqp = broker.url(env, &broker.worker);
+    let dead_letter = worker_amqp.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (connection, channel) = pageviews::queue::open(&dead_letter, pageviews::config::QueueType::Quorum)?;
+        let body = br#"{"v": 2, "page_view_ids": [1]}"#;
+        channel.basic_publish("pageviews.dead", amiquip::Publish::new(body, ""))?;
+        channel.queue_declare_passive("pageviews.dead")?;
+        connection.close()?;
+        Ok(())
+    })
+    .await??;
+    let admin = |role: &Role, amqp: &str, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pageviews-app"));
+        command
+            .arg("admin")
+            .args(args)
+            .env("DATABASE_URL", db.url(env, role))
+            .env("AMQP_URL", amqp)
+            .env("PAGEVIEWS_QUEUE_TYPE", "quorum");
+        run("pageviews-app admin", command, Duration::from_secs(90))
+    };
+    let listed = admin(&db.worker, &worker_amqp, &["dead-letters"]).await?;
+    assert!(
+        // And the one the privilege check published.
+        listed.contains("2 dead letters in pageviews.dead; 2 listed")
+            && listed.contains("every page view it names is processed"),
+        "{listed}"
+    );
+    let app_amqp = broker.url(env, &broker.app);
+    let requeued = admin(&db.app, &app_amqp, &["requeue", "--all"]).await?;
+    assert!(requeued.contains("2 of 2 dead letters requeued"), "{requeued}");
+    let status = admin(&db.app, &app_amqp, &["status"]).await?;
+    assert!(
+        status.contains("database: ok") && status.contains("broker: ok"),
+        "{status}"
+    );
     Ok(())
 }
 
@@ -497,7 +563,7 @@ impl Broker {
         for (user, what, attempt, allowed) in cases {
             // What the clients do at connect (declare the topology), with their timeouts.
             let (connection, channel) =
-                pageviews::queue::open(&self.url(env, user), pageviews::queue::QueueType::Quorum)?;
+                pageviews::queue::open(&self.url(env, user), pageviews::config::QueueType::Quorum)?;
             match (attempt(&channel), allowed) {
                 (Ok(()), true) | (Err(amiquip::Error::ServerClosedChannel { code: 403, .. }), false) => {}
                 (Ok(()), false) => wrong.push(format!("{}: {what}: allowed", user.name)),

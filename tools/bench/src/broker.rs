@@ -6,8 +6,9 @@
 
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, ConsumerMessage, ConsumerOptions, Publish};
 use anyhow::{Context, bail};
+use pageviews::config::QueueType;
 use pageviews::queue::outbox::MAX_BATCH;
-use pageviews::queue::{EXCHANGE, QUEUE, QueueType, ROUTING_KEY, Task};
+use pageviews::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]

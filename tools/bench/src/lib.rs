@@ -17,8 +17,8 @@ pub use report::{Figure, Machine, Report};
 
 use anyhow::Context;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
+use pageviews::config::QueueType;
 use pageviews::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE_TYPE};
-use pageviews::queue::QueueType;
 use pageviews_testbed::nginx::NginxOptions;
 use pageviews_testbed::process::free_port;
 use pageviews_testbed::{Binaries, Stack};

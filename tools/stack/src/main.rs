@@ -6,14 +6,15 @@
 
 use pageviews::config::{Environment, parsed};
 use pageviews_testbed::nginx::NginxOptions;
-use pageviews_testbed::{Binaries, ClusterStack, Deployment, ScratchDir, Stack};
+use pageviews_testbed::pgbackrest::{self, BackupType, Step};
+use pageviews_testbed::{BackupRepository, Binaries, ClusterStack, Deployment, Postgres, ScratchDir, Stack};
 use std::process::ExitCode;
 use std::time::Duration;
 
 const PROGRAM: &str = "pageviews-stack";
 
 fn main() -> ExitCode {
-    pageviews_stack::main(PROGRAM, "(no arguments; see README.md)", options, run)
+    pageviews_stack::main(PROGRAM, "(no arguments; see README.md)", settings, run)
 }
 
 /// Nodes in the RabbitMQ cluster; 1 is a single broker.
@@ -23,6 +24,11 @@ fn brokers() -> Result<usize, pageviews::config::ConfigError> {
         0 => Err(pageviews::config::ConfigError::new(NAME, "must be at least 1")),
         n => Ok(n),
     }
+}
+
+/// The launcher's settings: nginx's and the brokers', then whether to back up the database.
+fn settings() -> Result<((NginxOptions, usize), bool), pageviews::config::ConfigError> {
+    Ok((options()?, backup()?))
 }
 
 enum Running {
@@ -35,6 +41,13 @@ impl Running {
         match self {
             Running::Single(s) => &mut s.deployment,
             Running::Cluster(c) => &mut c.deployment,
+        }
+    }
+
+    fn postgres(&mut self) -> &mut Postgres {
+        match self {
+            Running::Single(s) => &mut s.services.postgres,
+            Running::Cluster(c) => &mut c.postgres,
         }
     }
 }
@@ -62,7 +75,7 @@ fn options() -> Result<(NginxOptions, usize), pageviews::config::ConfigError> {
     Ok((options, brokers()?))
 }
 
-async fn run((options, brokers): (NginxOptions, usize)) -> anyhow::Result<()> {
+async fn run(((options, brokers), backup): ((NginxOptions, usize), bool)) -> anyhow::Result<()> {
     for (port, variable) in [
         (options.https_port, "PAGEVIEWS_HTTPS_PORT"),
         (options.http_port, "PAGEVIEWS_HTTP_PORT"),
@@ -86,6 +99,11 @@ async fn run((options, brokers): (NginxOptions, usize)) -> anyhow::Result<()> {
         Running::Single(Stack::start(dir.path(), &binaries, options, &[]).await?)
     } else {
         Running::Cluster(ClusterStack::start(dir.path(), &binaries, options, &[], brokers).await?)
+    };
+    // Held to the end: the repository's directory is under `dir`.
+    let _backups = match backup {
+        true => Some(start_backups(&mut stack, dir.path()).await?),
+        false => None,
     };
     let d = stack.deployment();
     println!(
@@ -117,4 +135,47 @@ async fn run((options, brokers): (NginxOptions, usize)) -> anyhow::Result<()> {
         None => Ok(()),
         Some(reason) => anyhow::bail!("{reason}; everything else was stopped"),
     }
+}
+
+/// `PAGEVIEWS_STACK_BACKUP=1`: a pgBackRest repository for the stack's database.
+fn backup() -> Result<bool, pageviews::config::ConfigError> {
+    const NAME: &str = "PAGEVIEWS_STACK_BACKUP";
+    match parsed(&Environment, NAME, 0u8, "0 or 1")? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(pageviews::config::ConfigError::new(NAME, "must be 0 or 1")),
+    }
+}
+
+/// WAL archiving into a pgBackRest repository under `dir` (PostgreSQL restarts once to turn
+/// `archive_mode` on; app and worker reconnect), a first full backup, and the commands to
+/// back up and restore printed.
+async fn start_backups(stack: &mut Running, dir: &std::path::Path) -> anyhow::Result<BackupRepository> {
+    let repository = BackupRepository::new(&dir.join("pgbackrest"), pgbackrest::Settings::default())?;
+    let postgres = stack.postgres();
+    postgres.set_archiving(Some(repository.archiving())).await?;
+    repository.attach(postgres).await?;
+    repository.backup(BackupType::Full).await?;
+    let stanza = repository.stanza();
+    let line = |step: Step| pgbackrest::command_line(&step.args(stanza));
+    let exports: Vec<String> = repository.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let as_user = if pageviews_testbed::process::is_root() {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
+    println!(
+        "\npgBackRest: stanza {stanza}, repository {repo} (WAL archived, one full backup taken)\n  \
+         environment:  export {exports}\n  \
+         last backup:  {as_user}{info}\n  \
+         back up:      {as_user}{diff}   (or --type=full, --type=incr)\n  \
+         restore:      {as_user}{time}\n                \
+         (PostgreSQL stopped first; the drill, cargo test --test integration restore, runs it all)",
+        repo = repository.repo_path().display(),
+        exports = exports.join(" "),
+        info = line(Step::Info),
+        diff = line(Step::Backup(BackupType::Diff)),
+        time = line(Step::RestoreToTime("$TARGET".to_owned())),
+    );
+    Ok(repository)
 }

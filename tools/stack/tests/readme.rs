@@ -154,3 +154,12 @@ fn readme_names_the_package_of_the_stack() {
     assert_eq!(env!("CARGO_PKG_NAME"), "pageviews-stack");
     in_readme(&[]);
 }
+
+/// README, "Backups and restore": `PAGEVIEWS_STACK_BACKUP=1 cargo run --release -p
+/// pageviews-stack` (PostgreSQL restarted with WAL archiving, a full backup, before the URL).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_with_a_backup_repository_starts_serves_and_stops() -> anyhow::Result<()> {
+    let env = [("PAGEVIEWS_STACK_BACKUP", "1")];
+    in_readme(&env);
+    as_in_readme(&env).await
+}

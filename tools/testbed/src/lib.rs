@@ -4,8 +4,10 @@
 
 pub mod activation;
 pub mod nginx;
+pub mod pgbackrest;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod rabbitmq;
 pub mod rabbitmq_cluster;
 pub mod tls;
@@ -17,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub use postgres::Postgres;
+pub use pgbackrest::Repository as BackupRepository;
+pub use postgres::{Archiving, Postgres};
 pub use rabbitmq::RabbitMq;
 pub use rabbitmq_cluster::{ClusterStack, RabbitMqCluster};
 

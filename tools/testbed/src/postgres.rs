@@ -26,11 +26,25 @@ pub struct Postgres {
     durable: bool,
     /// The superuser's, generated at initdb.
     password: String,
+    archiving: Option<Archiving>,
     process: Option<Process>,
+}
+
+/// WAL archiving: `archive_mode=on` with `command` as the `archive_command`, and what the
+/// server's environment needs for it (and for the `restore_command` a restore writes).
+#[derive(Clone, Debug)]
+pub struct Archiving {
+    pub command: String,
+    pub env: Vec<(String, String)>,
 }
 
 impl Postgres {
     pub async fn start(dir: &Path, durable: bool) -> anyhow::Result<Postgres> {
+        Self::start_with(dir, durable, None).await
+    }
+
+    /// `start`, with WAL archiving on when `archiving` is given.
+    pub async fn start_with(dir: &Path, durable: bool, archiving: Option<Archiving>) -> anyhow::Result<Postgres> {
         if !dir.exists() {
             crate::private_dir(dir)?;
         }
@@ -66,6 +80,7 @@ impl Postgres {
             port: free_port()?,
             durable,
             password,
+            archiving,
             process: None,
         };
         pg.start_again().await?;
@@ -99,6 +114,12 @@ impl Postgres {
                 "full_page_writes=off",
             ]);
         }
+        if let Some(archiving) = &self.archiving {
+            command
+                .args(["-c", "archive_mode=on", "-c"])
+                .arg(format!("archive_command={}", archiving.command))
+                .envs(archiving.env.iter().map(|(k, v)| (k, v)));
+        }
         as_server_user(&mut command, &self.dir)?;
         let log = self.log();
         self.process = Some(Process::spawn("postgres", &mut command, &log)?);
@@ -115,6 +136,27 @@ impl Postgres {
         if let Some(mut process) = self.process.take() {
             process.stop_with(libc::SIGINT, Duration::from_secs(30));
         }
+    }
+
+    /// Turns WAL archiving on (or off): `archive_mode` changes only at a restart, so a
+    /// running server is stopped and started again (clients reconnect).
+    pub async fn set_archiving(&mut self, archiving: Option<Archiving>) -> anyhow::Result<()> {
+        self.archiving = archiving;
+        if self.process.is_some() {
+            self.stop();
+            self.start_again().await?;
+        }
+        Ok(())
+    }
+
+    /// The data directory (`-D`): what a restore writes, and what a lost disk takes.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Where the server's Unix socket is (`-k`).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -166,7 +208,7 @@ pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<Stri
 /// PostgreSQL refuses to run as root: as root, run it as the `postgres` (or `nobody`) user,
 /// hand it the directory, and let its group traverse (not list) the private directories
 /// above it up to the temp dir (mode 0710).
-fn as_server_user<'a>(command: &'a mut Command, dir: &Path) -> anyhow::Result<&'a mut Command> {
+pub(crate) fn as_server_user<'a>(command: &'a mut Command, dir: &Path) -> anyhow::Result<&'a mut Command> {
     if !is_root() {
         return Ok(command);
     }

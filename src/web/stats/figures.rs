@@ -4,13 +4,8 @@
 //! [`Figures`], so the page and the JSON cannot disagree, and the script only copies numbers
 //! and bar geometry into the DOM (no scaling logic of its own).
 
-use super::AppState;
-use super::error::AppError;
-use super::page::{PageStats, STATS_TTL};
-use axum::Json;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use super::PageStats;
+use crate::db::rollups::MinuteViews;
 use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
 use serde::Serialize;
 
@@ -82,16 +77,16 @@ impl Figures {
 }
 
 impl Chart {
-    /// `minutes`: rollup rows (minute, views) in any order; those outside the window are ignored,
-    /// minutes without a row are zero.
-    pub fn new(minutes: &[(DateTime<Utc>, i64)], now: DateTime<Utc>) -> Chart {
+    /// `minutes`: rollup rows in any order; those outside the window are ignored, minutes
+    /// without a row are zero.
+    pub fn new(minutes: &[MinuteViews], now: DateTime<Utc>) -> Chart {
         let last = now.duration_trunc(TimeDelta::minutes(1)).unwrap_or(now);
         let first = last - TimeDelta::minutes(MINUTES as i64 - 1);
         let mut views = [0i64; MINUTES];
-        for (minute, n) in minutes {
-            let index = (*minute - first).num_minutes();
-            if *minute >= first && (0..MINUTES as i64).contains(&index) {
-                views[index as usize] = *n;
+        for &MinuteViews { minute, views: n } in minutes {
+            let index = (minute - first).num_minutes();
+            if minute >= first && (0..MINUTES as i64).contains(&index) {
+                views[index as usize] = n;
             }
         }
         let peak = views.iter().copied().max().unwrap_or(0).max(1);
@@ -169,25 +164,6 @@ fn plural(n: i64, word: &str) -> String {
     if n == 1 { word.to_owned() } else { format!("{word}s") }
 }
 
-/// `GET /stats`: the figures as JSON, recording no visit. Cacheable for as long as the app
-/// keeps its own copy, so nginx (which honours this header) asks at most once a second. When
-/// the last refresh failed: the last figures read, `"stale": true`, and not cacheable (they
-/// are not fresh for another second); 503 when none were ever read.
-pub async fn show(State(app): State<AppState>) -> Result<Response, AppError> {
-    let latest = app.page_stats.get(&app.pool).await;
-    let stats = latest.stats.ok_or(AppError::FiguresUnavailable)?;
-    let cache_control = if latest.failed {
-        "no-store".to_owned()
-    } else {
-        format!("public, max-age={}", STATS_TTL.as_secs())
-    };
-    Ok((
-        [(header::CACHE_CONTROL, cache_control)],
-        Json(Figures::new(&stats, Utc::now(), latest.failed)),
-    )
-        .into_response())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,11 +175,12 @@ mod tests {
 
     #[test]
     fn the_window_ends_at_the_current_minute_and_fills_gaps_with_zero() {
+        let row = |minute, views| MinuteViews { minute, views };
         let rows = [
-            (at(11, 5, 0), 4),
-            (at(11, 11, 0), 2),
-            (at(10, 11, 0), 99), // 61 minutes before 11:11: outside
-            (at(11, 12, 0), 7),  // in the future (clock skew): outside
+            row(at(11, 5, 0), 4),
+            row(at(11, 11, 0), 2),
+            row(at(10, 11, 0), 99), // 61 minutes before 11:11: outside
+            row(at(11, 12, 0), 7),  // in the future (clock skew): outside
         ];
         let chart = Chart::new(&rows, at(11, 11, 42));
         assert_eq!(chart.bars.len(), MINUTES);

@@ -1,5 +1,5 @@
 # The project's own scenarios for the nixos-eval harness (../shared/nixos-eval, README.md
-# there): what issue 9 fixed, evaluated with the harness's real nixpkgs lib and the real
+# there): what the module must keep, evaluated with the harness's real nixpkgs lib and the real
 # nginx, postgresql, rabbitmq, firewall and systemd-unit declarations of its cache, next to
 # the scenarios the harness itself runs. Nothing of the harness or its cache is in this
 # repository; this file only calls it. scripts/nixos-eval runs every entry of `checks`
@@ -94,8 +94,8 @@
   in
     check (f.failedAssertions == [] && f.nftablesEnabled && f.extraCommands == "" && lib.all (r: has r f.extraInputRules && has r f.nftTable) rules) f;
 
-  # Another module of the host using the iptables firewall's extraCommands (issue 9, item 1:
-  # with nftables forced on by a split role this failed nftables' assertion).
+  # Another module of the host using the iptables firewall's extraCommands (with
+  # nftables forced on by a split role this failed nftables' assertion).
   otherIptablesUser = {networking.firewall.extraCommands = "iptables -w -A nixos-fw -p tcp --dport 9999 -j nixos-fw-accept";};
 
   # networking.firewall.backend exists only in newer nixpkgs; declare it for this scenario
@@ -845,6 +845,30 @@ in {
     # hold no password, the binaries read it from the credential (`%d/…`, the name
     # LoadCredential= gives it); and `check-config` runs over each unit's environment when the
     # system is built (system.checks), a placeholder standing in for the credentials.
+    # NixOS logs natively to the journal; `pageviews-admin` runs `pageviews-app admin` in a
+    # transient unit with the app unit's user, credentials and environment (passwords as
+    # credential files, none on its command line).
+    journaldAndAdminTool = let
+      ev = exampleWith [withPackage];
+      app = ev.config.systemd.services.pageviews-app;
+      admins = lib.filter (p: (p.name or "") == "pageviews-admin") ev.config.environment.systemPackages;
+      text = (lib.head admins).text or "";
+      credDir = "/run/credentials/pageviews-admin.service";
+    in
+      check (app.environment.PAGEVIEWS_LOG_FORMAT == "journald"
+        && lib.length admins == 1
+        && has "/bin/pageviews-app admin \"$@\"" text
+        && has "--unit=pageviews-admin" text
+        && has "'--property=User=pageviews-app'" text
+        && lib.all (c: has "'--property=LoadCredential=${c}'" text) (lib.toList app.serviceConfig.LoadCredential)
+        && has "'--setenv=PAGEVIEWS_AMQP_PASSWORD_FILE=${credDir}/amqp-password'" text
+        && has "'--setenv=PAGEVIEWS_LOG_FORMAT=journald'" text
+        && !has "%d/" text
+        && builtins.match ".*://[^/@ ]*:[^/@ ]*@.*" text == null) {
+        inherit text;
+        logFormat = app.environment.PAGEVIEWS_LOG_FORMAT;
+      };
+
     unitsExecTheBinaries = let
       ev = exampleWith [withPackage];
     in

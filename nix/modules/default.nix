@@ -224,9 +224,15 @@ in {
             description = "tracing filter.";
           };
           PAGEVIEWS_LOG_FORMAT = mkOption {
-            type = types.enum ["text" "json"];
-            default = "json";
-            description = "Log format: `json` here, as journald indexes JSON fields (the binaries' own default is `${binaryDefaults.PAGEVIEWS_LOG_FORMAT}`, for a terminal).";
+            type = types.enum ["text" "json" "journald"];
+            default = "journald";
+            description = "Log format: `journald` here, native journal fields (`journalctl -u pageviews-app F_REQUEST_ID=…`); `json` writes one JSON object per line to stderr, which journald keeps as one text field (the binaries' own default is `${binaryDefaults.PAGEVIEWS_LOG_FORMAT}`, for a terminal).";
+          };
+          PAGEVIEWS_RETENTION_DAYS = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = binaryDefaults.PAGEVIEWS_RETENTION_DAYS;
+            example = 90;
+            description = "Workers delete processed page views older than this many days, in small batches, once per rollup interval across workers; null keeps every page view. The page's figures stay all-time (README, \"Operating it\"). The upper bound is the binaries' and is checked when the system is built (check-config).";
           };
           PAGEVIEWS_LISTEN = mkOption {
             type = types.str;

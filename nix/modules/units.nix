@@ -92,6 +92,23 @@
     ${checkConfig "worker" "pageviews-worker"}
   '';
 
+  # `pageviews-admin …` = `pageviews-app admin …` with the app's environment, user and
+  # credentials, in a transient unit (atticadm's pattern): nothing secret on the command line
+  # or in the store. One at a time: systemd refuses a second unit of the same name.
+  adminUnit = "pageviews-admin";
+  adminWrapper = pkgs.writeShellScriptBin "pageviews-admin" ''
+    exec ${config.systemd.package}/bin/systemd-run --quiet --pipe --wait --collect \
+      --unit=${adminUnit} \
+      ${lib.escapeShellArgs (
+      ["--property=User=${users.app}" "--property=Group=${users.app}"]
+      ++ map (c: "--property=LoadCredential=${c}") serviceConfigs.pageviews-app.LoadCredential
+      ++ lib.mapAttrsToList (n: v: "--setenv=${n}=${v}") (adminEnvironment "app")
+    )} \
+      ${cfg.package}/bin/pageviews-app admin "$@"
+  '';
+  adminEnvironment = name:
+    settingsEnvironment // connectionEnvironment roles.${name} (c: "/run/credentials/${adminUnit}.service/${c}") lib.id;
+
   serviceConfigs = common.serviceConfig.units {
     owner = cfg.database.owner;
     inherit splitData splitApp;
@@ -195,7 +212,7 @@ in {
 
     system.checks = [checkedSettings];
 
-    # Operators and tests can run the end-to-end probe: pageviews-probe https://DOMAIN/
-    environment.systemPackages = [cfg.package];
+    # pageviews-app, pageviews-worker (check-config) and the admin tool.
+    environment.systemPackages = [cfg.package adminWrapper];
   };
 }

@@ -1,6 +1,8 @@
 # vm-single: the whole stack on `server` (app on a Unix socket, PostgreSQL and RabbitMQ on
 # loopback); `client` is the outside. The constants and common.py come first (nodes.nix `script`).
 
+import json  # noqa: E402 (after the constants and common.py)
+
 start_all()
 
 with subtest("the server reaches its units"):
@@ -61,3 +63,21 @@ with subtest("the daily logical backup restores: the same rows and counters"):
         restored = server.succeed(f"{psql} -d pageviews_drill -c '{query}'")
         assert live == restored, f"{query}: {live.strip()} live, {restored.strip()} restored"
     server.succeed("runuser -u postgres -- dropdb pageviews_drill")
+
+with subtest("the journal finds one request's lines by its request-id field"):
+    # nginx makes the id (a client's own is overwritten) and returns it in X-Request-Id.
+    headers = client.succeed(f"{CURL} --fail -o /dev/null -D - {ORIGIN}/")
+    ids = re.findall(r"(?im)^x-request-id: *([0-9a-f]{32})\s*$", headers)
+    assert len(ids) == 1, headers
+    request_id = ids[0]
+    lines = server.wait_until_succeeds(
+        f"journalctl -u pageviews-app.service -o json F_REQUEST_ID={request_id} | grep .", timeout=30
+    )
+    fields = [json.loads(line) for line in lines.splitlines()]
+    assert all(f["SYSLOG_IDENTIFIER"] == "pageviews-app" for f in fields), fields
+    assert any(f.get("F_STATUS") == "200" for f in fields), fields
+
+with subtest("the admin tool runs with the app's credentials"):
+    status = server.succeed("pageviews-admin status")
+    assert "database: ok" in status and "broker: ok" in status, status
+    server.succeed("test ! -e /run/credentials/pageviews-admin.service")

@@ -111,8 +111,8 @@ impl InsertBatcher {
 }
 
 /// One batch at a time: a batch is whatever arrived while the previous INSERT ran. One INSERT
-/// in flight gave the fewest commits per row: at 32 connections through nginx + TLS it served
-/// 1.20× the requests of 4 in flight (p99 9 ms both; tools/bench/README.md).
+/// in flight makes the fewest commits per row, which served more requests than several in
+/// flight (the measurement is in tools/bench/README.md).
 async fn run(mut rx: mpsc::Receiver<Visit>, pool: Pool, outbox: Outbox, metrics: Arc<AppMetrics>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];

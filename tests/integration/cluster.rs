@@ -438,7 +438,7 @@ async fn queues_of_another_type_are_named_and_that_type_can_be_chosen() -> anyho
     Ok(())
 }
 
-/// Issue 21 row 19: the node that leads the task queue and holds every client's connection
+/// The node that leads the task queue and holds every client's connection
 /// freezes for 30 s (SIGSTOP: no RST, no FIN, the other nodes hear nothing) under load.
 /// Publisher confirms and processing resume on the other nodes while it is still frozen,
 /// within README's bound (before: not until it resumed; Erlang's default tick time, 60 s,

@@ -371,7 +371,7 @@ fn a_password_in_the_url_and_a_password_file_are_refused() {
 /// Options of the NixOS module whose default is the module's own choice, not the binaries'
 /// (each option's description says why).
 const MODULE_CHOICES: [&str; 3] = [
-    // JSON lines, which journald indexes.
+    // Native journal fields under systemd.
     "PAGEVIEWS_LOG_FORMAT",
     // The socket unit's socket, or the private address when split.
     "PAGEVIEWS_LISTEN",

@@ -108,7 +108,7 @@ async fn closed_by_the_app(mut stream: TcpStream, what: &str) -> anyhow::Result<
     }
 }
 
-/// R4: after SIGTERM the app drains, then closes what is still open and exits 0, whatever its
+/// After SIGTERM the app drains, then closes what is still open and exits 0, whatever its
 /// clients do: here one that pipelines requests and never reads the answers, and an h2c
 /// client that never answers the server's SETTINGS, PING or GOAWAY.
 #[tokio::test(flavor = "multi_thread")]
@@ -133,7 +133,7 @@ async fn sigterm_exits_in_time_despite_clients_that_never_read_or_answer() -> an
     Ok(())
 }
 
-/// R5: a connection is closed when no request comes within the idle timeout, from the accept
+/// A connection is closed when no request comes within the idle timeout, from the accept
 /// on: also before the app knows whether it speaks HTTP/1.1 or HTTP/2, and on an HTTP/2
 /// connection with no stream open.
 #[tokio::test(flavor = "multi_thread")]
@@ -171,7 +171,7 @@ async fn connections_without_a_request_are_closed() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// R12: a socket another process listens on (the one `pageviews-app.socket` holds, say) is
+/// A socket another process listens on (the one `pageviews-app.socket` holds, say) is
 /// never replaced: the app refuses to start and names the setting; the socket keeps working.
 #[test]
 fn a_live_unix_socket_is_never_taken_over() -> anyhow::Result<()> {

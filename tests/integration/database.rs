@@ -34,7 +34,7 @@ async fn lock_waits(env: &TestEnv) -> anyhow::Result<i64> {
     .await
 }
 
-/// Issue 21 R1: page views arrive while every counter row is locked for longer than their
+/// Page views arrive while every counter row is locked for longer than their
 /// budget. Each is answered 503 (with Retry-After) and leaves no row, even though the lock is
 /// released while a statement for some of them is still waiting (before: that statement,
 /// bounded only by the server's own timeout, counted from its start, committed their rows).
@@ -87,7 +87,7 @@ async fn a_page_view_answered_503_never_leaves_a_row() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 21 R1, the other side: a COMMIT that does not answer in time (here it waits for a
+/// A COMMIT that does not answer in time (here it waits for a
 /// synchronous standby that does not exist) leaves the outcome unknown. The answer is then a
 /// 500 without Retry-After, not a 503 that asks for the retry that would store it twice; and
 /// indeed the row appears once the wait ends. (Before: 503 with Retry-After.)
@@ -172,7 +172,7 @@ async fn is_processed(env: &TestEnv, id: i64) -> anyhow::Result<bool> {
     Ok(pageviews::db::page_views::is_processed(&mut conn, id).await? == Some(true))
 }
 
-/// Issue 21 R3: a page view locked by another transaction does not stop the worker: the rest
+/// A page view locked by another transaction does not stop the worker: the rest
 /// is processed, a lock that blocks everything makes it give up and retry (lock_timeout), and
 /// SIGTERM is honoured within seconds while both locks are still held (before: it waited for
 /// the row lock with no timeout, processing nothing, and SIGTERM waited for the lock too).
@@ -228,7 +228,7 @@ async fn a_locked_page_view_neither_stops_the_worker_nor_holds_up_sigterm() -> a
     Ok(())
 }
 
-/// Issue 21 R17: after the database clock steps back (here: `last_run_at` an hour ahead of
+/// After the database clock steps back (here: `last_run_at` an hour ahead of
 /// it, or `infinity`), the rollup still runs within an interval and counts the recent
 /// minutes (before: it waited until the clock passed the stored time, the chart frozen).
 #[tokio::test(flavor = "multi_thread")]
@@ -267,7 +267,7 @@ async fn the_rollup_runs_after_the_clock_steps_back() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 21 R8: rows written by other means than the app's batch (by hand; by an app and a
+/// Rows written by other means than the app's batch (by hand; by an app and a
 /// worker of the previous release during a rolling deploy, which still add their own counts
 /// in the same statement) are counted exactly once, processed or not, and the page's
 /// `pending` is never negative (before: a row inserted by hand was counted when processed,

@@ -1,4 +1,4 @@
-//! Failure modes that used to lose, leak or hang (issue 11): each test failed before its fix.
+//! Failure modes that could lose, leak or hang: each test failed before its fix.
 
 use crate::support::{CuttableProxy, SynDropper, TestEnv, binaries, client, hammer, wait_for_log};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Row 1: amiquip's errors carry the whole AMQP URL; none of it may reach a log, in either
+/// Amiquip's errors carry the whole AMQP URL; none of it may reach a log, in either
 /// format, from the app or the worker, for AMQP or PostgreSQL URLs.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_password_reaches_a_log_line_in_text_or_json() -> anyhow::Result<()> {
@@ -73,7 +73,7 @@ pub fn assert_no_secret_in_logs(dir: &Path, secrets: &[&str]) {
     assert!(checked > 0, "no log found under {}", dir.display());
 }
 
-/// Row 2: SIGTERM while PostgreSQL is down and the worker holds a batch it cannot commit.
+/// SIGTERM while PostgreSQL is down and the worker holds a batch it cannot commit.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_the_database_down_and_a_batch_in_hand_exits_zero_and_keeps_the_tasks() -> anyhow::Result<()> {
     let mut env = TestEnv::dedicated().await?;
@@ -126,7 +126,7 @@ async fn sigterm_with_the_database_down_and_a_batch_in_hand_exits_zero_and_keeps
     Ok(())
 }
 
-/// Row 4: the figures query fails while INSERTs work: every request that stored a row is
+/// The figures query fails while INSERTs work: every request that stored a row is
 /// answered 200 (before: 503 after the row was stored, so clients retried and duplicated it).
 #[tokio::test(flavor = "multi_thread")]
 async fn figures_that_cannot_be_read_never_turn_a_stored_row_into_a_503() -> anyhow::Result<()> {
@@ -170,7 +170,7 @@ async fn figures_that_cannot_be_read_never_turn_a_stored_row_into_a_503() -> any
     Ok(())
 }
 
-/// Row 7: a request the TimeoutLayer cuts is counted and timed like any other.
+/// A request the TimeoutLayer cuts is counted and timed like any other.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_cut_by_the_timeout_is_counted_and_timed() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
@@ -207,7 +207,7 @@ async fn a_request_cut_by_the_timeout_is_counted_and_timed() -> anyhow::Result<(
     Ok(())
 }
 
-/// Row 8: the app reached directly keeps a client's request id only if it is plain and
+/// The app reached directly keeps a client's request id only if it is plain and
 /// short (no forged `key=value` log fields), and closes a connection whose headers never end.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_direct_client_cannot_forge_log_fields_or_hold_a_connection() -> anyhow::Result<()> {
@@ -253,7 +253,7 @@ async fn a_direct_client_cannot_forge_log_fields_or_hold_a_connection() -> anyho
     Ok(())
 }
 
-/// Row 9 (and issue 21 row 9): SIGTERM while every broker node's host drops SYNs: neither
+/// SIGTERM while every broker node's host drops SYNs: neither
 /// binary waits for a connect attempt (5 s each, one node after another) to end. Before: 14 s
 /// with three nodes.
 #[tokio::test(flavor = "multi_thread")]
@@ -300,7 +300,7 @@ async fn sigterm_while_connecting_to_hosts_that_drop_packets_exits_in_time() -> 
     Ok(())
 }
 
-/// Row 10: the consumer's backoff grows while connections fail, and starts from the shortest
+/// The consumer's backoff grows while connections fail, and starts from the shortest
 /// delay again after a session that lasted (before: the second outage began at the delay the
 /// first one ended with).
 #[tokio::test(flavor = "multi_thread")]
@@ -357,7 +357,7 @@ async fn the_consumer_backs_off_while_failing_and_starts_over_after_a_lasting_se
     Ok(())
 }
 
-/// Row 13: the throwaway servers admit nobody without the generated credentials, and their
+/// The throwaway servers admit nobody without the generated credentials, and their
 /// files are private.
 #[tokio::test(flavor = "multi_thread")]
 async fn throwaway_servers_want_generated_credentials_and_keep_files_private() -> anyhow::Result<()> {

@@ -265,7 +265,7 @@ async fn publish_raw(url: &str, bodies: Vec<Vec<u8>>) -> anyhow::Result<()> {
     .await?
 }
 
-/// Issue 21 row 6: a task body far over what 1 000 ids take is dead-lettered unread (before:
+/// A task body far over what 1 000 ids take is dead-lettered unread (before:
 /// parsed whole, 30 MB took the worker from 7 MB to 622 MB), and the broker refuses bodies
 /// over its configured `max_message_size` at publish.
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ async fn ready(url: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// R15: with `PAGEVIEWS_APP_METRICS_LISTEN` set, `/metrics` and `/readyz` are served there
+/// With `PAGEVIEWS_APP_METRICS_LISTEN` set, `/metrics` and `/readyz` are served there
 /// and nowhere else (the main listener is reachable by whoever reaches the app: the images
 /// publish its port).
 #[tokio::test(flavor = "multi_thread")]
@@ -46,7 +46,7 @@ async fn with_an_operators_listener_metrics_and_readiness_are_only_there() -> an
     Ok(())
 }
 
-/// R15: `/readyz` says which dependency is missing in its own words; what the database or the
+/// `/readyz` says which dependency is missing in its own words; what the database or the
 /// pool said goes to the log only.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_names_what_failed_and_logs_why() -> anyhow::Result<()> {
@@ -97,7 +97,7 @@ async fn transactions(admin: &mut AsyncPgConnection, name: &str) -> anyhow::Resu
     count_on(admin, &query).await
 }
 
-/// R15: readiness checks share one query at a time, and reuse its answer for a second: a
+/// Readiness checks share one query at a time, and reuse its answer for a second: a
 /// burst of `/readyz` (or of scrapes) costs the request pool one connection, not one each.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_readiness_checks_costs_a_few_queries() -> anyhow::Result<()> {
@@ -119,7 +119,7 @@ async fn a_burst_of_readiness_checks_costs_a_few_queries() -> anyhow::Result<()>
     Ok(())
 }
 
-/// R15: a visit id that is not a number is refused without echoing it back.
+/// A visit id that is not a number is refused without echoing it back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_visit_id_is_not_reflected() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;

@@ -52,7 +52,7 @@ async fn counters_equal_count_star_after_concurrent_load_and_a_worker_kill() -> 
     Ok(())
 }
 
-/// Issue 11 row 3: the broker confirmed the tasks, then lost them (purge; queue deleted, so
+/// The broker confirmed the tasks, then lost them (purge; queue deleted, so
 /// publishes are unroutable until the app declares it again).
 #[tokio::test(flavor = "multi_thread")]
 async fn tasks_lost_after_their_confirm_are_processed_anyway() -> anyhow::Result<()> {
@@ -81,7 +81,7 @@ async fn tasks_lost_after_their_confirm_are_processed_anyway() -> anyhow::Result
     Ok(())
 }
 
-/// Issue 11 row 6: after an outage and a restart, the sweep catches up at full speed.
+/// After an outage and a restart, the sweep catches up at full speed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backlog_only_in_the_database_is_caught_up_at_full_speed() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
@@ -97,7 +97,7 @@ async fn a_backlog_only_in_the_database_is_caught_up_at_full_speed() -> anyhow::
     Ok(())
 }
 
-/// Issue 11 row 11: a broker that stops answering is noticed while nothing is published.
+/// A broker that stops answering is noticed while nothing is published.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_notices_a_hung_broker_while_idle() -> anyhow::Result<()> {
     let env = TestEnv::dedicated().await?;
@@ -122,13 +122,14 @@ async fn readiness_notices_a_hung_broker_while_idle() -> anyhow::Result<()> {
         Ok(())
     })
     .await;
+    // SAFETY: kill(2) on the process group of the broker this test started.
     unsafe { libc::kill(-pid, libc::SIGCONT) };
     noticed?;
     eprintln!("noticed after {:?}", started.elapsed());
     Ok(())
 }
 
-/// Issue 11 row 10: a queue that refuses publishes (nacks) makes the publisher back off, not
+/// A queue that refuses publishes (nacks) makes the publisher back off, not
 /// retry in a loop; once it accepts again, everything is delivered. A quorum queue (the
 /// default): it went on refusing the publisher's channel after the policy was cleared, until
 /// the publisher took a new channel after a refusal.
@@ -171,7 +172,7 @@ async fn persistent_nacks_back_off_and_recover() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11 row 5: a locked table answers 503 within `PAGEVIEWS_DB_TIMEOUT_MS`, and the
+/// A locked table answers 503 within `PAGEVIEWS_DB_TIMEOUT_MS`, and the
 /// request answered 503 leaves no row once the lock is gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_table_gives_a_quick_503_and_no_row_later() -> anyhow::Result<()> {
@@ -217,7 +218,7 @@ async fn readiness(app: &crate::support::RunningApp) -> anyhow::Result<(u16, Str
     Ok((response.status().as_u16(), response.text().await?))
 }
 
-/// Issue 21 row 2: a resource alarm (connection.blocked): readiness and the gauge say so and
+/// A resource alarm (connection.blocked): readiness and the gauge say so and
 /// why, the failure is counted, a SIGTERM ends the app in time, and once the alarm clears
 /// every page view is processed. Before: still "ready", failures 0, and SIGTERM waited for
 /// the alarm to clear (the publisher thread stuck in a channel close).
@@ -307,7 +308,7 @@ async fn views(app: &crate::support::RunningApp, n: usize) {
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
 }
 
-/// Issue 21 row 14: rows without a task while the queue is never empty (no worker keeps up,
+/// Rows without a task while the queue is never empty (no worker keeps up,
 /// here none runs) are offered again after the maximum wait (6 sweep intervals), and each row
 /// only once however long the queue stays full. Before: never, while any message was ready.
 #[tokio::test(flavor = "multi_thread")]

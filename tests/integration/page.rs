@@ -260,7 +260,7 @@ async fn sql(env: &TestEnv, statement: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// R7: when the figures cannot be refreshed, `/stats` still answers with the last ones read,
+/// When the figures cannot be refreshed, `/stats` still answers with the last ones read,
 /// marked `"stale": true` with the time they were read (`as_of`), and not cacheable: never as
 /// fresh figures for another second.
 #[tokio::test(flavor = "multi_thread")]
@@ -306,7 +306,7 @@ async fn stats_marks_figures_it_could_not_refresh() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// R7: the script says so when the server could not refresh the figures, on a page that
+/// The script says so when the server could not refresh the figures, on a page that
 /// showed fresh ones and on a page rendered with stale ones (before: "Figures updated 0 s
 /// ago" in both cases).
 #[tokio::test(flavor = "multi_thread")]

@@ -249,7 +249,7 @@ fn connections_on(port: u16) -> anyhow::Result<Vec<(u16, u16, String)>> {
         .collect())
 }
 
-/// R13: nginx closes the upstream connections it keeps idle before the app would: with
+/// Nginx closes the upstream connections it keeps idle before the app would: with
 /// `proxy_next_upstream off` a request nginx sends on a connection the app is closing is a
 /// 502. The side that closes first keeps the connection in TIME_WAIT: it must be nginx's.
 #[tokio::test(flavor = "multi_thread")]
@@ -298,7 +298,7 @@ async fn nginx_closes_idle_upstream_connections_before_the_app_does() -> anyhow:
     Ok(())
 }
 
-/// R16: the rate limit counts an IPv6 client per /64 (what one subscriber gets: a /128 key
+/// The rate limit counts an IPv6 client per /64 (what one subscriber gets: a /128 key
 /// gave one host 2^64 budgets), an IPv4 client per address. The test acts as several
 /// clients through a header only the test configuration trusts (nginx's realip module).
 #[tokio::test(flavor = "multi_thread")]

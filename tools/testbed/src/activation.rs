@@ -187,6 +187,7 @@ struct Exec {
 // SAFETY: the raw pointers point into `_strings`, owned by the same value; it is used by the
 // forked child only.
 unsafe impl Send for Exec {}
+// SAFETY: as for Send; nothing writes through the pointers.
 unsafe impl Sync for Exec {}
 
 const LISTEN_PID: &[u8] = b"LISTEN_PID=";
@@ -275,9 +276,11 @@ impl Exec {
             self.envp[self.listen_pid_slot] = self.listen_pid.as_ptr().cast();
             let moved = if fd == LISTEN_FDS_START {
                 // Already there: only the close-on-exec flag has to go.
+                // SAFETY: fcntl(2) on a descriptor this process owns.
                 unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }
             } else {
                 // The copy dup2 makes is not close-on-exec.
+                // SAFETY: dup2(2) between descriptors this process owns.
                 unsafe { libc::dup2(fd, LISTEN_FDS_START) }
             };
             if moved < 0 {

@@ -65,12 +65,14 @@ impl Process {
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
                 // Helpers the child left in its group (rabbitmq's script) go too.
+                // SAFETY: kill(2) on our own child's process group.
                 unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::warn!(process = %self.name, "did not stop within {grace:?}; killing it");
+        // SAFETY: kill(2) on our own child's process group.
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         child.wait().ok()
     }
@@ -159,6 +161,7 @@ pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     if entry.is_null() {
         return None;
     }
+    // SAFETY: not null, so it points at getpwnam's static entry, read before any other call.
     unsafe { Some(((*entry).pw_uid, (*entry).pw_gid)) }
 }
 

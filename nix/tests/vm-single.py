@@ -71,7 +71,8 @@ with subtest("the journal finds one request's lines by its request-id field"):
     assert len(ids) == 1, headers
     request_id = ids[0]
     lines = server.wait_until_succeeds(
-        f"journalctl -u pageviews-app.service -o json F_REQUEST_ID={request_id} | grep .", timeout=30
+        f"journalctl -u pageviews-app.service -o json F_REQUEST_ID={request_id} | grep .",
+        timeout=30,
     )
     fields = [json.loads(line) for line in lines.splitlines()]
     assert all(f["SYSLOG_IDENTIFIER"] == "pageviews-app" for f in fields), fields

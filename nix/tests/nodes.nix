@@ -88,8 +88,22 @@
 
   # A node's address on the test network.
   ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
+
+  # `member where roles`: a host of a deployment split over several nodes, running `roles`
+  # with the test's fixed passwords (secrets.nix); `where` is the test's module saying where
+  # the others are (services.pageviews.network, a cluster's nodes).
+  member = where: roles: {
+    imports = [module tools where];
+    services.pageviews = {
+      enable = true;
+      inherit roles;
+      inherit (tls) domain;
+      database.passwordFiles = secrets.database;
+      rabbitmq.passwordFiles = secrets.rabbitmq;
+    };
+  };
 in {
-  inherit tools certificate sql sized ip;
+  inherit tools certificate sql sized ip member;
 
   # The Python the test driver runs: the values the nodes are built with, as constants
   # (`base` and the test's `constants nodes`; scripts/check-vm-tests reads only their
@@ -124,17 +138,44 @@ in {
     };
   };
 
-  # `member where roles`: a host of a deployment split over several nodes, running `roles`
-  # with the test's fixed passwords (secrets.nix); `where` is the test's module saying where
-  # the others are (services.pageviews.network, a cluster's nodes).
-  member = where: roles: {
-    imports = [module tools where];
-    services.pageviews = {
-      enable = true;
-      inherit roles;
-      inherit (tls) domain;
-      database.passwordFiles = secrets.database;
-      rabbitmq.passwordFiles = secrets.rabbitmq;
+  # vm-split's hosts (vm-deploy has the same): `split roles`, a member of client -> proxy
+  # -> app -> data.
+  split = member ({nodes, ...}: {
+    services.pageviews.network = {
+      appAddress = ip nodes "app";
+      dataAddress = ip nodes "data";
+      proxyAddresses = [(ip nodes "proxy")];
+    };
+  });
+
+  # `behindProxy apps`: where a member of a deployment with several app hosts (`apps`, node
+  # names) behind `proxy` finds them; an app host listens on its own address.
+  behindProxy = apps: {
+    nodes,
+    config,
+    ...
+  }: {
+    services.pageviews.network = {
+      appAddress =
+        if builtins.elem "app" config.services.pageviews.roles
+        then config.networking.primaryIPAddress
+        else null;
+      appAddresses = map (ip nodes) apps;
+      proxyAddresses = [(ip nodes "proxy")];
+    };
+  };
+
+  # `brokerCluster names`: the RabbitMQ cluster of the broker hosts `names` (node names), as
+  # every member of the deployment sees it.
+  brokerCluster = names: {nodes, ...}: {
+    services.pageviews.rabbitmq.cluster = {
+      nodes =
+        map (name: {
+          hostName = name;
+          address = ip nodes name;
+        })
+        names;
+      cookieFile = secrets.erlangCookie;
     };
   };
 }

@@ -5,34 +5,14 @@
 args: let
   shared = import ./nodes.nix args;
   inherit (shared) ip;
-  inherit (args) secrets;
-  brokers = ["broker1" "broker2" "broker3"];
 
   # A pageviews host of this deployment with `roles`; they all agree on where the others are.
-  pageviews = shared.member ({
-    nodes,
-    config,
-    ...
-  }: {
-    services.pageviews = {
-      network = {
-        # Its own address on an app host (the listen address); unused elsewhere.
-        appAddress =
-          if builtins.elem "app" config.services.pageviews.roles
-          then config.networking.primaryIPAddress
-          else null;
-        appAddresses = [(ip nodes "app1") (ip nodes "app2")];
-        dataAddress = ip nodes "db";
-        proxyAddresses = [(ip nodes "proxy")];
-      };
-      rabbitmq.cluster.nodes =
-        map (name: {
-          hostName = name;
-          address = ip nodes name;
-        })
-        brokers;
-      rabbitmq.cluster.cookieFile = secrets.erlangCookie;
-    };
+  pageviews = shared.member ({nodes, ...}: {
+    imports = [
+      (shared.behindProxy ["app1" "app2"])
+      (shared.brokerCluster ["broker1" "broker2" "broker3"])
+    ];
+    services.pageviews.network.dataAddress = ip nodes "db";
   });
 
   # What the script needs to know of the Nix side, from the nodes themselves.

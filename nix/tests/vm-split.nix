@@ -4,16 +4,9 @@
 # on data, iptables on app).
 args: let
   shared = import ./nodes.nix args;
-  inherit (shared) ip;
 
   # A pageviews host of this deployment with `roles`; they all agree on where the others are.
-  pageviews = shared.member ({nodes, ...}: {
-    services.pageviews.network = {
-      appAddress = ip nodes "app";
-      dataAddress = ip nodes "data";
-      proxyAddresses = [(ip nodes "proxy")];
-    };
-  });
+  pageviews = shared.split;
 
   # What the script needs to know of the Nix side, from the nodes themselves.
   constants = nodes:

@@ -75,6 +75,11 @@ NIXPKGS_UNITS = {
     # services.postgresqlBackup's unit for the default database name
     "postgresqlBackup-pageviews.service": (("data",), "backup.nix", "databases = [cfg.database.name];"),
 }
+# Transient units our modules start with systemd-run: unit -> (roles, file of ours, needle).
+TRANSIENT_UNITS = {
+    # `pageviews-admin`, the admin tool in a unit of its own (on an app host)
+    "pageviews-admin.service": (("app",), "units.nix", 'adminUnit = "pageviews-admin";'),
+}
 GENERIC_UNITS = {"multi-user.target", "network-online.target", "network.target"}
 UNIT_RE = re.compile(r"\b([A-Za-z0-9@_.-]+\.(?:service|target|socket|timer))\b")
 ROLES = ("proxy", "app", "data", "broker")
@@ -234,6 +239,12 @@ def module_units_by_role() -> dict[str, set[str]]:
                 units[role].add(unit)
         else:
             fail(f"{unit}: nix/modules/{file} no longer enables its nixpkgs service")
+    for unit, (roles, file, needle) in TRANSIENT_UNITS.items():
+        if needle in (MODULES / file).read_text():
+            for role in roles:
+                units[role].add(unit)
+        else:
+            fail(f"{unit}: nix/modules/{file} no longer starts this transient unit")
     return units
 
 
@@ -367,8 +378,17 @@ def script_constants(nix_file: Path) -> list[str]:
         return names
     expr = text[at : value_end(text, at + len("constants = "))]
     parts_at = expr.find("(shared).constantsOf {")
-    parts = top_level_keys(attr_block(expr, parts_at)) if parts_at >= 0 else []
-    if parts:
+    if parts_at < 0:
+        # a test's own attribute set only: `nodes: { ... }` or `nodes: let ... in { ... }`
+        keys = top_level_keys(attr_block(expr, expr.find(" in {") if " in {" in expr else 0))
+        if not keys:
+            fail(f"{nix_file.name}: no attribute set of constants in `constants`")
+        return names + keys
+    parts_block = attr_block(expr, parts_at)
+    parts = top_level_keys(parts_block)
+    if not parts:
+        fail(f"{nix_file.name}: `shared.constantsOf` without parts")
+    else:
         stub_parts = " ".join(f"{p} = stub;" for p in parts)
         names += nix_eval(
             f"""let
@@ -378,8 +398,11 @@ def script_constants(nix_file: Path) -> list[str]:
                   }};
                 in builtins.attrNames (shared.constantsOf {{ {stub_parts} }})"""
         )  # type: ignore[operator]
-    for own in re.finditer(r"// \{", expr):
-        names += top_level_keys(attr_block(expr, own.start()))
+    # the test's own, `// { ... }` right after the parts
+    parts_end = expr.index(parts_block, parts_at) + len(parts_block)
+    own = re.match(r"\)* // \{", expr[parts_end:])
+    if own:
+        names += top_level_keys(attr_block(expr, parts_end + own.start()))
     return names
 
 
@@ -494,8 +517,10 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
             ok(f"{command}: shell helper in nodes.nix")
         elif command in crate_binaries():
             ok(f"{command}: binary of the crate (on the nodes via the package)")
+        elif any(f'writeShellScriptBin "{command}"' in m.read_text() for m in MODULES.glob("*.nix")):
+            ok(f"{command}: shell helper of nix/modules (on the nodes via the module)")
         else:
-            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor tools/probe/ (yet)"
+            msg = f"{command}: not provided by nodes.nix, nix/modules, src/bin/*.rs nor tools/probe/ (yet)"
             warnings.append(msg)
             print(f"WARN {msg}")
 

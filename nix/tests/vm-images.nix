@@ -19,7 +19,7 @@
   # built from the data host's own settings.
   envFile = nodes: role: who: let
     data = nodes.data.services.pageviews;
-    host = nodes.data.networking.primaryIPAddress;
+    host = shared.ip nodes "data";
   in
     pkgs.writeText "pageviews-vm-test-${who}.env" (''
         DATABASE_URL=postgres://${role}:${secrets.value "db-${who}"}@${host}:${toString data.database.port}/${data.database.name}
@@ -53,8 +53,8 @@ in {
         enable = true;
         roles = ["data"];
         network = {
-          dataAddress = nodes.data.networking.primaryIPAddress;
-          dataClients = [nodes.images.networking.primaryIPAddress];
+          dataAddress = shared.ip nodes "data";
+          dataClients = [(shared.ip nodes "images")];
         };
         database.passwordFiles = secrets.database;
         rabbitmq.passwordFiles = secrets.rabbitmq;

@@ -36,16 +36,7 @@ with subtest("only 80 and 443 face the network; the rest is loopback or a Unix s
     server.succeed(f"test -S {APP_LISTEN}")
     server.fail(f"ss -Hltn 'sport = :{APP_PORT}' | grep -q .")
 
-with subtest("RabbitMQ restarts under traffic and nothing is lost"):
-    restart_broker_under_traffic(client, server, server)
-
-with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
-    check_notify_unit(server, "pageviews-app.service", APP_WATCHDOG)
-    check_notify_unit(server, "pageviews-worker.service", WORKER_WATCHDOG)
-    deploy_under_traffic(client, server, server, server)
-
-with subtest("app and worker units are sandboxed"):
-    check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])
+check_operations(client, server, server, server, APP_WATCHDOG, WORKER_WATCHDOG)
 
 with subtest("the daily logical backup restores: the same rows and counters"):
     dump = "/var/backup/postgresql/pageviews.sql.gz"

@@ -12,10 +12,11 @@ For each nix/tests/vm-*.nix:
      test-script-prepend.py from a cache outside the repository, $NIXOS_TEST_DRIVER; skipped
      without it), one fake machine per node, `--no-implicit-optional`, the constants as `Any`;
   4. checks consistency with the Nix side: every node is used; hosts looked up by name are
-     nodes; every unit a node waits
-     for or restarts exists on that node (from its roles in nix/modules, its own
-     systemd.services / oci-containers, or the nixpkgs services our modules enable); the
-     files and commands the scripts use are provided by the test's Nix files.
+     nodes; every unit a node waits for or restarts, in the script or in a common.py function
+     the script hands the node to, exists on that node (from its roles in nix/modules, its
+     own systemd.services / oci-containers, the nixpkgs services our modules enable, or the
+     transient units they start); the files and commands the scripts use are provided by
+     the test's Nix files or the module.
 Then rules for nix/modules, the example host and the flake that an evaluation against nixpkgs
 found broken once (issue 9), checked without nixpkgs:
   F1 no option nixpkgs itself defines with mkDefault is defined with mkDefault again
@@ -360,6 +361,44 @@ def node_calls(tree: ast.AST, nodes: list[str]):
                 yield first.id, func.id, string_literals(call)
 
 
+def common_node_calls(tree: ast.AST, common_tree: ast.Module, nodes: list[str]):
+    """(node, method, string literals in the call) for the calls on a node inside the common.py
+    functions the script calls with nodes as arguments (check_operations(client, app, ...)):
+    their parameters bound to those nodes, through the functions those call in turn."""
+    defs = {d.name: d for d in common_tree.body if isinstance(d, ast.FunctionDef)}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+
+    def machine(expr: ast.expr, env: dict[str, str]) -> str | None:
+        return env.get(expr.id) if isinstance(expr, ast.Name) else None
+
+    def walk(body: ast.AST, env: dict[str, str]):
+        for call in ast.walk(body):
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+                continue
+            fn = defs.get(call.func.id)
+            if fn is None:
+                continue
+            params = [a.arg for a in fn.args.args]
+            pairs = zip(params, call.args, strict=False)  # defaults stay unbound
+            bound = {p: n for p, a in pairs if (n := machine(a, env))}
+            bound |= {k.arg: n for k in call.keywords if k.arg and (n := machine(k.value, env))}
+            key = (fn.name, tuple(sorted(bound.items())))
+            if not bound or key in seen:
+                continue
+            seen.add(key)
+            for inner in ast.walk(fn):
+                if not isinstance(inner, ast.Call):
+                    continue
+                f = inner.func
+                if isinstance(f, ast.Attribute) and (n := machine(f.value, bound)):
+                    yield n, f"{f.attr} (in {fn.name})", string_literals(inner)
+                elif isinstance(f, ast.Name) and inner.args and (n := machine(inner.args[0], bound)):
+                    yield n, f"{f.id} (in {fn.name})", string_literals(inner)
+            yield from walk(fn, bound)
+
+    yield from walk(tree, {n: n for n in nodes})
+
+
 def script_constants(nix_file: Path) -> list[str]:
     """Names of the constants a test's script gets from nodes.nix `script` (their values come
     from the nodes when the driver is built; only the names are needed to lint here): `base`
@@ -494,7 +533,8 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     # units each node waits for / restarts / analyses exist on that node
     per_node = node_roles_and_units(nix_file, nodes, by_role)
     all_units = set().union(*(u for _, u in per_node.values()))
-    for node, method, literals in node_calls(tree, nodes):
+    calls = list(node_calls(tree, nodes)) + list(common_node_calls(tree, common_tree, nodes))
+    for node, method, literals in calls:
         for lit in literals:
             for unit in UNIT_RE.findall(lit):
                 if unit in per_node[node][1]:

@@ -722,7 +722,9 @@ in {
         url = unit.environment.DATABASE_URL;
         want = "postgres://pageviews-app@${lib.concatMapStringsSep "," (n: "${haIp n}:5432") haDbs}/pageviews?target_session_attrs=read-write&connect_timeout=2";
       in
-        check (url == want && unit.environment.PAGEVIEWS_DATABASE_PASSWORD_FILE == "%d/db-password"
+        check (url
+          == want
+          && unit.environment.PAGEVIEWS_DATABASE_PASSWORD_FILE == "%d/db-password"
           && lib.all (n: lib.elem (haIp n) unit.serviceConfig.IPAddressAllow) haDbs) {
           inherit want url;
           ipAddressAllow = unit.serviceConfig.IPAddressAllow;
@@ -855,7 +857,8 @@ in {
       text = (lib.head admins).text or "";
       credDir = "/run/credentials/pageviews-admin.service";
     in
-      check (app.environment.PAGEVIEWS_LOG_FORMAT == "journald"
+      check (app.environment.PAGEVIEWS_LOG_FORMAT
+        == "journald"
         && lib.length admins == 1
         && has "/bin/pageviews-app admin \"$@\"" text
         && has "--unit=pageviews-admin" text

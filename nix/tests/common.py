@@ -140,23 +140,36 @@ def assert_reachable(machine, host_ip: str, port: int) -> None:
     machine.succeed(f"timeout 2 bash -c 'exec 3<>/dev/tcp/{host_ip}/{port}'")
 
 
-def traffic_across(client, data, agent: str, disrupt: Callable[[], None]) -> None:
-    """A client keeps loading pages (about 5 a second, below the rate limit) from before
-    `disrupt()` until 5 s after it: every request succeeds, and every page view of that
-    traffic (user agent `agent`) is recorded once and processed."""
+def start_load(client, agent: str, key: str) -> str:
+    """The client loads pages as user agent `agent`, about 5 a second (below the rate limit),
+    `?<key>=<n>` the n-th, until stop_load; returns the log of the HTTP codes."""
     log = f"/tmp/{agent}.log"
     stop = f"/tmp/{agent}.stop"
     client.succeed(
         f"rm -f {stop}; (i=0; while [ ! -e {stop} ]; do i=$((i + 1));"
-        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?traffic='$i;"
+        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?{key}='$i;"
         f" sleep 0.2; done; echo done) >{log} 2>&1 &"
     )
+    return log
+
+
+def stop_load(client, agent: str) -> list[str]:
+    """Stops start_load's load; the HTTP code of every request it sent."""
+    log = f"/tmp/{agent}.log"
+    client.succeed(f"touch /tmp/{agent}.stop")
+    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
+    return client.succeed(f"head -n -1 {log}").split()
+
+
+def traffic_across(client, data, agent: str, disrupt: Callable[[], None]) -> None:
+    """A client keeps loading pages (about 5 a second, below the rate limit) from before
+    `disrupt()` until 5 s after it: every request succeeds, and every page view of that
+    traffic (user agent `agent`) is recorded once and processed."""
+    start_load(client, agent, "traffic")
     client.sleep(3)
     disrupt()
     client.sleep(5)
-    client.succeed(f"touch {stop}")
-    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
-    codes = client.succeed(f"head -n -1 {log}").split()
+    codes = stop_load(client, agent)
     requests = len(codes)
     assert requests >= 20, f"only {requests} requests across the disruption ({agent})"
     assert set(codes) == {"200"}, f"not all 200 across the disruption ({agent}): {codes}"
@@ -165,6 +178,41 @@ def traffic_across(client, data, agent: str, disrupt: Callable[[], None]) -> Non
     wait_sql(data, f"SELECT count(*) {by_agent} AND processed_at IS NOT NULL", str(requests), 300)
     assert sql(data, f"SELECT count(*) {by_agent}") == str(requests)
     wait_sql(data, "SELECT count(*) FROM page_views WHERE processed_at IS NULL", "0", 120)
+
+
+def under_traffic(
+    client,
+    label: str,
+    action: Callable[[], object],
+    max_failures: int,
+    primary: Callable[[], object],
+    until_recovered: bool = False,
+) -> None:
+    """Pages load (about 5 a second) before, during and after `action`; then every page view
+    answered 200 is stored once and processed on `primary()` (the host of the database's
+    primary), none lost, and at most `max_failures` requests failed. After `action` the load
+    goes on for 5 s, or with `until_recovered` until the answers are 200 again and a few
+    seconds more."""
+    agent = f"pageviews-{label}"
+    log = start_load(client, agent, label)
+    client.sleep(3)
+    action()
+    if until_recovered:
+        client.wait_until_succeeds(f"test \"$(tail -n 5 {log} | grep -cx 200)\" = 5", timeout=180)
+    else:
+        client.sleep(5)
+    codes = stop_load(client, agent)
+    ok = codes.count("200")
+    failed = len(codes) - ok
+    client.log(f"{label}: {ok} of {len(codes)} answered 200, {failed} failed")
+    assert ok >= 20, f"{label}: only {ok} answered requests"
+    assert failed <= max_failures, f"{label}: {failed} failed requests: {codes}"
+    data = primary()
+    by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"
+    wait_sql(data, f"SELECT count(*) >= {ok} AND count(*) <= {ok + failed} {by_agent}", "t", 120)
+    wait_sql(data, f"SELECT count(*) = count(processed_at) {by_agent}", "t", 300)
+    twice = f"SELECT 1 {by_agent} GROUP BY data->>'request_id' HAVING count(*) > 1"
+    assert sql(data, f"SELECT count(*) FROM ({twice}) d") == "0", f"{label}: stored twice"
 
 
 def restart_broker_under_traffic(client, broker, data) -> None:
@@ -223,6 +271,22 @@ def check_stack(client, app, data) -> None:
 
     with subtest("a burst from one client gets 429"):
         check_burst(client)
+
+
+def check_operations(client, app, proxy, data, app_watchdog: str, worker_watchdog: str) -> None:
+    """What operating a deployment of the module does, under traffic from `client`: `app`
+    runs the app and the worker (their units' WatchdogSec `app_watchdog`, `worker_watchdog`),
+    `proxy` nginx, `data` PostgreSQL and RabbitMQ (the same node on one host)."""
+    with subtest("RabbitMQ restarts under traffic and nothing is lost"):
+        restart_broker_under_traffic(client, data, data)
+
+    with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
+        check_notify_unit(app, "pageviews-app.service", app_watchdog)
+        check_notify_unit(app, "pageviews-worker.service", worker_watchdog)
+        deploy_under_traffic(client, app, proxy, data)
+
+    with subtest("app and worker units are sandboxed"):
+        check_sandbox(app, ["pageviews-app.service", "pageviews-worker.service"])
 
 
 def check_sandbox(machine, units: list[str]) -> None:

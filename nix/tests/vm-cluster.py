@@ -58,33 +58,9 @@ def connected_broker(app) -> str:
     return next(name for name in BROKERS if ADDRESSES[name] == address)
 
 
-def under_traffic(label: str, action, max_failures: int = 0) -> None:
-    """Pages load (about 5 a second) before, during and after `action`; then every answered
-    request is exactly one stored, processed page view, and at most `max_failures` failed."""
-    agent = f"pageviews-{label}"
-    log = f"/tmp/{agent}.log"
-    stop = f"/tmp/{agent}.stop"
-    client.succeed(
-        f"rm -f {stop}; (i=0; while [ ! -e {stop} ]; do i=$((i + 1));"
-        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?{label}='$i;"
-        f" sleep 0.2; done; echo done) >{log} 2>&1 &"
-    )
-    client.sleep(3)
-    action()
-    client.sleep(5)
-    client.succeed(f"touch {stop}")
-    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
-    codes = client.succeed(f"head -n -1 {log}").split()
-    ok = codes.count("200")
-    failed = len(codes) - ok
-    client.log(f"{label}: {ok} of {len(codes)} answered 200, {failed} failed")
-    assert ok >= 20, f"{label}: only {ok} answered requests"
-    assert failed <= max_failures, f"{label}: {failed} failed requests: {codes}"
-    by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"
-    wait_sql(db, f"SELECT count(*) >= {ok} AND count(*) <= {ok + failed} {by_agent}", "t", 120)
-    wait_sql(db, f"SELECT count(*) = count(processed_at) {by_agent}", "t", 300)
-    twice = f"SELECT 1 {by_agent} GROUP BY data->>'request_id' HAVING count(*) > 1"
-    assert sql(db, f"SELECT count(*) FROM ({twice}) d") == "0", f"{label}: stored twice"
+def load_across(label: str, action, max_failures: int = 0) -> None:
+    """Pages load before, during and after `action` (common.py under_traffic, db the database)."""
+    under_traffic(client, label, action, max_failures, lambda: db)
 
 
 with subtest("every host reaches its units"):
@@ -138,7 +114,7 @@ with subtest("firewall: brokers only from the app hosts and each other, db from 
 with subtest("the broker the apps use stops (systemctl stop): nothing lost, no request fails"):
     name = connected_broker(app1)
     machine = BROKERS[name]
-    under_traffic("stop-connected", lambda: machine.succeed("systemctl stop rabbitmq.service"))
+    load_across("stop-connected", lambda: machine.succeed("systemctl stop rabbitmq.service"))
     assert connected_broker(app1) != name
     machine.succeed("systemctl start rabbitmq.service")
     wait_cluster(3)
@@ -146,7 +122,7 @@ with subtest("the broker the apps use stops (systemctl stop): nothing lost, no r
 with subtest("the node leading the task queue stops: nothing lost, no request fails"):
     name = tasks_queue()["leader"].split("@")[1]
     machine = BROKERS[name]
-    under_traffic("stop-leader", lambda: machine.succeed("systemctl stop rabbitmq.service"))
+    load_across("stop-leader", lambda: machine.succeed("systemctl stop rabbitmq.service"))
     assert tasks_queue()["leader"] != f"rabbit@{name}"
     machine.succeed("systemctl start rabbitmq.service")
     wait_cluster(3)
@@ -154,7 +130,7 @@ with subtest("the node leading the task queue stops: nothing lost, no request fa
 with subtest("a broker node crashes: nothing lost, no request fails"):
     name = connected_broker(app2)
     machine = BROKERS[name]
-    under_traffic("crash-broker", machine.crash)
+    load_across("crash-broker", machine.crash)
     machine.start()
     machine.wait_for_unit("rabbitmq.service")
     wait_cluster(3)
@@ -162,6 +138,6 @@ with subtest("a broker node crashes: nothing lost, no request fails"):
 with subtest("an app host crashes: only requests to it fail, nothing answered is lost"):
     # nginx waits proxy_connect_timeout (3 s) for the dead host, answers 502 (never retrying
     # a request the host may have stored), and leaves it out for fail_timeout (10 s).
-    under_traffic("crash-app", app2.crash, max_failures=3)
+    load_across("crash-app", app2.crash, max_failures=3)
     app2.start()
     app2.wait_for_unit("pageviews-app.service")

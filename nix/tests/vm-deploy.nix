@@ -6,36 +6,16 @@
 # magic rollback; every request succeeds and the app host runs the new generation.
 {
   pkgs,
-  module,
-  # Lazy: only the client nodes read it (the nixos-eval harness evaluates the others without it).
-  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
-  tls,
-  secrets,
   # The flake's inputs (self, nixpkgs, crane, deploy-rs); read by the deployer node only.
   inputs ? throw "nix/tests: vm-deploy needs the flake's inputs (flake.nix passes them)",
   ...
-}: let
+} @ args: let
   inherit (pkgs) lib;
-  shared = import ./nodes.nix {inherit pkgs probe tls;};
-  ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
+  shared = import ./nodes.nix args;
   deployRs = inputs.deploy-rs;
 
   # vm-split's hosts.
-  pageviews = roles: {nodes, ...}: {
-    imports = [module shared.tools];
-    services.pageviews = {
-      enable = true;
-      inherit roles;
-      inherit (tls) domain;
-      network = {
-        appAddress = ip nodes "app";
-        dataAddress = ip nodes "data";
-        proxyAddresses = [(ip nodes "proxy")];
-      };
-      database.passwordFiles = secrets.database;
-      rabbitmq.passwordFiles = secrets.rabbitmq;
-    };
-  };
+  pageviews = shared.split;
 
   # Every derivation of a system, so the deployer can evaluate and build it offline (deploy-rs'
   # tests: allDrvOutputs).
@@ -66,19 +46,20 @@
   '';
   flake = builtins.toFile "flake.nix" (lib.replaceStrings ["##inputs##"] [flakeInputs] (builtins.readFile ./deploy-flake.nix));
 
-  constants = nodes: {
-    WORKER_METRICS = nodes.app.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
-    CHANGE = change;
-    DEPLOY_FILES = {
-      "flake.nix" = "${flake}";
-      "network.json" = "${pkgs.writeText "network.json" (builtins.toJSON nodes.app.system.build.networkConfig)}";
-      "generation.json" = "${pkgs.writeText "generation.json" (builtins.toJSON {
-        nodes = lib.mapAttrs (_: n: {networking.primaryIPAddress = n.networking.primaryIPAddress;}) nodes;
-        settings = change;
-      })}";
+  constants = nodes:
+    shared.constantsOf {app = nodes.app;}
+    // {
+      CHANGE = change;
+      DEPLOY_FILES = {
+        "flake.nix" = "${flake}";
+        "network.json" = "${pkgs.writeText "network.json" (builtins.toJSON nodes.app.system.build.networkConfig)}";
+        "generation.json" = "${pkgs.writeText "generation.json" (builtins.toJSON {
+          nodes = lib.mapAttrs (_: n: {networking.primaryIPAddress = n.networking.primaryIPAddress;}) nodes;
+          settings = change;
+        })}";
+      };
+      SSH_KEY = "${(import "${pkgs.path}/nixos/tests/ssh-keys.nix" pkgs).snakeOilPrivateKey}";
     };
-    SSH_KEY = "${(import "${pkgs.path}/nixos/tests/ssh-keys.nix" pkgs).snakeOilPrivateKey}";
-  };
 in {
   name = "pageviews-vm-deploy";
 

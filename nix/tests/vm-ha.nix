@@ -5,14 +5,10 @@
 {
   pkgs,
   module,
-  # Lazy: only the client node reads it (the nixos-eval harness evaluates the others without it).
-  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
-  tls,
-  secrets,
   ...
-}: let
-  shared = import ./nodes.nix {inherit pkgs probe tls;};
-  ip = nodes: name: nodes.${name}.networking.primaryIPAddress;
+} @ args: let
+  shared = import ./nodes.nix args;
+  inherit (shared) ip;
   databases = ["db1" "db2" "db3"];
 
   # Test-only secrets in the store, like secrets.nix (never do that with a real one): Patroni's
@@ -29,60 +25,37 @@
       ssh-keygen -q -t ed25519 -N "" -C backup -f "$out/host"
     '';
 
-  # What every pageviews host of this deployment agrees on.
-  pageviews = roles: {
-    nodes,
-    config,
-    ...
-  }: {
-    imports = [module shared.tools];
-    services.pageviews = {
-      enable = true;
-      inherit roles;
-      inherit (tls) domain;
-      network = {
-        appAddress =
-          if builtins.elem "app" roles
-          then config.networking.primaryIPAddress
-          else null;
-        appAddresses = [(ip nodes "app")];
-        proxyAddresses = [(ip nodes "proxy")];
-      };
-      database = {
-        passwordFiles = secrets.database;
-        ha = {
-          enable = true;
-          nodes =
-            map (name: {
-              hostName = name;
-              address = ip nodes name;
-            })
-            databases;
-          passwordFiles = patroniPasswords;
-        };
-        pgbackrest = {
-          enable = true;
-          repository = {
-            host = ip nodes "backup";
-            hostKeyFile = "${keys}/host.pub";
-            privateKeyFile = "${keys}/client";
-          };
-          # The script starts the backups; the timers stay out of its way.
-          schedule.full = "3000-01-01";
-          schedule.diff = "3000-01-01";
-        };
-      };
-      rabbitmq.passwordFiles = secrets.rabbitmq;
+  # A pageviews host of this deployment with `roles`; they all agree on where the others are.
+  pageviews = shared.member ({nodes, ...}: {
+    imports = [
+      (shared.behindProxy ["app"])
       # One broker: a cluster of one node (no host has the `data` role here).
-      rabbitmq.cluster.nodes = [
-        {
-          hostName = "broker";
-          address = ip nodes "broker";
-        }
-      ];
-      rabbitmq.cluster.cookieFile = secrets.erlangCookie;
+      (shared.brokerCluster ["broker"])
+    ];
+    services.pageviews.database = {
+      ha = {
+        enable = true;
+        nodes =
+          map (name: {
+            hostName = name;
+            address = ip nodes name;
+          })
+          databases;
+        passwordFiles = patroniPasswords;
+      };
+      pgbackrest = {
+        enable = true;
+        repository = {
+          host = ip nodes "backup";
+          hostKeyFile = "${keys}/host.pub";
+          privateKeyFile = "${keys}/client";
+        };
+        # The script starts the backups; the timers stay out of its way.
+        schedule.full = "3000-01-01";
+        schedule.diff = "3000-01-01";
+      };
     };
-  };
+  });
 
   # `pageviews-sql 'SELECT …'` on a database host: psql as the superuser over the local
   # socket (the primary, or a replica read-only), unaligned tuples only.
@@ -104,20 +77,23 @@
   # What the script needs to know of the Nix side, from the nodes themselves.
   constants = nodes: let
     db = nodes.db1.services;
-  in {
-    PG_PORT = db.pageviews.database.port;
-    REST_PORT = db.pageviews.database.ha.restApiPort;
-    ETCD_CLIENT_PORT = db.pageviews.database.ha.etcd.clientPort;
-    ETCD_PEER_PORT = db.pageviews.database.ha.etcd.peerPort;
-    STANZA = db.pageviews.database.ha.scope;
-    PG_DATA = db.patroni.postgresqlDataDir;
-    # Patroni's leader key lives `ttl` seconds, renewed every `loop_wait`: the longest a
-    # crashed primary keeps the lock.
-    LEADER_TTL = db.patroni.settings.bootstrap.dcs.ttl;
-    LOOP_WAIT = db.patroni.settings.bootstrap.dcs.loop_wait;
-    WORKER_METRICS = nodes.app.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
-    REPO_PATH = nodes.backup.services.pageviews.database.pgbackrest.repository.path;
-  };
+  in
+    shared.constantsOf {
+      app = nodes.app;
+      data = nodes.db1;
+    }
+    // {
+      REST_PORT = db.pageviews.database.ha.restApiPort;
+      ETCD_CLIENT_PORT = db.pageviews.database.ha.etcd.clientPort;
+      ETCD_PEER_PORT = db.pageviews.database.ha.etcd.peerPort;
+      STANZA = db.pageviews.database.ha.scope;
+      PG_DATA = db.patroni.postgresqlDataDir;
+      # Patroni's leader key lives `ttl` seconds, renewed every `loop_wait`: the longest a
+      # crashed primary keeps the lock.
+      LEADER_TTL = db.patroni.settings.bootstrap.dcs.ttl;
+      LOOP_WAIT = db.patroni.settings.bootstrap.dcs.loop_wait;
+      REPO_PATH = nodes.backup.services.pageviews.database.pgbackrest.repository.path;
+    };
 in {
   name = "pageviews-vm-ha";
 

@@ -70,36 +70,13 @@ def wait_healthy(replicas: int = 2, timeout: int = 300) -> str:
     return found[-1]
 
 
-def under_traffic(label: str, action, max_failures: int) -> None:
-    """Pages load (about 5 a second) before, during and after `action`; then every page view
-    answered 200 is stored once and processed (none lost), and at most `max_failures` failed
+def load_across(label: str, action, max_failures: int) -> None:
+    """Pages load before, during and after `action` and until the answers are 200 again
+    (common.py under_traffic, on the primary once it is over): at most `max_failures` failed
     (the quick 503s while no primary accepts writes)."""
-    agent = f"pageviews-{label}"
-    log = f"/tmp/{agent}.log"
-    stop = f"/tmp/{agent}.stop"
-    client.succeed(
-        f"rm -f {stop}; (i=0; while [ ! -e {stop} ]; do i=$((i + 1));"
-        f" {CURL} -o /dev/null -w '%{{http_code}}\\n' -A {agent} '{ORIGIN}/?{label}='$i;"
-        f" sleep 0.2; done; echo done) >{log} 2>&1 &"
+    under_traffic(
+        client, label, action, max_failures, lambda: DBS[wait_leader()], until_recovered=True
     )
-    client.sleep(3)
-    action()
-    # until the answers are 200 again, then a few more seconds of them
-    client.wait_until_succeeds(f"test \"$(tail -n 5 {log} | grep -cx 200)\" = 5", timeout=180)
-    client.succeed(f"touch {stop}")
-    client.wait_until_succeeds(f"tail -n 1 {log} | grep -qx done", timeout=120)
-    codes = client.succeed(f"head -n -1 {log}").split()
-    ok = codes.count("200")
-    failed = len(codes) - ok
-    client.log(f"{label}: {ok} of {len(codes)} answered 200, {failed} failed")
-    assert ok >= 20, f"{label}: only {ok} answered requests"
-    assert failed <= max_failures, f"{label}: {failed} failed requests: {codes}"
-    primary = DBS[wait_leader()]
-    by_agent = f"FROM page_views WHERE data->>'user_agent' = '{agent}'"
-    wait_sql(primary, f"SELECT count(*) >= {ok} AND count(*) <= {ok + failed} {by_agent}", "t", 120)
-    wait_sql(primary, f"SELECT count(*) = count(processed_at) {by_agent}", "t", 300)
-    twice = f"SELECT 1 {by_agent} GROUP BY data->>'request_id' HAVING count(*) > 1"
-    assert sql(primary, f"SELECT count(*) FROM ({twice}) d") == "0", f"{label}: stored twice"
 
 
 with subtest("three Patroni nodes elect a leader with a synchronous standby; the stack runs"):
@@ -149,7 +126,7 @@ with subtest("a full backup on the primary; a standby's timer job skips"):
 
 with subtest("the primary's host crashes: a standby takes over, no answered page view is lost"):
     old = wait_leader()
-    under_traffic("crash-primary", DBS[old].crash, max_failures=FAILOVER_FAILURES)
+    load_across("crash-primary", DBS[old].crash, max_failures=FAILOVER_FAILURES)
     new = wait_leader(not_name=old)
     DBS[old].start()
     DBS[old].wait_for_unit("patroni.service")
@@ -160,7 +137,7 @@ with subtest("the primary's host crashes: a standby takes over, no answered page
 with subtest("the leader's Patroni stops: a standby takes over, no answered page view is lost"):
     old = wait_leader()
     stop = "systemctl stop patroni.service"
-    under_traffic("stop-patroni", lambda: DBS[old].succeed(stop), max_failures=FAILOVER_FAILURES)
+    load_across("stop-patroni", lambda: DBS[old].succeed(stop), max_failures=FAILOVER_FAILURES)
     wait_leader(not_name=old)
     DBS[old].succeed("systemctl start patroni.service")
     wait_healthy()
@@ -168,7 +145,7 @@ with subtest("the leader's Patroni stops: a standby takes over, no answered page
 with subtest("the primary's postmaster is killed: Patroni restarts it, no answered view lost"):
     old = wait_leader()
     kill = "pkill -KILL -o -u patroni -x postgres"
-    under_traffic("kill-postmaster", lambda: DBS[old].succeed(kill), max_failures=FAILOVER_FAILURES)
+    load_across("kill-postmaster", lambda: DBS[old].succeed(kill), max_failures=FAILOVER_FAILURES)
     wait_healthy()
 
 with subtest("an etcd member crashes: the cluster keeps its leader and takes writes"):
@@ -181,7 +158,7 @@ with subtest("an etcd member crashes: the cluster keeps its leader and takes wri
         DBS[leader].wait_until_fails("systemctl is-active --quiet etcd.service", timeout=30)
         DBS[leader].wait_until_succeeds("systemctl is-active --quiet etcd.service", timeout=120)
 
-    under_traffic("crash-etcd", crash_etcd, max_failures=0)
+    load_across("crash-etcd", crash_etcd, max_failures=0)
     assert wait_leader() == leader
 
 with subtest("a standby whose data is gone is rebuilt from the pgBackRest backup"):

@@ -5,15 +5,12 @@
 {
   pkgs,
   module,
-  # Lazy: only the client nodes read it (the nixos-eval harness evaluates the others without it).
-  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
   images,
-  tls,
   secrets,
   ...
-}: let
+} @ args: let
   inherit (pkgs) lib;
-  shared = import ./nodes.nix {inherit pkgs probe tls;};
+  shared = import ./nodes.nix args;
   ref = image: "${image.imageName}:${image.imageTag}";
   appRef = ref images.packages.app-image;
   workerRef = ref images.packages.worker-image;
@@ -22,7 +19,7 @@
   # built from the data host's own settings.
   envFile = nodes: role: who: let
     data = nodes.data.services.pageviews;
-    host = nodes.data.networking.primaryIPAddress;
+    host = shared.ip nodes "data";
   in
     pkgs.writeText "pageviews-vm-test-${who}.env" (''
         DATABASE_URL=postgres://${role}:${secrets.value "db-${who}"}@${host}:${toString data.database.port}/${data.database.name}
@@ -37,14 +34,15 @@
   hardened = ["--network=host" "--read-only" "--cap-drop=all" "--security-opt=no-new-privileges"];
 
   # What the script needs to know of the Nix side: the images' ports and the data host's.
-  constants = nodes: let
-    data = nodes.data.services.pageviews;
-  in {
-    APP_PORT = images.ports.app-image;
-    WORKER_METRICS = "127.0.0.1:${toString images.ports.worker-image}";
-    PG_PORT = data.database.port;
-    AMQP_PORT = data.rabbitmq.port;
-  };
+  constants = nodes:
+    shared.constantsOf {
+      data = nodes.data;
+      broker = nodes.data;
+    }
+    // {
+      APP_PORT = images.ports.app-image;
+      WORKER_METRICS = "127.0.0.1:${toString images.ports.worker-image}";
+    };
 in {
   name = "pageviews-vm-images";
 
@@ -55,8 +53,8 @@ in {
         enable = true;
         roles = ["data"];
         network = {
-          dataAddress = nodes.data.networking.primaryIPAddress;
-          dataClients = [nodes.images.networking.primaryIPAddress];
+          dataAddress = shared.ip nodes "data";
+          dataClients = [(shared.ip nodes "images")];
         };
         database.passwordFiles = secrets.database;
         rabbitmq.passwordFiles = secrets.rabbitmq;

@@ -6,35 +6,34 @@
 {
   pkgs,
   module,
-  # Lazy: only the client nodes read it (the nixos-eval harness evaluates the others without it).
-  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
   tls,
   ...
-}: let
-  shared = import ./nodes.nix {inherit pkgs probe tls;};
+} @ args: let
+  shared = import ./nodes.nix args;
   inherit (pkgs) lib;
   alerts = builtins.readFile ../../ops/prometheus/alerts.yml;
 
   constants = nodes: let
     c = nodes.server;
     g = c.services.grafana.settings;
-  in {
-    PROMETHEUS = "${c.services.prometheus.listenAddress}:${toString c.services.prometheus.port}";
-    JOBS = map (j: j.job_name) c.services.prometheus.scrapeConfigs;
-    TARGETS = lib.concatMap (j: lib.concatMap (s: s.targets) j.static_configs) c.services.prometheus.scrapeConfigs;
-    NGINX_STATUS = lib.removeSuffix "/nginx_status" (lib.removePrefix "http://" c.services.prometheus.exporters.nginx.scrapeUri);
-    RULE_GROUPS = map (g: lib.removePrefix "- name: " (lib.trim g)) (lib.filter (l: lib.hasPrefix "  - name: " l) (lib.splitString "\n" alerts));
-    RULES = lib.length (lib.filter (l: lib.hasPrefix "- alert: " (lib.trim l)) (lib.splitString "\n" alerts));
-    # (not from services.prometheus.exporters: its removed exporters throw when listed)
-    EXPORTER_UNITS = map (n: "${n}.service") (lib.filter (n: lib.hasPrefix "prometheus-" n && lib.hasSuffix "-exporter" n) (lib.attrNames c.systemd.services));
-    GRAFANA = "${g.server.http_addr}:${toString g.server.http_port}";
-    GRAFANA_ADMIN = g.security.admin_user;
-    # "$__file{/path}" -> /path
-    GRAFANA_PASSWORD_FILE = lib.removeSuffix "}" (lib.removePrefix "$__file{" g.security.admin_password);
-    DASHBOARD_UID = (builtins.fromJSON (builtins.readFile ../../ops/grafana/pageviews.json)).uid;
-    WORKER_METRICS = c.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
-    DATASOURCE_UID = (lib.head c.services.grafana.provision.datasources.settings.datasources).uid;
-  };
+  in
+    shared.constantsOf {app = c;}
+    // {
+      PROMETHEUS = "${c.services.prometheus.listenAddress}:${toString c.services.prometheus.port}";
+      JOBS = map (j: j.job_name) c.services.prometheus.scrapeConfigs;
+      TARGETS = lib.concatMap (j: lib.concatMap (s: s.targets) j.static_configs) c.services.prometheus.scrapeConfigs;
+      NGINX_STATUS = lib.removeSuffix "/nginx_status" (lib.removePrefix "http://" c.services.prometheus.exporters.nginx.scrapeUri);
+      RULE_GROUPS = map (g: lib.removePrefix "- name: " (lib.trim g)) (lib.filter (l: lib.hasPrefix "  - name: " l) (lib.splitString "\n" alerts));
+      RULES = lib.length (lib.filter (l: lib.hasPrefix "- alert: " (lib.trim l)) (lib.splitString "\n" alerts));
+      # (not from services.prometheus.exporters: its removed exporters throw when listed)
+      EXPORTER_UNITS = map (n: "${n}.service") (lib.filter (n: lib.hasPrefix "prometheus-" n && lib.hasSuffix "-exporter" n) (lib.attrNames c.systemd.services));
+      GRAFANA = "${g.server.http_addr}:${toString g.server.http_port}";
+      GRAFANA_ADMIN = g.security.admin_user;
+      # "$__file{/path}" -> /path
+      GRAFANA_PASSWORD_FILE = lib.removeSuffix "}" (lib.removePrefix "$__file{" g.security.admin_password);
+      DASHBOARD_UID = (builtins.fromJSON (builtins.readFile ../../ops/grafana/pageviews.json)).uid;
+      DATASOURCE_UID = (lib.head c.services.grafana.provision.datasources.settings.datasources).uid;
+    };
 in {
   name = "pageviews-vm-monitoring";
 

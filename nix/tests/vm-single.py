@@ -36,16 +36,7 @@ with subtest("only 80 and 443 face the network; the rest is loopback or a Unix s
     server.succeed(f"test -S {APP_LISTEN}")
     server.fail(f"ss -Hltn 'sport = :{APP_PORT}' | grep -q .")
 
-with subtest("RabbitMQ restarts under traffic and nothing is lost"):
-    restart_broker_under_traffic(client, server, server)
-
-with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
-    check_notify_unit(server, "pageviews-app.service", APP_WATCHDOG)
-    check_notify_unit(server, "pageviews-worker.service", WORKER_WATCHDOG)
-    deploy_under_traffic(client, server, server, server)
-
-with subtest("app and worker units are sandboxed"):
-    check_sandbox(server, ["pageviews-app.service", "pageviews-worker.service"])
+check_operations(client, server, server, server, APP_WATCHDOG, WORKER_WATCHDOG)
 
 with subtest("the daily logical backup restores: the same rows and counters"):
     dump = "/var/backup/postgresql/pageviews.sql.gz"
@@ -71,7 +62,8 @@ with subtest("the journal finds one request's lines by its request-id field"):
     assert len(ids) == 1, headers
     request_id = ids[0]
     lines = server.wait_until_succeeds(
-        f"journalctl -u pageviews-app.service -o json F_REQUEST_ID={request_id} | grep .", timeout=30
+        f"journalctl -u pageviews-app.service -o json F_REQUEST_ID={request_id} | grep .",
+        timeout=30,
     )
     fields = [json.loads(line) for line in lines.splitlines()]
     assert all(f["SYSLOG_IDENTIFIER"] == "pageviews-app" for f in fields), fields

@@ -39,13 +39,4 @@ with subtest("firewall: only the app host reaches the data ports, only the proxy
     data.succeed(f"ss -Hltn 'sport = :{PG_PORT}' | grep -q .")
     data.succeed(f"ss -Hltn 'sport = :{AMQP_PORT}' | grep -qF '{data_ip}:{AMQP_PORT}'")
 
-with subtest("RabbitMQ restarts under traffic and nothing is lost"):
-    restart_broker_under_traffic(client, data, data)
-
-with subtest("a deploy under traffic: app restarts, nginx reloads, no request fails"):
-    check_notify_unit(app, "pageviews-app.service", APP_WATCHDOG)
-    check_notify_unit(app, "pageviews-worker.service", WORKER_WATCHDOG)
-    deploy_under_traffic(client, app, proxy, data)
-
-with subtest("app and worker units are sandboxed"):
-    check_sandbox(app, ["pageviews-app.service", "pageviews-worker.service"])
+check_operations(client, app, proxy, data, APP_WATCHDOG, WORKER_WATCHDOG)

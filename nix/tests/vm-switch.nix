@@ -4,25 +4,19 @@
 # each with switch-to-configuration while `client` sends about 200 requests/s (the nixpkgs
 # nginx test's pattern). nix/eval/scenarios.nix (`vmSwitch`, `switchNewPackage`) checks the
 # premise without a VM: no unit that must stay up is stopped by these switches.
-{
-  pkgs,
-  module,
-  # Lazy: only the client nodes read it (the nixos-eval harness evaluates the others without it).
-  probe ? throw "nix/tests: the probe package is an argument (flake.nix passes build.probe)",
-  tls,
-  ...
-}: let
-  shared = import ./nodes.nix {inherit pkgs probe tls;};
+args: let
+  shared = import ./nodes.nix args;
 
-  constants = nodes: {
-    # 25 addresses of the client x 8 requests/s each: 200 requests/s, every address below
-    # the per-client limit.
-    LOAD_ADDRESSES = 25;
-    LOAD_RATE = "8/s";
-    RATE_LIMIT = nodes.server.services.pageviews.nginx.rateLimit;
-    SPECIALISATIONS = builtins.attrNames nodes.server.specialisation;
-    WORKER_METRICS = nodes.server.services.pageviews.settings.PAGEVIEWS_METRICS_LISTEN;
-  };
+  constants = nodes:
+    shared.constantsOf {stack = nodes.server;}
+    // {
+      # 25 addresses of the client x 8 requests/s each: 200 requests/s, every address below
+      # the per-client limit.
+      LOAD_ADDRESSES = 25;
+      LOAD_RATE = "8/s";
+      RATE_LIMIT = nodes.server.services.pageviews.nginx.rateLimit;
+      SPECIALISATIONS = builtins.attrNames nodes.server.specialisation;
+    };
 in {
   name = "pageviews-vm-switch";
 
@@ -32,11 +26,7 @@ in {
     };
 
     server = {
-      imports = [module shared.certificate shared.sql shared.tools (shared.sized 2048)];
-      services.pageviews = {
-        enable = true;
-        inherit (tls) domain;
-      };
+      imports = [shared.stack];
       specialisation = {
         app-setting.configuration.services.pageviews.settings.RUST_LOG = "info,pageviews=debug";
         nginx-config.configuration.services.pageviews.nginx.burst = 40;

@@ -12,10 +12,11 @@ For each nix/tests/vm-*.nix:
      test-script-prepend.py from a cache outside the repository, $NIXOS_TEST_DRIVER; skipped
      without it), one fake machine per node, `--no-implicit-optional`, the constants as `Any`;
   4. checks consistency with the Nix side: every node is used; hosts looked up by name are
-     nodes; every unit a node waits
-     for or restarts exists on that node (from its roles in nix/modules, its own
-     systemd.services / oci-containers, or the nixpkgs services our modules enable); the
-     files and commands the scripts use are provided by the test's Nix files.
+     nodes; every unit a node waits for or restarts, in the script or in a common.py function
+     the script hands the node to, exists on that node (from its roles in nix/modules, its
+     own systemd.services / oci-containers, the nixpkgs services our modules enable, or the
+     transient units they start); the files and commands the scripts use are provided by
+     the test's Nix files or the module.
 Then rules for nix/modules, the example host and the flake that an evaluation against nixpkgs
 found broken once (issue 9), checked without nixpkgs:
   F1 no option nixpkgs itself defines with mkDefault is defined with mkDefault again
@@ -75,6 +76,11 @@ NIXPKGS_UNITS = {
     # services.postgresqlBackup's unit for the default database name
     "postgresqlBackup-pageviews.service": (("data",), "backup.nix", "databases = [cfg.database.name];"),
 }
+# Transient units our modules start with systemd-run: unit -> (roles, file of ours, needle).
+TRANSIENT_UNITS = {
+    # `pageviews-admin`, the admin tool in a unit of its own (on an app host)
+    "pageviews-admin.service": (("app",), "units.nix", 'adminUnit = "pageviews-admin";'),
+}
 GENERIC_UNITS = {"multi-user.target", "network-online.target", "network.target"}
 UNIT_RE = re.compile(r"\b([A-Za-z0-9@_.-]+\.(?:service|target|socket|timer))\b")
 ROLES = ("proxy", "app", "data", "broker")
@@ -126,62 +132,10 @@ def parsed(path: Path) -> str:
     ).stdout
 
 
-def attr_block(text: str, start: int) -> str:
-    """The `{ ... }` starting at or after index `start` (strings are "..." in parse output)."""
-    i = text.index("{", start)
-    depth, j, in_str = 0, i, False
-    while j < len(text):
-        c = text[j]
-        if in_str:
-            if c == "\\":
-                j += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i : j + 1]
-        j += 1
-    raise ValueError("unbalanced braces")
-
-
-def top_level_keys(block: str) -> list[str]:
-    """Attribute names at depth 1 of a `{ a = ...; b.c = ...; }` block."""
-    keys, depth, in_str, i = [], 0, False, 0
-    expect_key = True
-    while i < len(block):
-        c = block[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c in "{([":
-            depth += 1
-            if depth == 1 and c == "{":
-                expect_key = True
-        elif c in "})]":
-            depth -= 1
-        elif c == ";" and depth == 1:
-            expect_key = True
-        elif depth == 1 and expect_key and not c.isspace():
-            m = re.match(r'(?:inherit\b[^;]*)|"?([A-Za-z_][\w\'-]*)"?', block[i:])
-            if m and m.group(1):
-                keys.append(m.group(1))
-            expect_key = False
-        i += 1
-    return keys
-
-
 def _walk(text: str, start: int = 0):
     """(index, char, depth) of every character of `text` from `start` that is outside a "..."
-    string; depth counts brackets from `start`, already updated for the bracket itself."""
+    string (parse output prints every string so); depth counts brackets from `start`, already
+    updated for the bracket itself. The one scanner of parse output here."""
     depth, in_str, i = 0, False, start
     while i < len(text):
         c = text[i]
@@ -199,6 +153,36 @@ def _walk(text: str, start: int = 0):
                 depth -= 1
             yield i, c, depth
         i += 1
+
+
+def attr_block(text: str, start: int) -> str:
+    """The `{ ... }` starting at or after index `start`."""
+    i = text.index("{", start)
+    for j, c, depth in _walk(text, i):
+        if c == "}" and depth == 0:
+            return text[i : j + 1]
+    raise ValueError("unbalanced braces")
+
+
+def value_end(text: str, start: int) -> int:
+    """Index of the `;` that ends the value starting at `start` (the text's end without one)."""
+    return next((j for j, c, depth in _walk(text, start) if c == ";" and depth == 0), len(text))
+
+
+def top_level_keys(block: str) -> list[str]:
+    """Attribute names at depth 1 of a `{ a = ...; b.c = ...; }` block."""
+    keys, expect_key = [], True
+    for i, c, depth in _walk(block):
+        if c in "{([})]":
+            expect_key = expect_key or (depth == 1 and c == "{")
+        elif c == ";" and depth == 1:
+            expect_key = True
+        elif depth == 1 and expect_key and not c.isspace():
+            m = re.match(r'(?:inherit\b[^;]*)|"?([A-Za-z_][\w\'-]*)"?', block[i:])
+            if m and m.group(1):
+                keys.append(m.group(1))
+            expect_key = False
+    return keys
 
 
 def _depth1_key(block: str, key: str, suffix: str) -> int | None:
@@ -256,6 +240,12 @@ def module_units_by_role() -> dict[str, set[str]]:
                 units[role].add(unit)
         else:
             fail(f"{unit}: nix/modules/{file} no longer enables its nixpkgs service")
+    for unit, (roles, file, needle) in TRANSIENT_UNITS.items():
+        if needle in (MODULES / file).read_text():
+            for role in roles:
+                units[role].add(unit)
+        else:
+            fail(f"{unit}: nix/modules/{file} no longer starts this transient unit")
     return units
 
 
@@ -267,29 +257,13 @@ def node_roles_and_units(nix_file: Path, nodes: list[str], by_role: dict[str, se
     assert nodes_at, nix_file
     nodes_block = attr_block(text, nodes_at.start())
     result: dict[str, tuple[set[str], set[str]]] = {}
-    # roles: `(pageviews [ "x" ])` (vm-split's helper), `roles = [ ... ]`, or the module
-    # imported with services.pageviews set but no roles (= all three)
+    # roles: `(pageviews [ "x" ])` (a test's `shared.member` helper), `roles = [ ... ]`, or
+    # the module with services.pageviews set but no roles (nodes.nix `stack`: all of them)
     for node in nodes:
         m = re.search(rf"\b{re.escape(node)} = ", nodes_block)
         assert m, node
-        rest = nodes_block[m.end() :]
         # the node's own definition runs to the next top-level `;` of the nodes block
-        depth, end, in_str = 0, len(rest), False
-        for i, c in enumerate(rest):
-            if in_str:
-                if c == '"' and rest[i - 1] != "\\":
-                    in_str = False
-                continue
-            if c == '"':
-                in_str = True
-            elif c in "{([":
-                depth += 1
-            elif c in "})]":
-                depth -= 1
-            elif c == ";" and depth == 0:
-                end = i
-                break
-        body = rest[:end]
+        body = nodes_block[m.end() : value_end(nodes_block, m.end())]
         roles: set[str] = set()
         for call in re.findall(r"\(pageviews \[ ([^\]]*)\]\)", body):
             roles.update(re.findall(r'"(\w+)"', call))
@@ -299,6 +273,8 @@ def node_roles_and_units(nix_file: Path, nodes: list[str], by_role: dict[str, se
         for block in blocks_at(body, ["services", "pageviews"]):
             if "enable = true;" in block and not roles and "roles = " not in block:
                 roles = set(ROLES)  # the module's default: everything on one host
+        if re.search(r"\(shared\)\.stack\b", body):
+            roles = set(ROLES)  # nodes.nix `stack`: the module's default
         units = set(GENERIC_UNITS)
         for role in roles:
             units |= by_role[role]
@@ -385,18 +361,87 @@ def node_calls(tree: ast.AST, nodes: list[str]):
                 yield first.id, func.id, string_literals(call)
 
 
+def common_node_calls(tree: ast.AST, common_tree: ast.Module, nodes: list[str]):
+    """(node, method, string literals in the call) for the calls on a node inside the common.py
+    functions the script calls with nodes as arguments (check_operations(client, app, ...)):
+    their parameters bound to those nodes, through the functions those call in turn."""
+    defs = {d.name: d for d in common_tree.body if isinstance(d, ast.FunctionDef)}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+
+    def machine(expr: ast.expr, env: dict[str, str]) -> str | None:
+        return env.get(expr.id) if isinstance(expr, ast.Name) else None
+
+    def walk(body: ast.AST, env: dict[str, str]):
+        for call in ast.walk(body):
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+                continue
+            fn = defs.get(call.func.id)
+            if fn is None:
+                continue
+            params = [a.arg for a in fn.args.args]
+            pairs = zip(params, call.args, strict=False)  # defaults stay unbound
+            bound = {p: n for p, a in pairs if (n := machine(a, env))}
+            bound |= {k.arg: n for k in call.keywords if k.arg and (n := machine(k.value, env))}
+            key = (fn.name, tuple(sorted(bound.items())))
+            if not bound or key in seen:
+                continue
+            seen.add(key)
+            for inner in ast.walk(fn):
+                if not isinstance(inner, ast.Call):
+                    continue
+                f = inner.func
+                if isinstance(f, ast.Attribute) and (n := machine(f.value, bound)):
+                    yield n, f"{f.attr} (in {fn.name})", string_literals(inner)
+                elif isinstance(f, ast.Name) and inner.args and (n := machine(inner.args[0], bound)):
+                    yield n, f"{f.id} (in {fn.name})", string_literals(inner)
+            yield from walk(fn, bound)
+
+    yield from walk(tree, {n: n for n in nodes})
+
+
 def script_constants(nix_file: Path) -> list[str]:
-    """Names of the constants a test's script gets from nodes.nix `script`: `base` there
-    plus the test's own `constants = nodes: ...` (their values come from the nodes when the
-    driver is built; only the names are needed to lint here)."""
+    """Names of the constants a test's script gets from nodes.nix `script` (their values come
+    from the nodes when the driver is built; only the names are needed to lint here): `base`
+    there, and the test's `constants = nodes: shared.constantsOf { <part> = ...; } // { ... }`,
+    whose parts' names nodes.nix gives for a stub node."""
     names = []
-    for path, start in ((TESTS / "nodes.nix", "base = "), (nix_file, "constants = (nodes: ")):
-        text = parsed(path)
-        at = text.find(start)
-        keys = top_level_keys(attr_block(text, at)) if at >= 0 else []
+    text = parsed(TESTS / "nodes.nix")
+    at = text.find("base = ")
+    names += top_level_keys(attr_block(text, at)) if at >= 0 else []
+    if not names:
+        fail("nodes.nix: no `base` attribute set of constants")
+    text = parsed(nix_file)
+    at = text.find("constants = (nodes: ")
+    if at < 0:
+        fail(f"{nix_file.name}: no `constants = nodes: ...`")
+        return names
+    expr = text[at : value_end(text, at + len("constants = "))]
+    parts_at = expr.find("(shared).constantsOf {")
+    if parts_at < 0:
+        # a test's own attribute set only: `nodes: { ... }` or `nodes: let ... in { ... }`
+        keys = top_level_keys(attr_block(expr, expr.find(" in {") if " in {" in expr else 0))
         if not keys:
-            fail(f"{path.name}: no `{start.strip()}` attribute set of constants")
-        names += keys
+            fail(f"{nix_file.name}: no attribute set of constants in `constants`")
+        return names + keys
+    parts_block = attr_block(expr, parts_at)
+    parts = top_level_keys(parts_block)
+    if not parts:
+        fail(f"{nix_file.name}: `shared.constantsOf` without parts")
+    else:
+        stub_parts = " ".join(f"{p} = stub;" for p in parts)
+        names += nix_eval(
+            f"""let
+                  stub = throw "a stub node";
+                  shared = import {TESTS}/nodes.nix {{
+                    pkgs = stub; module = stub; tls = stub; secrets = stub;
+                  }};
+                in builtins.attrNames (shared.constantsOf {{ {stub_parts} }})"""
+        )  # type: ignore[operator]
+    # the test's own, `// { ... }` right after the parts
+    parts_end = expr.index(parts_block, parts_at) + len(parts_block)
+    own = re.match(r"\)* // \{", expr[parts_end:])
+    if own:
+        names += top_level_keys(attr_block(expr, parts_end + own.start()))
     return names
 
 
@@ -488,7 +533,8 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
     # units each node waits for / restarts / analyses exist on that node
     per_node = node_roles_and_units(nix_file, nodes, by_role)
     all_units = set().union(*(u for _, u in per_node.values()))
-    for node, method, literals in node_calls(tree, nodes):
+    calls = list(node_calls(tree, nodes)) + list(common_node_calls(tree, common_tree, nodes))
+    for node, method, literals in calls:
         for lit in literals:
             for unit in UNIT_RE.findall(lit):
                 if unit in per_node[node][1]:
@@ -511,8 +557,10 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
             ok(f"{command}: shell helper in nodes.nix")
         elif command in crate_binaries():
             ok(f"{command}: binary of the crate (on the nodes via the package)")
+        elif any(f'writeShellScriptBin "{command}"' in m.read_text() for m in MODULES.glob("*.nix")):
+            ok(f"{command}: shell helper of nix/modules (on the nodes via the module)")
         else:
-            msg = f"{command}: not provided by nodes.nix, src/bin/*.rs nor tools/probe/ (yet)"
+            msg = f"{command}: not provided by nodes.nix, nix/modules, src/bin/*.rs nor tools/probe/ (yet)"
             warnings.append(msg)
             print(f"WARN {msg}")
 
@@ -533,10 +581,8 @@ def attr_value(block: str, key: str) -> str | None:
     if i is None:
         return None
     start = i + len(key) + 3
-    for j, c, depth in _walk(block, start):
-        if c == ";" and depth == 0:
-            return block[start:j].strip()
-    return None
+    end = value_end(block, start)
+    return block[start:end].strip() if end < len(block) else None
 
 
 def definitions(text: str, option: str) -> list[str]:

@@ -18,7 +18,7 @@ For each nix/tests/vm-*.nix:
      transient units they start); the files and commands the scripts use are provided by
      the test's Nix files or the module.
 Then rules for nix/modules, the example host and the flake that an evaluation against nixpkgs
-found broken once (issue 9), checked without nixpkgs:
+found broken once, checked without nixpkgs:
   F1 no option nixpkgs itself defines with mkDefault is defined with mkDefault again
      (types.package merges one definition per priority: "defined multiple times");
   1  no module flips the host's firewall backend, and source-address rules exist for both
@@ -566,7 +566,7 @@ def check_test(nix_file: Path, by_role: dict[str, set[str]], common_tree: ast.Mo
 
 
 # Options nixpkgs modules define themselves with mkDefault: a second mkDefault definition of
-# a single-valued option is "defined multiple times" (issue 9, F1).
+# a single-valued option is "defined multiple times".
 NIXPKGS_MKDEFAULT = {
     "services.postgresql.package": "postgresql.nix: mkDefault by system.stateVersion",
     "services.postgresql.dataDir": "postgresql.nix: mkDefault /var/lib/postgresql/<psqlSchema>",
@@ -745,7 +745,7 @@ def check_single_source_units() -> None:
 
 
 def check_issue9_rules() -> None:
-    print("\n== nix/modules, example host and flake rules (issue 9)")
+    print("\n== nix/modules, example host and flake rules")
     check_nixpkgs_defaults()
     check_firewall_backend()
     check_vm_redirect()

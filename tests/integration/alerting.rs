@@ -2,7 +2,7 @@
 //! loads ops/prometheus/alerts.yml, and sees the broker alert fire when RabbitMQ stops.
 
 use crate::support::{TestEnv, client};
-use pageviews_testbed::process::{free_port, wait_until};
+use pageviews_testbed::process::wait_until;
 use pageviews_testbed::prometheus::{Prometheus, ScrapeJob};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,15 +81,8 @@ async fn alert_jobs(prometheus: &Prometheus, alert: &str, state: &str) -> anyhow
 async fn a_real_prometheus_loads_the_rules_and_fires_the_broker_alert_when_rabbitmq_stops() -> anyhow::Result<()> {
     let mut env = TestEnv::dedicated().await?;
     env.migrate()?;
-    let (app_metrics, worker_metrics) = (free_port()?, free_port()?);
-    let app_listen = format!("127.0.0.1:{app_metrics}");
-    let _app = env
-        .app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())])
-        .await?;
-    let worker_listen = format!("127.0.0.1:{worker_metrics}");
-    let _worker = env
-        .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])
-        .await?;
+    let running = env.app_and_worker_with_metrics().await?;
+    let (app_listen, worker_listen) = (&running.app_listen, &running.worker_listen);
     // The publisher's gauge is 1 once it holds a connection: /readyz (on the operators'
     // listener) says so.
     let readyz = format!("http://{app_listen}/readyz");

@@ -4,7 +4,7 @@
 
 use crate::support::TestEnv;
 use anyhow::Context;
-use pageviews_testbed::process::{find_program, free_port, wait_until};
+use pageviews_testbed::process::{find_program, wait_until};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -209,20 +209,13 @@ fn tempdir() -> anyhow::Result<PathBuf> {
 async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     env.migrate()?;
-    let (app_metrics, worker_metrics) = (free_port()?, free_port()?);
-    let app_listen = format!("127.0.0.1:{app_metrics}");
-    let app = env
-        .app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())])
-        .await?;
-    let worker_listen = format!("127.0.0.1:{worker_metrics}");
-    let _worker = env
-        .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])
-        .await?;
+    let running = env.app_and_worker_with_metrics().await?;
+    let app = &running.app;
     let c = crate::support::client();
     assert_eq!(c.get(app.url("/")).send().await?.status(), 200);
 
     // The operators' listener: metrics and health, never the page.
-    let operations = |path: &str| format!("http://127.0.0.1:{app_metrics}{path}");
+    let operations = |path: &str| format!("http://{}{path}", running.app_listen);
     assert_eq!(c.get(operations("/")).send().await?.status(), 404);
     // Ready once the publisher has connected to the broker.
     wait_until("readyz on the operators' listener", Duration::from_secs(20), || async {
@@ -234,7 +227,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() -> anyhow::
     let mut exported = BTreeSet::new();
     for url in [
         operations("/metrics"),
-        format!("http://127.0.0.1:{worker_metrics}/metrics"),
+        format!("http://{}/metrics", running.worker_listen),
     ] {
         let text = wait_until("metrics", Duration::from_secs(20), || async {
             Ok(c.get(&url).send().await?.error_for_status()?.text().await?)

@@ -63,6 +63,15 @@ enum Servers {
     Dedicated(Box<Services>),
 }
 
+pub struct WithMetrics {
+    pub app: RunningApp,
+    #[expect(dead_code, reason = "held, not read: dropping it stops the worker")]
+    worker: Process,
+    /// `HOST:PORT` of each one's operations listener.
+    pub app_listen: String,
+    pub worker_listen: String,
+}
+
 pub struct TestEnv {
     servers: Servers,
     pub urls: Urls,
@@ -165,6 +174,23 @@ impl TestEnv {
     pub async fn worker(&self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Process> {
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
         stack::start_worker(&binaries(), &self.urls, &env, &self.log(name)).await
+    }
+
+    /// An app and a worker that serve their operations endpoints (`/metrics`, `/readyz`) on
+    /// listeners of their own, as Prometheus scrapes them.
+    pub async fn app_and_worker_with_metrics(&self) -> anyhow::Result<WithMetrics> {
+        let app_listen = format!("127.0.0.1:{}", pageviews_testbed::process::free_port()?);
+        let app = self.app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())]).await?;
+        let worker_listen = format!("127.0.0.1:{}", pageviews_testbed::process::free_port()?);
+        let worker = self
+            .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])
+            .await?;
+        Ok(WithMetrics {
+            app,
+            worker,
+            app_listen,
+            worker_listen,
+        })
     }
 
     pub async fn db(&self) -> anyhow::Result<AsyncPgConnection> {

@@ -298,7 +298,9 @@ impl<'a> UrlParts<'a> {
     fn split(url: &'a str) -> Option<UrlParts<'a>> {
         let after_scheme = url.find("://")? + 3;
         let scheme = &url[..after_scheme];
-        if !scheme[..after_scheme - 3].chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        if !scheme[..after_scheme - 3]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
             || after_scheme == 3
         {
             return None;
@@ -356,7 +358,10 @@ fn with_password(url: &str, password: &Secret, url_var: &str, file_var: &str) ->
     // Everything but letters and digits percent-encoded, so the client decodes it back exactly.
     let encoded =
         percent_encoding::utf8_percent_encode(password.expose(), percent_encoding::NON_ALPHANUMERIC).to_string();
-    Ok(format!("{}{user}:{encoded}@{}{}", parts.scheme, parts.hosts, parts.rest))
+    Ok(format!(
+        "{}{user}:{encoded}@{}{}",
+        parts.scheme, parts.hosts, parts.rest
+    ))
 }
 
 /// Where a server listens: `HOST:PORT`, an absolute path for a Unix socket, or a listening

@@ -1,7 +1,9 @@
 //! `pageviews-worker`: prefetch, the rollup's interval, its metrics listener, and the database
 //! and broker.
 
-use super::{BrokerConfig, ConfigError, DatabaseConfig, Listen, Source, as_secs, interval_secs, optional, parsed, watchdog};
+use super::{
+    BrokerConfig, ConfigError, DatabaseConfig, Listen, Source, as_secs, interval_secs, optional, parsed, watchdog,
+};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -75,7 +77,9 @@ fn retention_days(src: &dyn Source) -> Result<Option<u32>, ConfigError> {
         .ok_or_else(|| {
             ConfigError::new(
                 NAME,
-                format!("{raw:?} is not a whole number of days from 1 to {MAX_RETENTION_DAYS} (unset keeps every page view)"),
+                format!(
+                    "{raw:?} is not a whole number of days from 1 to {MAX_RETENTION_DAYS} (unset keeps every page view)"
+                ),
             )
         })
 }
@@ -95,7 +99,10 @@ mod tests {
     fn retention_is_off_unless_set_and_bounded() {
         let days = |value: &str| WorkerConfig::from_source(&env(&[("PAGEVIEWS_RETENTION_DAYS", value)]));
         assert_eq!(retention_days(&env(&[])).unwrap(), None);
-        assert_eq!(retention_days(&env(&[("PAGEVIEWS_RETENTION_DAYS", "30")])).unwrap(), Some(30));
+        assert_eq!(
+            retention_days(&env(&[("PAGEVIEWS_RETENTION_DAYS", "30")])).unwrap(),
+            Some(30)
+        );
         for bad in ["0", "-1", "36501", "a week"] {
             let error = days(bad).unwrap_err().to_string();
             assert!(

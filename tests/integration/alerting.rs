@@ -122,7 +122,10 @@ async fn a_real_prometheus_loads_the_rules_and_fires_the_broker_alert_when_rabbi
     );
     wait_until("every rule evaluated", Duration::from_secs(30), || async {
         let rules = alerting_rules(&prometheus).await?;
-        for (group, alerts) in names.iter().flat_map(|(g, a)| [(g.clone(), a), (format!("{g}-fast"), a)]) {
+        for (group, alerts) in names
+            .iter()
+            .flat_map(|(g, a)| [(g.clone(), a), (format!("{g}-fast"), a)])
+        {
             let loaded: BTreeSet<String> = rules.iter().filter(|r| r.0 == group).map(|r| r.1.clone()).collect();
             anyhow::ensure!(&loaded == alerts, "group {group}: {loaded:?}");
         }

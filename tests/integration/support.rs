@@ -180,7 +180,9 @@ impl TestEnv {
     /// listeners of their own, as Prometheus scrapes them.
     pub async fn app_and_worker_with_metrics(&self) -> anyhow::Result<WithMetrics> {
         let app_listen = format!("127.0.0.1:{}", pageviews_testbed::process::free_port()?);
-        let app = self.app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())]).await?;
+        let app = self
+            .app(&[("PAGEVIEWS_APP_METRICS_LISTEN", app_listen.as_str())])
+            .await?;
         let worker_listen = format!("127.0.0.1:{}", pageviews_testbed::process::free_port()?);
         let worker = self
             .worker("worker", &[("PAGEVIEWS_METRICS_LISTEN", worker_listen.as_str())])

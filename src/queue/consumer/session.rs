@@ -3,8 +3,8 @@
 
 use super::plan::{Action, Plan, estimated_ids, plan, room_for_more};
 use super::{Batch, ConsumerEvents, Verdict};
-use crate::queue::brokers::Brokers;
 use crate::backoff::Backoff;
+use crate::queue::brokers::Brokers;
 use crate::queue::{DEAD_LETTER_EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, ConsumerMessage, ConsumerOptions, Delivery, Publish};
 use std::sync::Arc;

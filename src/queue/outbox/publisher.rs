@@ -1,10 +1,10 @@
 //! The publisher thread: owns the AMQP connection, connects and reconnects with backoff,
 //! follows the broker's resource alarms, runs sessions (session.rs) and drains at shutdown.
 
+use super::Offer;
 use super::handle::Shared;
 use super::session::session;
 use super::state::{SessionError, State};
-use super::Offer;
 use crate::queue::brokers::Brokers;
 use amiquip::ConnectionBlockedNotification;
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! broker's confirms, settle (settle.rs), until shutdown, a failure or a refusal.
 
 use super::handle::Shared;
-use super::state::{Received, SessionError, State};
 use super::settle::{InFlight, Next, next_step};
+use super::state::{Received, SessionError, State};
 use super::{CONFIRM_TIMEOUT, DEPTH_EVERY, IDLE_POLL, MAX_BATCH, Offer};
 use crate::queue::{EXCHANGE, QUEUE, ROUTING_KEY, Task};
 use amiquip::{AmqpProperties, Confirm, ConfirmSmoother, Publish, Return};

@@ -142,44 +142,8 @@ async fn cluster_led_by(dir: &Path, leader: usize) -> anyhow::Result<(Postgres, 
 async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_dies() -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = ScratchDir::new("pageviews-test-cluster")?;
-    let d = dir.path();
-    // The last node leads the task queue while the clients, given the nodes in order,
-    // connect to the first: two different failures.
-    let (_postgres, mut cluster, urls) = cluster_led_by(d, 2).await?;
-
-    pageviews_testbed::migrate(&binaries(), &urls, &d.join("migrate.log"))?;
-    let app_env = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1".to_owned())];
-    let mut apps = Vec::new();
-    for i in 0..2 {
-        // Held here, as systemd's socket unit would hold it: a restarted app gets it again.
-        let socket = pageviews_testbed::activation::ListenSocket::loopback()?;
-        let log = d.join(format!("app-{i}.log"));
-        apps.push((
-            pageviews_testbed::start_app(&binaries(), &urls, &socket, &app_env, &log).await?,
-            socket,
-            log,
-        ));
-    }
-    let metrics_port = free_port()?;
-    let worker_log = d.join("worker.log");
-    let worker_env = [("PAGEVIEWS_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))];
-    let _worker: Process = pageviews_testbed::start_worker(&binaries(), &urls, &worker_env, &worker_log).await?;
-    let mut options = NginxOptions::new(free_port()?, free_port()?);
-    (options.rate, options.burst, options.conn_limit) = (100_000, 100_000, 1000);
-    options.upstreams = apps
-        .iter()
-        .map(|(_, socket, _)| format!("127.0.0.1:{}", socket.port()))
-        .collect();
-    let certificates = tls::generate(d)?;
-    let nginx = Nginx::start(&d.join("nginx"), &options, &certificates).await?;
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&certificates.ca)?)?;
-    let client = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .timeout(Duration::from_secs(15))
-        .build()?;
-
-    let mut clients: Vec<(PathBuf, &str)> = apps.iter().map(|(_, _, log)| (log.clone(), "publisher")).collect();
-    clients.push((worker_log.clone(), "consumer"));
+    let mut s = Scenario::start(dir.path()).await?;
+    let clients = s.clients();
     wait_until("every client connected", Duration::from_secs(20), || async {
         anyhow::ensure!(connected_counts(&clients).iter().all(|n| *n > 0), "not yet");
         Ok(())
@@ -187,21 +151,127 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
     .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let results: Results = Arc::default();
-    let load = steady_load(
-        client,
-        format!("https://localhost:{}/", options.https_port),
-        stop.clone(),
-        results.clone(),
-    );
-    let answered = || results.lock().unwrap().len();
-    wait_until("load flowing", Duration::from_secs(10), || async {
-        anyhow::ensure!(answered() > 50, "{} answered", answered());
-        Ok(())
-    })
-    .await?;
+    let load = steady_load(s.client.clone(), s.https_url.clone(), stop.clone(), results.clone());
+    wait_for_answers("load flowing", &results, 50, Duration::from_secs(10)).await?;
     eprintln!("cluster test: up after {:.1} s", started.elapsed().as_secs_f64());
 
-    // 1. The node every client is connected to stops.
+    connected_node_stops(&mut s.cluster, &clients, &s.apps, &results).await?;
+    app_killed_while_a_node_returns(&mut s, &results).await?;
+    // Losing the leader now must leave a majority: all three nodes are members again.
+    s.cluster.wait_for_members(3).await?;
+    queue_leader_stops(&mut s.cluster, &clients, &s.apps, &results).await?;
+
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await?;
+    }
+    account_for_every_request(&s, &results, started).await?;
+    drop(s.nginx);
+    Ok(())
+}
+
+/// An app process with the socket held for it (as systemd's socket unit would hold it: a
+/// restarted app gets it again) and its log.
+type App = (Process, pageviews_testbed::activation::ListenSocket, PathBuf);
+
+/// What the scenario runs on: the cluster, two apps and a worker behind nginx over TLS, and
+/// a client trusting nginx's certificate.
+struct Scenario {
+    _postgres: Postgres,
+    cluster: RabbitMqCluster,
+    urls: Urls,
+    apps: Vec<App>,
+    app_env: [(&'static str, String); 1],
+    worker_log: PathBuf,
+    metrics_port: u16,
+    _worker: Process,
+    nginx: Nginx,
+    client: reqwest::Client,
+    https_url: String,
+}
+
+impl Scenario {
+    /// Starts everything under `d`. The last node leads the task queue while the clients,
+    /// given the nodes in order, connect to the first: two different failures.
+    async fn start(d: &Path) -> anyhow::Result<Scenario> {
+        let (postgres, cluster, urls) = cluster_led_by(d, 2).await?;
+        pageviews_testbed::migrate(&binaries(), &urls, &d.join("migrate.log"))?;
+        let app_env = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1".to_owned())];
+        let mut apps = Vec::new();
+        for i in 0..2 {
+            // Held here, as systemd's socket unit would hold it: a restarted app gets it again.
+            let socket = pageviews_testbed::activation::ListenSocket::loopback()?;
+            let log = d.join(format!("app-{i}.log"));
+            apps.push((
+                pageviews_testbed::start_app(&binaries(), &urls, &socket, &app_env, &log).await?,
+                socket,
+                log,
+            ));
+        }
+        let metrics_port = free_port()?;
+        let worker_log = d.join("worker.log");
+        let worker_env = [("PAGEVIEWS_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))];
+        let worker = pageviews_testbed::start_worker(&binaries(), &urls, &worker_env, &worker_log).await?;
+        let mut options = NginxOptions::new(free_port()?, free_port()?);
+        (options.rate, options.burst, options.conn_limit) = (100_000, 100_000, 1000);
+        options.upstreams = apps
+            .iter()
+            .map(|(_, socket, _)| format!("127.0.0.1:{}", socket.port()))
+            .collect();
+        let certificates = tls::generate(d)?;
+        let nginx = Nginx::start(&d.join("nginx"), &options, &certificates).await?;
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&certificates.ca)?)?;
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .timeout(Duration::from_secs(15))
+            .build()?;
+        Ok(Scenario {
+            _postgres: postgres,
+            cluster,
+            urls,
+            apps,
+            app_env,
+            worker_log,
+            metrics_port,
+            _worker: worker,
+            nginx,
+            client,
+            https_url: format!("https://localhost:{}/", options.https_port),
+        })
+    }
+
+    /// Every broker client's log and the word its connected line uses: the apps' publishers
+    /// and the worker's consumer.
+    fn clients(&self) -> Vec<(PathBuf, &'static str)> {
+        let mut clients: Vec<(PathBuf, &'static str)> =
+            self.apps.iter().map(|(_, _, log)| (log.clone(), "publisher")).collect();
+        clients.push((self.worker_log.clone(), "consumer"));
+        clients
+    }
+}
+
+/// Requests answered so far.
+fn answered(results: &Results) -> usize {
+    results.lock().unwrap().len()
+}
+
+/// Waits until more than `above` requests have been answered in all, within `bound`.
+async fn wait_for_answers(what: &str, results: &Results, above: usize, bound: Duration) -> anyhow::Result<()> {
+    wait_until(what, bound, || async {
+        anyhow::ensure!(answered(results) > above, "{} answered", answered(results));
+        Ok(())
+    })
+    .await
+}
+
+/// Fault 1: the node every client is connected to stops. Every client must reconnect to
+/// another node and no request may fail.
+async fn connected_node_stops(
+    cluster: &mut RabbitMqCluster,
+    clients: &[(PathBuf, &'static str)],
+    apps: &[App],
+    results: &Results,
+) -> anyhow::Result<()> {
     let port = connected_port(&apps[0].2, "publisher").expect("a connected line");
     let connected = cluster.node_with_port(port).expect("a node of the cluster");
     assert_eq!(connected, 0, "clients start at the first node");
@@ -210,56 +280,68 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
             .iter()
             .all(|(log, what)| connected_port(log, what) == Some(port))
     );
-    let (mark, before) = (answered(), connected_counts(&clients));
+    let (mark, before) = (answered(results), connected_counts(clients));
     let t0 = Instant::now();
     let measure = {
-        let clients = clients.clone();
+        let clients = clients.to_vec();
         tokio::spawn(async move { reconnected(&clients, &before, t0).await })
     };
     tokio::task::block_in_place(|| cluster.nodes[0].stop());
     let reconnect = measure.await??;
-    for (log, what) in &clients {
+    for (log, what) in clients {
         let now = connected_port(log, what).expect("connected");
         assert_ne!(now, port, "{} reconnected to the stopped node", log.display());
     }
     // Some traffic after the failover before judging it.
-    let after = answered();
-    wait_until("load after the failover", Duration::from_secs(10), || async {
-        anyhow::ensure!(answered() > after + 50, "waiting");
-        Ok(())
-    })
+    wait_for_answers(
+        "load after the failover",
+        results,
+        answered(results) + 50,
+        Duration::from_secs(10),
+    )
     .await?;
-    let failed = failures(&results, mark);
+    let failed = failures(results, mark);
     eprintln!(
         "cluster test: connected node stopped: every client on another node {:.2} s after the stop began; {} of {} requests failed",
         reconnect.as_secs_f64(),
         failed.len(),
-        answered() - mark
+        answered(results) - mark
     );
     assert!(
         failed.is_empty(),
         "requests failed while the broker node stopped: {failed:?}"
     );
+    Ok(())
+}
 
-    // 2. One app process is SIGKILLed; each nginx worker leaves it out after one failed
-    // request, and it is started again (as systemd would). Meanwhile the stopped broker node
-    // comes back, so the cluster has three nodes again for the next step.
+/// Fault 2: one app process is SIGKILLed; each nginx worker leaves it out after one failed
+/// request, and it is started again (as systemd would). Meanwhile the stopped broker node
+/// comes back, so the cluster has three nodes again for the next fault.
+async fn app_killed_while_a_node_returns(s: &mut Scenario, results: &Results) -> anyhow::Result<()> {
+    let Scenario {
+        cluster,
+        apps,
+        urls,
+        app_env,
+        ..
+    } = s;
     let (restarted, killed) = tokio::join!(cluster.nodes[0].start_again(), async {
-        let mark = answered();
+        let mark = answered(results);
         let t2 = Instant::now();
         apps[0].0.stop_with(libc::SIGKILL, Duration::from_secs(5));
-        let after = answered();
         // A generous bound: node 0 boots on the same two cores meanwhile.
-        wait_until("load after the kill", Duration::from_secs(30), || async {
-            anyhow::ensure!(answered() > after + 100, "waiting");
-            Ok(())
-        })
+        wait_for_answers(
+            "load after the kill",
+            results,
+            answered(results) + 100,
+            Duration::from_secs(30),
+        )
         .await?;
-        let failed = failures(&results, mark);
+        let failed = failures(results, mark);
         eprintln!(
             "cluster test: app SIGKILLed: {} of {} requests failed in the {:.2} s after (at most {LOAD_CONCURRENCY} in flight, and one per nginx worker finding it dead)",
             failed.len(),
-            answered() - mark,
+            answered(results) - mark,
             t2.elapsed().as_secs_f64()
         );
         assert!(
@@ -267,15 +349,23 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
             "more failures than requests in flight: {failed:?}"
         );
         let (_, socket, log) = &apps[0];
-        apps[0].0 = pageviews_testbed::start_app(&binaries(), &urls, socket, &app_env, log).await?;
+        apps[0].0 = pageviews_testbed::start_app(&binaries(), urls, socket, &app_env[..], log).await?;
         anyhow::Ok(())
     });
     restarted?;
     killed?;
-    // Losing the leader now must leave a majority: all three nodes are members again.
-    cluster.wait_for_members(3).await?;
+    Ok(())
+}
 
-    // 3. The node that leads the task queue (no client is connected to it) stops.
+/// Fault 3: the node that leads the task queue (no client is connected to it) stops.
+/// Confirms must flow again under a new leader, no request may fail, and the apps must not
+/// see it as a lost connection.
+async fn queue_leader_stops(
+    cluster: &mut RabbitMqCluster,
+    clients: &[(PathBuf, &'static str)],
+    apps: &[App],
+    results: &Results,
+) -> anyhow::Result<()> {
     let (leader, _) = cluster.queue_leader(VHOST, QUEUE)?;
     let on: Vec<u16> = clients
         .iter()
@@ -285,10 +375,10 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
         on.iter().all(|p| cluster.node_with_port(*p) != Some(leader)),
         "a client is connected to the leader {leader}; the scenario would repeat the first"
     );
-    let (mark, lost_before) = (answered(), lines_with(&apps[1].2, "lost the broker").len());
+    let (mark, lost_before) = (answered(results), lines_with(&apps[1].2, "lost the broker").len());
     let confirmed = || async {
         let mut total = 0;
-        for (_, socket, _) in &apps {
+        for (_, socket, _) in apps {
             total += metric(
                 &format!("http://127.0.0.1:{}/metrics", socket.port()),
                 "pageviews_publish_confirmed_total",
@@ -308,13 +398,13 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
     .await?;
     let (new_leader, _) = cluster.queue_leader(VHOST, QUEUE)?;
     assert_ne!(new_leader, leader, "a running node leads");
-    let failed = failures(&results, mark);
+    let failed = failures(results, mark);
     eprintln!(
         "cluster test: queue leader (node {leader}) stopped: stop took {:.2} s, new confirms {:.2} s after the stop began, node {new_leader} leads; {} of {} requests failed",
         stopped.as_secs_f64(),
         flowing.as_secs_f64(),
         failed.len(),
-        answered() - mark
+        answered(results) - mark
     );
     assert!(
         failed.is_empty(),
@@ -325,11 +415,13 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
         lost_before,
         "a leader change is no connection loss"
     );
+    Ok(())
+}
 
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await?;
-    }
+/// The final accounting, once the load has stopped: every page view processed, every
+/// answered request stored exactly once, nothing stored beyond what was sent, and every row
+/// processed exactly once.
+async fn account_for_every_request(s: &Scenario, results: &Results, started: Instant) -> anyhow::Result<()> {
     let results = results.lock().unwrap().clone();
     let answered_ids: Vec<&str> = results
         .iter()
@@ -338,7 +430,7 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
         .collect();
     let ok = answered_ids.len() as i64;
     let failed = results.len() as i64 - ok;
-    let database = urls.database.clone();
+    let database = s.urls.database.clone();
     let totals = wait_until("every page view processed", Duration::from_secs(60), || {
         let database = database.clone();
         async move {
@@ -355,7 +447,7 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
         }
     })
     .await?;
-    let worker_metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let worker_metrics = format!("http://127.0.0.1:{}/metrics", s.metrics_port);
     let processed = metric(&worker_metrics, "pageviews_tasks_processed_total").await?;
     let duplicates = metric(&worker_metrics, "pageviews_tasks_duplicate_total").await?;
     eprintln!(
@@ -382,7 +474,6 @@ async fn a_cluster_loses_nothing_when_a_broker_node_the_queue_leader_or_an_app_d
         totals.recorded
     );
     assert_eq!(processed as i64, totals.recorded, "every row processed exactly once");
-    drop(nginx);
     Ok(())
 }
 

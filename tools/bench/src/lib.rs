@@ -61,19 +61,63 @@ fn other_queue_type() -> QueueType {
 }
 
 pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
+    let mut stack = start_stack(dir).await?;
+    let pids = [stack.deployment.app.pid(), stack.deployment.worker.pid()];
+    let idle = idle_rss(pids).await?;
+    let (mut figures, broker) = machine_limits(settings, dir, &stack).await?;
+
+    let db_url = stack.services.postgres.url("pageviews");
+    let mut db = AsyncPgConnection::establish(&db_url).await?;
+    let page = stack.deployment.https_url("/");
+    warm_up(&mut db, &page).await?;
+    // A lone visitor and c=8 on the small table, again after adding the large table's rows.
+    let small = size_steps(&mut db, &page, settings.secs, "small").await?;
+    let ceilings = static_ceilings(settings, &stack, &mut figures).await?;
+    let peak = page_steps(settings, &stack, &mut db, &ceilings, pids, &broker, &mut figures).await?;
+    figures.push(deploy_under_load(settings, &mut stack).await?);
+    large_table(settings, &mut db, &page, &small, &mut figures).await?;
+    figures.extend(rss_figures(idle, peak, busiest(settings)));
+
+    Ok(Report {
+        command: COMMAND,
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        secs_per_step: settings.secs,
+        machine: Machine::describe(&broker.version),
+        figures,
+    })
+}
+
+/// Starts the local stack with nginx's per-client limits raised: one load generator is one
+/// client address, and the default limits would answer most of the load with 429.
+async fn start_stack(dir: &Path) -> anyhow::Result<Stack> {
     let binaries = Binaries::this_executable()?;
     let mut options = NginxOptions::new(free_port()?, free_port()?);
-    // One load generator is one client address: the per-client limits would answer most of
-    // the load with 429, so they are raised for this run only.
     options.rate = 1_000_000;
     options.burst = 1_000_000;
     options.conn_limit = 65_535;
     eprintln!("starting the stack under {}", dir.display());
-    let mut stack = Stack::start(dir, &binaries, options, &[]).await?;
-    let pids = [stack.deployment.app.pid(), stack.deployment.worker.pid()];
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = [rss_mib(pids[0])?, rss_mib(pids[1])?];
+    Stack::start(dir, &binaries, options, &[]).await
+}
 
+/// The app's and the worker's RSS a second after the start, before any load: the idle figures.
+async fn idle_rss(pids: [u32; 2]) -> anyhow::Result<[f64; 2]> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok([rss_mib(pids[0])?, rss_mib(pids[1])?])
+}
+
+/// The busiest concurrency: the steps at it sample the processes' peak RSS.
+fn busiest(settings: &Settings) -> u32 {
+    settings.concurrency.iter().copied().max().unwrap_or(0)
+}
+
+/// Measures this machine's limits (pgbench INSERTs, disk flushes, the broker on both queue
+/// types), which every later figure is compared with, as timings on a shared machine are
+/// noisy; returns their figures and the default queue type's broker limits.
+async fn machine_limits(
+    settings: &Settings,
+    dir: &Path,
+    stack: &Stack,
+) -> anyhow::Result<(Vec<Figure>, broker::BrokerLimits)> {
     eprintln!(
         "limits: pgbench INSERT with {INSERT_CLIENTS:?} clients, {} s each",
         settings.secs
@@ -84,30 +128,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         let (dir, secs) = (dir.to_owned(), settings.secs as f64);
         tokio::task::spawn_blocking(move || disk::measure(&dir, secs)).await??
     };
-    eprintln!("limits: RabbitMQ publishes and consumes");
-    let secs = settings.secs as f64 / 2.0;
-    // Both queue types, alternating twice so neither always runs on a warmer or quieter
-    // machine; the better run of each counts.
-    let mut by_type: Vec<(QueueType, Option<broker::BrokerLimits>)> =
-        vec![(DEFAULT_QUEUE_TYPE, None), (other_queue_type(), None)];
-    for round in 0..2 {
-        for (queue_type, best) in &mut by_type {
-            let queue_type = *queue_type;
-            let vhost = format!("bench-{}-{round}", queue_type.as_str());
-            let amqp = stack.services.rabbitmq.create_vhost(&vhost)?;
-            let measured =
-                tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH, queue_type))
-                    .await??;
-            *best = Some(match best.take() {
-                Some(b) => b.best_of(measured),
-                None => measured,
-            });
-        }
-    }
-    let [(_, Some(broker)), (other, Some(limits))] = &by_type[..] else {
-        unreachable!("both queue types were measured")
-    };
-    let broker = broker.clone();
+    let (broker, other, limits) = broker_limits(settings, stack).await?;
 
     let mut figures = Vec::new();
     for r in &inserts {
@@ -140,14 +161,53 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         flush.stalls as f64,
         "",
     ));
+    figures.extend(broker_figures(&broker, other, &limits));
+    Ok((figures, broker))
+}
+
+/// RabbitMQ publishes and consumes on both queue types, alternating twice so neither always
+/// runs on a warmer or quieter machine; the better run of each counts. Returns the default
+/// type's limits, then the other type and its limits.
+async fn broker_limits(
+    settings: &Settings,
+    stack: &Stack,
+) -> anyhow::Result<(broker::BrokerLimits, QueueType, broker::BrokerLimits)> {
+    eprintln!("limits: RabbitMQ publishes and consumes");
+    let secs = settings.secs as f64 / 2.0;
+    let mut by_type: Vec<(QueueType, Option<broker::BrokerLimits>)> =
+        vec![(DEFAULT_QUEUE_TYPE, None), (other_queue_type(), None)];
+    for round in 0..2 {
+        for (queue_type, best) in &mut by_type {
+            let queue_type = *queue_type;
+            let vhost = format!("bench-{}-{round}", queue_type.as_str());
+            let amqp = stack.services.rabbitmq.create_vhost(&vhost)?;
+            let measured =
+                tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH, queue_type))
+                    .await??;
+            *best = Some(match best.take() {
+                Some(b) => b.best_of(measured),
+                None => measured,
+            });
+        }
+    }
+    let [(_, Some(broker)), (other, Some(limits))] = &by_type[..] else {
+        unreachable!("both queue types were measured")
+    };
+    Ok((broker.clone(), *other, limits.clone()))
+}
+
+/// The broker's figures: the default queue type's limits, then the other type's against
+/// them, for choosing the default (README "Scaling out").
+fn broker_figures(broker: &broker::BrokerLimits, other: QueueType, limits: &broker::BrokerLimits) -> Vec<Figure> {
     let batch = pageviews::queue::outbox::MAX_BATCH;
-    figures.push(Figure::new(
-        "limit.publish_batched",
-        format!("limit: RabbitMQ persistent publish, {batch} per confirm wait"),
-        broker.publish_batched,
-        "/s",
-    ));
-    figures.push(
+    let other = other.as_str();
+    vec![
+        Figure::new(
+            "limit.publish_batched",
+            format!("limit: RabbitMQ persistent publish, {batch} per confirm wait"),
+            broker.publish_batched,
+            "/s",
+        ),
         Figure::new(
             "limit.publish_each",
             "RabbitMQ persistent publish, confirm wait each",
@@ -155,17 +215,13 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         )
         .against("batched publish", broker.publish_batched),
-    );
-    figures.push(Figure::new(
-        "limit.consume_ack",
-        format!("limit: RabbitMQ consume + ack each, prefetch {DEFAULT_PREFETCH}"),
-        broker.consume_ack,
-        "/s",
-    ));
-
-    // The other queue type, for choosing the default (README "Scaling out").
-    let other = other.as_str();
-    figures.push(
+        Figure::new(
+            "limit.consume_ack",
+            format!("limit: RabbitMQ consume + ack each, prefetch {DEFAULT_PREFETCH}"),
+            broker.consume_ack,
+            "/s",
+        ),
+        // The other queue type, for choosing the default (README "Scaling out").
         Figure::new(
             format!("limit.{other}.publish_batched"),
             format!("limit: {other} queue, persistent publish, {batch} per confirm wait"),
@@ -173,8 +229,6 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         )
         .against("default queue type", broker.publish_batched),
-    );
-    figures.push(
         Figure::new(
             format!("limit.{other}.consume_ack"),
             format!("limit: {other} queue, consume + ack each"),
@@ -182,19 +236,25 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "/s",
         )
         .against("default queue type", broker.consume_ack),
-    );
+    ]
+}
 
-    let db_url = stack.services.postgres.url("pageviews");
-    let mut db = AsyncPgConnection::establish(&db_url).await?;
-    let page = stack.deployment.https_url("/");
+/// Two seconds at 32 connections through nginx, so the measured steps start with warm
+/// connections, caches and a page already rendered; nothing of it is reported.
+async fn warm_up(db: &mut AsyncPgConnection, page: &str) -> anyhow::Result<()> {
     eprintln!("warm-up: 2 s at 32 connections through nginx");
-    step(&mut db, &page, 32, 2, None).await?;
+    step(db, page, 32, 2, None).await?;
+    Ok(())
+}
 
-    // A lone visitor and c=8 on the small table, again after adding the large table's rows.
-    let small = size_steps(&mut db, &page, settings.secs, "small").await?;
-
-    let busiest = settings.concurrency.iter().copied().max().unwrap_or(0);
-    let mut peak = [0.0f64; 2];
+/// The ceiling: nginx serving a static file over the same TLS at each concurrency, what
+/// anything behind this nginx can reach at best. Pushes its figures and returns each
+/// concurrency's rate, for the page's ratios.
+async fn static_ceilings(
+    settings: &Settings,
+    stack: &Stack,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<Vec<(u32, f64)>> {
     let mut ceilings = Vec::new();
     for &c in &settings.concurrency {
         eprintln!("static file nginx+TLS, {c} connections, {} s", settings.secs);
@@ -213,21 +273,43 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         ));
         ceilings.push((c, s.requests_per_sec));
     }
+    Ok(ceilings)
+}
+
+/// `GET /` at each concurrency through nginx + TLS and straight to the app, each step with
+/// its rows, backlog and drain (see [`step`]); pushes their figures and returns the app's and
+/// the worker's peak RSS over the busiest steps.
+async fn page_steps(
+    settings: &Settings,
+    stack: &Stack,
+    db: &mut AsyncPgConnection,
+    ceilings: &[(u32, f64)],
+    pids: [u32; 2],
+    broker: &broker::BrokerLimits,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<[f64; 2]> {
+    let busiest = busiest(settings);
+    let mut peak = [0.0f64; 2];
     let targets = [
-        ("https", "nginx+TLS", page.clone()),
+        ("https", "nginx+TLS", stack.deployment.https_url("/")),
         ("direct", "app direct", stack.deployment.app_url("/")),
     ];
     for (key, name, url) in &targets {
-        for &(c, ceiling) in &ceilings {
+        for &(c, ceiling) in ceilings {
             eprintln!("GET / {name}, {c} connections, {} s", settings.secs);
             let sampled = (c == busiest).then_some(pids);
-            let s = step(&mut db, url, c, settings.secs, sampled).await?;
+            let s = step(db, url, c, settings.secs, sampled).await?;
             peak = [peak[0].max(s.peak_rss[0]), peak[1].max(s.peak_rss[1])];
             figures.extend(s.figures(key, name, c, ceiling, broker.consume_ack));
         }
     }
-    // A deploy under load: the app restarted half-way through a step, on the socket the
-    // launcher holds (what `systemctl restart pageviews-app` does with its socket unit).
+    Ok(peak)
+}
+
+/// A deploy under load: the app restarted half-way through a step, on the socket the
+/// launcher holds (what `systemctl restart pageviews-app` does with its socket unit); the
+/// figure is the requests that failed meanwhile (target 0).
+async fn deploy_under_load(settings: &Settings, stack: &mut Stack) -> anyhow::Result<Figure> {
     let (key, c) = TARGET_STEP;
     eprintln!(
         "GET / nginx+TLS, {c} connections, {} s, the app restarted half-way",
@@ -241,19 +323,28 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     let (load, restarted) = tokio::join!(wrk::run(&url, c, settings.secs), restart);
     let (load, old_app) = (load?, restarted?);
     anyhow::ensure!(old_app.success(), "the restarted app exited with {old_app}");
-    figures.push(
-        Figure::new(
-            format!("restart.{key}.c{c}.failed"),
-            format!("nginx+TLS c={c}, app restarted: failed requests (non-2xx + socket)"),
-            load.errors() as f64,
-            "",
-        )
-        .target("0", load.errors() == 0),
-    );
+    Ok(Figure::new(
+        format!("restart.{key}.c{c}.failed"),
+        format!("nginx+TLS c={c}, app restarted: failed requests (non-2xx + socket)"),
+        load.errors() as f64,
+        "",
+    )
+    .target("0", load.errors() == 0))
+}
 
+/// The large table: `settings.large_rows` processed rows added, then `GET /` at c=1 and c=8
+/// again, as ratios to the small table's steps (`small`), so the page's cost with the table's
+/// size shows; pushes those figures, then the small table's p99s.
+async fn large_table(
+    settings: &Settings,
+    db: &mut AsyncPgConnection,
+    page: &str,
+    small: &[wrk::WrkResult; 2],
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
     eprintln!("adding {} rows to page_views", settings.large_rows);
     let started = Instant::now();
-    db::generate_processed(&mut db, settings.large_rows).await?;
+    db::generate_processed(db, settings.large_rows).await?;
     figures.push(Figure::new(
         "large.generate_secs",
         format!(
@@ -263,7 +354,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
         started.elapsed().as_secs_f64(),
         "s",
     ));
-    let large = size_steps(&mut db, &page, settings.secs, "large").await?;
+    let large = size_steps(db, page, settings.secs, "large").await?;
     for (i, (c, what)) in [(1, "lone visitor"), (8, "8 connections")].into_iter().enumerate() {
         let (before, after) = (&small[i], &large[i]);
         figures.push(
@@ -298,31 +389,31 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
             "ms",
         ));
     }
+    Ok(())
+}
+
+/// The app's and the worker's memory, idle and at the peak of the busiest steps; the app's
+/// against its targets.
+fn rss_figures(idle: [f64; 2], peak: [f64; 2], busiest: u32) -> Vec<Figure> {
     let rss = |key: &str, label: String, value: f64, limit: f64| {
         Figure::new(key, label, value, "MiB").target(format!("< {limit} MiB"), value < limit)
     };
-    figures.push(rss("rss.app.idle", "app RSS, idle".into(), idle[0], IDLE_RSS_MIB));
-    figures.push(Figure::new("rss.worker.idle", "worker RSS, idle", idle[1], "MiB"));
-    figures.push(rss(
-        "rss.app.load",
-        format!("app RSS, peak at c={busiest}"),
-        peak[0],
-        LOAD_RSS_MIB,
-    ));
-    figures.push(Figure::new(
-        "rss.worker.load",
-        format!("worker RSS, peak at c={busiest}"),
-        peak[1],
-        "MiB",
-    ));
-
-    Ok(Report {
-        command: COMMAND,
-        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        secs_per_step: settings.secs,
-        machine: Machine::describe(&broker.version),
-        figures,
-    })
+    vec![
+        rss("rss.app.idle", "app RSS, idle".into(), idle[0], IDLE_RSS_MIB),
+        Figure::new("rss.worker.idle", "worker RSS, idle", idle[1], "MiB"),
+        rss(
+            "rss.app.load",
+            format!("app RSS, peak at c={busiest}"),
+            peak[0],
+            LOAD_RSS_MIB,
+        ),
+        Figure::new(
+            "rss.worker.load",
+            format!("worker RSS, peak at c={busiest}"),
+            peak[1],
+            "MiB",
+        ),
+    ]
 }
 
 /// What one load step measured.

@@ -61,10 +61,11 @@ async fn server_time(env: &TestEnv) -> anyhow::Result<String> {
     Ok(row.now)
 }
 
+/// Whole seconds, rounded down (a cast would round 51.5 up to 52, a second early).
 async fn server_epoch(env: &TestEnv) -> anyhow::Result<i64> {
     crate::support::count_on(
         &mut env.db().await?,
-        "SELECT extract(epoch FROM clock_timestamp())::bigint AS n",
+        "SELECT floor(extract(epoch FROM clock_timestamp()))::bigint AS n",
     )
     .await
 }

@@ -70,9 +70,9 @@
   };
   # In the unit, `%d` is its credentials directory (systemd.unit(5), "Specifiers"); a `%` of
   # a URL is written `%%`, which systemd passes on as `%`.
-  unitEnvironment = name:
-    settingsEnvironment
-    // connectionEnvironment roles.${name} (credential: "%d/${credential}") (lib.replaceStrings ["%"] ["%%"]);
+  # A role's whole environment: the settings and its connections, passwords as files.
+  environmentOf = name: passwordFile: url: settingsEnvironment // connectionEnvironment roles.${name} passwordFile url;
+  unitEnvironment = name: environmentOf name (credential: "%d/${credential}") (lib.replaceStrings ["%"] ["%%"]);
 
   # The settings as each binary loads them, checked when the system is built (attic's
   # checkedConfigFile pattern): `check-config` over each unit's environment, so a bad setting
@@ -80,10 +80,8 @@
   # build: a placeholder (no secret) stands in for each password file. $out keeps the
   # effective settings (`check-config --json`, passwords left out).
   placeholderPassword = pkgs.writeText "pageviews-check-placeholder-password" "placeholder";
-  checkEnvironment = name:
-    settingsEnvironment // connectionEnvironment roles.${name} (_: "${placeholderPassword}") lib.id;
   checkConfig = name: program: ''
-    env -i ${lib.escapeShellArgs (lib.mapAttrsToList (n: v: "${n}=${v}") (checkEnvironment name))} \
+    env -i ${lib.escapeShellArgs (lib.mapAttrsToList (n: v: "${n}=${v}") (environmentOf name (_: "${placeholderPassword}") lib.id))} \
       ${cfg.package}/bin/${program} check-config --json > "$out/${name}.json"
   '';
   checkedSettings = pkgs.runCommand "pageviews-checked-settings" {} ''
@@ -102,12 +100,10 @@
       ${lib.escapeShellArgs (
       ["--property=User=${users.app}" "--property=Group=${users.app}"]
       ++ map (c: "--property=LoadCredential=${c}") serviceConfigs.pageviews-app.LoadCredential
-      ++ lib.mapAttrsToList (n: v: "--setenv=${n}=${v}") (adminEnvironment "app")
+      ++ lib.mapAttrsToList (n: v: "--setenv=${n}=${v}") (environmentOf "app" (c: "/run/credentials/${adminUnit}.service/${c}") lib.id)
     )} \
       ${cfg.package}/bin/pageviews-app admin "$@"
   '';
-  adminEnvironment = name:
-    settingsEnvironment // connectionEnvironment roles.${name} (c: "/run/credentials/${adminUnit}.service/${c}") lib.id;
 
   serviceConfigs = common.serviceConfig.units {
     owner = cfg.database.owner;

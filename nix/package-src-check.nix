@@ -24,7 +24,7 @@
     inPackage f
     || toolSource f
     || setupFile f
-    || lib.elem f ["rustfmt.toml" "README.md" "nix/modules/settings-defaults.json"]
+    || lib.elem f ["rustfmt.toml" "README.md" "nix/modules/settings-defaults.json" "nix/modules/default.nix"]
     || under ["tests/" "nix/nginx/" "ops/"] f;
   files = relative srcFileset;
   testFiles = relative testSrcFileset;

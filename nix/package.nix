@@ -47,9 +47,10 @@
       (root + "/README.md")
       (root + "/nix/nginx")
       (root + "/ops")
-      # The settings' defaults as the NixOS module and README state them: a test compares them
+      # The settings' defaults, and the module and README that state them: a test compares them
       # with the binaries' (tests/integration/config_errors.rs).
       (root + "/nix/modules/settings-defaults.json")
+      (root + "/nix/modules/default.nix")
     ]
     ++ map (m: craneLib.fileset.commonCargoSources (root + "/${m}")) toolMembers);
 

@@ -4,6 +4,9 @@
 //! that leads the task queue stops, then one app process is SIGKILLed. Nothing may be lost or
 //! processed twice; failed requests and reconnection times are counted and printed.
 
+use crate::load::{
+    LOAD_CONCURRENCY, Results, all_processed, answered, failures, metric, request_ids, steady_load, wait_for_answers,
+};
 use crate::support::binaries;
 use pageviews::config::QueueType;
 use pageviews::queue::QUEUE;
@@ -11,54 +14,13 @@ use pageviews_testbed::nginx::{Nginx, NginxOptions};
 use pageviews_testbed::process::{Process, free_port, wait_until};
 use pageviews_testbed::{Postgres, RabbitMqCluster, ScratchDir, Urls, tls};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const LOAD_CONCURRENCY: usize = 4;
 /// `worker_processes` in nix/nginx/local.conf: each worker finds a dead app on its own.
 const NGINX_WORKERS: usize = 2;
 const VHOST: &str = "cluster";
-
-/// Requests answered while the load runs: `Ok(status)` or the transport error, with the
-/// request id nginx gave the request (also stored in the page view's document).
-type Results = Arc<Mutex<Vec<(Result<u16, String>, Option<String>)>>>;
-
-/// GETs through nginx, `LOAD_CONCURRENCY` at a time, until `stop` is set.
-fn steady_load(
-    client: reqwest::Client,
-    url: String,
-    stop: Arc<AtomicBool>,
-    results: Results,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..LOAD_CONCURRENCY)
-        .map(|_| {
-            let (client, url, stop, results) = (client.clone(), url.clone(), stop.clone(), results.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let outcome = match client.get(&url).send().await {
-                        Ok(response) => {
-                            let id = response.headers().get("x-request-id");
-                            let id = id.and_then(|v| v.to_str().ok()).map(str::to_owned);
-                            (Ok(response.status().as_u16()), id)
-                        }
-                        Err(e) => (Err(format!("{e:#}")), None),
-                    };
-                    results.lock().unwrap().push(outcome);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect()
-}
-
-fn failures(results: &Results, from: usize) -> Vec<Result<u16, String>> {
-    results.lock().unwrap()[from..]
-        .iter()
-        .map(|(status, _)| status.clone())
-        .filter(|status| status != &Ok(200))
-        .collect()
-}
 
 /// Lines of a log containing `needle`.
 fn lines_with(log: &Path, needle: &str) -> Vec<String> {
@@ -99,13 +61,6 @@ fn connected_counts(clients: &[(PathBuf, &str)]) -> Vec<usize> {
         .iter()
         .map(|(log, what)| lines_with(log, &format!("{what} connected")).len())
         .collect()
-}
-
-async fn metric(url: &str, name: &str) -> anyhow::Result<u64> {
-    let text = reqwest::get(url).await?.text().await?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no {name} in {url}"))
 }
 
 /// PostgreSQL and a 3-node cluster under `dir`, the task queues declared from node `leader`,
@@ -248,20 +203,6 @@ impl Scenario {
         clients.push((self.worker_log.clone(), "consumer"));
         clients
     }
-}
-
-/// Requests answered so far.
-fn answered(results: &Results) -> usize {
-    results.lock().unwrap().len()
-}
-
-/// Waits until more than `above` requests have been answered in all, within `bound`.
-async fn wait_for_answers(what: &str, results: &Results, above: usize, bound: Duration) -> anyhow::Result<()> {
-    wait_until(what, bound, || async {
-        anyhow::ensure!(answered(results) > above, "{} answered", answered(results));
-        Ok(())
-    })
-    .await
 }
 
 /// Fault 1: the node every client is connected to stops. Every client must reconnect to
@@ -425,34 +366,19 @@ async fn account_for_every_request(s: &Scenario, results: &Results, started: Ins
     let results = results.lock().unwrap().clone();
     let answered_ids: Vec<&str> = results
         .iter()
-        .filter(|(status, _)| status == &Ok(200))
-        .map(|(_, id)| id.as_deref().expect("nginx sends X-Request-Id"))
+        .filter(|a| a.status == Ok(200))
+        .map(|a| a.request_id.as_deref().expect("nginx sends X-Request-Id"))
         .collect();
     let ok = answered_ids.len() as i64;
     let failed = results.len() as i64 - ok;
     let database = s.urls.database.clone();
-    let totals = wait_until("every page view processed", Duration::from_secs(60), || {
-        let database = database.clone();
-        async move {
-            use diesel_async::AsyncConnection;
-            let mut db = diesel_async::AsyncPgConnection::establish(&database).await?;
-            let totals = pageviews::db::page_views::totals(&mut db).await?;
-            anyhow::ensure!(
-                totals.recorded == totals.processed,
-                "{} of {}",
-                totals.processed,
-                totals.recorded
-            );
-            Ok(totals)
-        }
-    })
-    .await?;
+    let recorded = all_processed(&database, Duration::from_secs(60)).await?;
     let worker_metrics = format!("http://127.0.0.1:{}/metrics", s.metrics_port);
     let processed = metric(&worker_metrics, "pageviews_tasks_processed_total").await?;
     let duplicates = metric(&worker_metrics, "pageviews_tasks_duplicate_total").await?;
     eprintln!(
         "cluster test: {ok} answered 200, {failed} failed, {} stored, {processed} processed ({duplicates} redelivered duplicates ignored); {:.1} s in all",
-        totals.recorded,
+        recorded,
         started.elapsed().as_secs_f64()
     );
     // Every answered request is exactly one row (nginx's request id is in its data); a
@@ -469,31 +395,12 @@ async fn account_for_every_request(s: &Scenario, results: &Results, started: Ins
         .collect();
     assert!(missing.is_empty(), "answered but not stored: {missing:?}");
     assert!(
-        totals.recorded <= ok + failed,
+        recorded <= ok + failed,
         "{} stored, but only {ok} answered and {failed} failed",
-        totals.recorded
+        recorded
     );
-    assert_eq!(processed as i64, totals.recorded, "every row processed exactly once");
+    assert_eq!(processed as i64, recorded, "every row processed exactly once");
     Ok(())
-}
-
-/// How many rows each request id has.
-async fn request_ids(database: &str) -> anyhow::Result<std::collections::HashMap<String, i64>> {
-    use diesel::prelude::*;
-    use diesel_async::{AsyncConnection, RunQueryDsl};
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        id: String,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let mut db = diesel_async::AsyncPgConnection::establish(database).await?;
-    let rows: Vec<Row> =
-        diesel::sql_query("SELECT data->>'request_id' AS id, count(*) AS n FROM page_views GROUP BY 1")
-            .load(&mut db)
-            .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.n)).collect())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,9 +1,10 @@
 //! Failure modes that could lose, leak or hang: each test failed before its fix.
 
-use crate::support::{CuttableProxy, SynDropper, TestEnv, binaries, client, hammer, wait_for_log};
+use crate::support::{SynDropper, TestEnv, binaries, client, hammer, wait_for_log};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use pageviews::queue::QUEUE;
 use pageviews_testbed::activation::ListenSocket;
+use pageviews_testbed::link::{Link, LinkState};
 use pageviews_testbed::process::{Process, free_port, wait_until};
 use pageviews_testbed::{self as stack, ScratchDir, Urls};
 use std::os::unix::fs::PermissionsExt;
@@ -307,7 +308,7 @@ async fn sigterm_while_connecting_to_hosts_that_drop_packets_exits_in_time() -> 
 async fn the_consumer_backs_off_while_failing_and_starts_over_after_a_lasting_session() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     env.migrate()?;
-    let proxy = CuttableProxy::start(env.services().rabbitmq.port(), false).await?;
+    let proxy = Link::start(env.services().rabbitmq.port(), LinkState::Refusing).await?;
     let mut urls = env.urls.clone();
     urls.amqp = urls.amqp.replace(
         &format!(":{}/", env.services().rabbitmq.port()),
@@ -342,11 +343,11 @@ async fn the_consumer_backs_off_while_failing_and_starts_over_after_a_lasting_se
     );
 
     // Up, and stays up longer than the longest wait (5 s): that was a recovery.
-    proxy.set_forwarding(true);
+    proxy.set(LinkState::Up);
     let up = wait_for_log(&log, "consumer connected", Duration::from_secs(10)).await?;
     let failures_before = retries(&up).len();
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    proxy.set_forwarding(false);
+    proxy.set(LinkState::Refusing);
     let after = wait_until("the second outage noticed", Duration::from_secs(10), || async {
         let all = retries(&std::fs::read_to_string(&log)?);
         anyhow::ensure!(all.len() > failures_before, "not yet");

@@ -307,56 +307,6 @@ pub async fn wait_for_log(path: &std::path::Path, needle: &str, timeout: Duratio
     .await
 }
 
-/// A TCP proxy in front of a real server, to cut the path to it at will: forwarding, or
-/// refusing (every connection, old and new, closed at once).
-pub struct CuttableProxy {
-    pub port: u16,
-    forwarding: tokio::sync::watch::Sender<bool>,
-    accepted: std::sync::Arc<AtomicU32>,
-}
-
-impl CuttableProxy {
-    pub async fn start(upstream: u16, forwarding: bool) -> anyhow::Result<CuttableProxy> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (tx, rx) = tokio::sync::watch::channel(forwarding);
-        let accepted = std::sync::Arc::new(AtomicU32::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::Relaxed);
-                let mut rx = rx.clone();
-                if !*rx.borrow() {
-                    continue; // dropped: closed at once
-                }
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Ok(CuttableProxy {
-            port,
-            forwarding: tx,
-            accepted,
-        })
-    }
-
-    pub fn set_forwarding(&self, up: bool) {
-        let _ = self.forwarding.send(up);
-    }
-
-    /// Connections accepted so far (each one a connection attempt of the client).
-    pub fn accepted(&self) -> u32 {
-        AtomicU32::load(&self.accepted, Ordering::Relaxed)
-    }
-}
-
 /// A TCP port on 127.0.0.1 whose listen queue is full: the kernel drops further SYNs, as a
 /// firewalled host does, so a connect hangs until the client's own timeout. The listener and
 /// the connection filling its queue live as long as the value.

@@ -3,8 +3,10 @@
 //! integration tests, so both run the same code.
 
 pub mod activation;
+pub mod link;
 pub mod nginx;
 pub mod notify;
+pub mod patroni;
 pub mod pgbackrest;
 pub mod postgres;
 pub mod process;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+pub use patroni::PatroniCluster;
 pub use pgbackrest::Repository as BackupRepository;
 pub use postgres::{Archiving, Postgres};
 pub use rabbitmq::RabbitMq;

@@ -196,13 +196,20 @@ impl Postgres {
 
 /// Creates `name` on the server `admin_url` points at and returns the new database's URL.
 pub async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    create_database_only(admin_url, name).await?;
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+/// Creates `name` on the server `admin_url` points at (any form tokio-postgres reads,
+/// multi-host included).
+pub async fn create_database_only(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let mut conn = AsyncPgConnection::establish(admin_url).await?;
     diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
         .execute(&mut conn)
         .await?;
-    let mut url = url::Url::parse(admin_url)?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
+    Ok(())
 }
 
 /// PostgreSQL refuses to run as root: as root, run it as the `postgres` (or `nobody`) user,

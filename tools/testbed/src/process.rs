@@ -94,6 +94,23 @@ impl Process {
         self.stop_with(libc::SIGKILL, Duration::from_secs(5))
     }
 
+    /// Sends `signal` to the process alone (systemd's `KillMode=process`: a supervisor such as
+    /// Patroni stops what it runs itself), waits up to `grace` for its exit, then kills what
+    /// is left of its group.
+    pub async fn stop_alone_async(&mut self, signal: i32, grace: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid() as i32;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, signal) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.try_wait().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop_with(libc::SIGKILL, Duration::from_secs(5))
+    }
+
     /// What the process told the launcher (processes started by `activation::start`).
     pub fn notified(&self) -> Option<crate::notify::Notified> {
         self.notify.as_ref().map(|n| n.notified())

@@ -1,0 +1,262 @@
+//! The data tier losing a host: three PostgreSQL nodes under Patroni with etcd and
+//! synchronous replication, the app and two workers given every node (multi-host
+//! `DATABASE_URL`, `target_session_attrs=read-write`), nginx in front, steady load through it
+//! over TLS. In turn: the primary's postmaster SIGKILLed, the leader's Patroni stopped, the
+//! primary cut off the network. After each the cluster is whole again before the next.
+//! Nothing answered 200 may be lost; nothing answered 503 may be stored; a request stored
+//! twice would be a bug (nginx and the app never resend); 500s (the commit's outcome unknown)
+//! are counted and bounded by the requests in flight.
+
+use crate::load::{
+    Answer, LOAD_CONCURRENCY, Results, all_processed, answered, metric, request_ids, steady_load, wait_for_answers,
+};
+use crate::support::binaries;
+use pageviews_testbed::nginx::NginxOptions;
+use pageviews_testbed::patroni::{Options, PatroniCluster};
+use pageviews_testbed::process::{Process, free_port, wait_until};
+use pageviews_testbed::{Deployment, RabbitMq, ScratchDir, Urls};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const ROLLUP_INTERVAL_SECS: u64 = 2;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillPostmaster,
+    StopPatroni,
+    CutNetwork,
+}
+
+impl Fault {
+    fn describe(self) -> &'static str {
+        match self {
+            Fault::KillPostmaster => "SIGKILL the primary's postmaster",
+            Fault::StopPatroni => "stop the leader's Patroni",
+            Fault::CutNetwork => "cut the primary off the network",
+        }
+    }
+}
+
+/// What one fault cost, from the answers to requests sent after it began.
+struct Round {
+    fault: Fault,
+    failed: usize,
+    ambiguous: usize,
+    recovery: Duration,
+    old_leader: usize,
+    new_leader: usize,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patroni_cluster_loses_no_answered_page_view_when_the_primary_fails() -> anyhow::Result<()> {
+    let dir = ScratchDir::new("failover")?;
+    let d = dir.path();
+    let started = Instant::now();
+    let options = Options {
+        durable: false,
+        strict: false,
+    };
+    let mut cluster = PatroniCluster::start(&d.join("patroni"), 3, options).await?;
+    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
+    let urls = Urls {
+        database: cluster.create_database("pageviews").await?,
+        amqp: rabbitmq.create_vhost("pageviews")?,
+    };
+    let mut nginx = NginxOptions::new(free_port()?, free_port()?);
+    (nginx.rate, nginx.burst, nginx.conn_limit) = (100_000, 100_000, 1000);
+    let metrics = [free_port()?, free_port()?];
+    let worker_env = |port: u16| {
+        [
+            ("PAGEVIEWS_METRICS_LISTEN", format!("127.0.0.1:{port}")),
+            ("PAGEVIEWS_ROLLUP_INTERVAL_SECS", ROLLUP_INTERVAL_SECS.to_string()),
+        ]
+    };
+    let app_env = [("PAGEVIEWS_SWEEP_INTERVAL_SECS", "1".to_owned())];
+    let deployment = Deployment::start(d, &binaries(), &urls, nginx, &app_env, &worker_env(metrics[0])).await?;
+    // A second worker: the rollup's claim row must keep the two to one run per interval.
+    let _second: Process =
+        pageviews_testbed::start_worker(&binaries(), &urls, &worker_env(metrics[1]), &d.join("worker-2.log")).await?;
+    eprintln!(
+        "failover test: cluster and stack up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&deployment.certificates.ca)?)?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Results = Arc::default();
+    let load = steady_load(client, deployment.https_url("/"), stop.clone(), results.clone());
+    wait_for_answers("load flowing", &results, 50, Duration::from_secs(20)).await?;
+    let load_started = Instant::now();
+
+    let mut rounds = Vec::new();
+    for fault in [Fault::KillPostmaster, Fault::StopPatroni, Fault::CutNetwork] {
+        rounds.push(fail_and_recover(&mut cluster, fault, &results).await?);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await?;
+    }
+    let elapsed = load_started.elapsed();
+
+    for r in &rounds {
+        eprintln!(
+            "failover test: {}: node{} -> node{}; {} requests not answered 200 ({} of them 500, outcome unknown); first 200 after the fault for a request sent after the last failure: {:.1} s",
+            r.fault.describe(),
+            r.old_leader,
+            r.new_leader,
+            r.failed,
+            r.ambiguous,
+            r.recovery.as_secs_f64()
+        );
+    }
+    account(&urls.database, &results, &rounds).await?;
+    rollup_kept_its_promise(&urls.database, &metrics, elapsed).await?;
+    drop(deployment);
+    Ok(())
+}
+
+/// Applies `fault` to the current leader, waits for requests to be answered 200 again,
+/// measures, and brings the cluster back to three replicating nodes.
+async fn fail_and_recover(cluster: &mut PatroniCluster, fault: Fault, results: &Results) -> anyhow::Result<Round> {
+    let old_leader = cluster.leader().await?;
+    let mark = answered(results);
+    let mut partition = None;
+    let at = Instant::now();
+    match fault {
+        Fault::KillPostmaster => cluster.nodes[old_leader].kill_postmaster()?,
+        Fault::StopPatroni => {
+            cluster.nodes[old_leader].stop().await;
+        }
+        Fault::CutNetwork => partition = Some(cluster.nodes[old_leader].cut_off()?),
+    }
+    // Flowing again: 100 answers in a row of 200, all sent after the fault.
+    wait_until(
+        &format!("200s again after: {}", fault.describe()),
+        Duration::from_secs(120),
+        || async {
+            let answers = results.lock().unwrap();
+            let after: Vec<&Answer> = answers[mark..].iter().filter(|a| a.sent >= at).collect();
+            let tail_ok = after.iter().rev().take_while(|a| a.status == Ok(200)).count();
+            anyhow::ensure!(tail_ok >= 100, "{tail_ok} in a row");
+            Ok(())
+        },
+    )
+    .await?;
+    let new_leader = cluster.leader().await?;
+    let (failed, ambiguous, recovery) = {
+        let answers = results.lock().unwrap();
+        let round = &answers[mark..];
+        let failed: Vec<&Answer> = round.iter().filter(|a| a.status != Ok(200)).collect();
+        let ambiguous = failed.iter().filter(|a| a.status == Ok(500)).count();
+        let last_failure_sent = failed.iter().map(|a| a.sent).max();
+        let first_ok = round
+            .iter()
+            .filter(|a| a.status == Ok(200) && last_failure_sent.is_none_or(|t| a.sent > t))
+            .map(|a| a.answered)
+            .min()
+            .unwrap_or(at);
+        (failed.len(), ambiguous, first_ok.saturating_duration_since(at))
+    };
+    // Put the node back: Patroni restarted the killed postmaster itself; the stopped one is
+    // started again, the cut one reconnected, and each rejoins as a standby.
+    match fault {
+        Fault::KillPostmaster => {}
+        Fault::StopPatroni => cluster.start_node(old_leader)?,
+        Fault::CutNetwork => drop(partition.take()),
+    }
+    cluster.wait_until_replicated().await?;
+    if !matches!(fault, Fault::KillPostmaster) {
+        anyhow::ensure!(
+            new_leader != old_leader,
+            "{}: node{old_leader} still leads",
+            fault.describe()
+        );
+    }
+    assert!(
+        ambiguous <= LOAD_CONCURRENCY,
+        "{ambiguous} commits of unknown outcome, more than the {LOAD_CONCURRENCY} requests in flight"
+    );
+    Ok(Round {
+        fault,
+        failed,
+        ambiguous,
+        recovery,
+        old_leader,
+        new_leader,
+    })
+}
+
+/// Every request answered 200 stored exactly once, none answered 503 (or refused) stored,
+/// those answered 500 stored at most once, and every row processed.
+async fn account(database: &str, results: &Results, rounds: &[Round]) -> anyhow::Result<()> {
+    let answers = results.lock().unwrap().clone();
+    let rows = all_processed(database, Duration::from_secs(120)).await?;
+    let stored = request_ids(database).await?;
+    let id = |a: &Answer| a.request_id.clone().unwrap_or_default();
+    let lost: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == Ok(200) && !stored.contains_key(&id(a)))
+        .map(id)
+        .collect();
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    let stored_though_refused: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status != Ok(200) && a.status != Ok(500) && stored.contains_key(&id(a)))
+        .map(|a| format!("{} {:?}", id(a), a.status))
+        .collect();
+    let ambiguous: Vec<&Answer> = answers.iter().filter(|a| a.status == Ok(500)).collect();
+    let ambiguous_stored = ambiguous.iter().filter(|a| stored.contains_key(&id(a))).count();
+    let ok = answers.iter().filter(|a| a.status == Ok(200)).count();
+    eprintln!(
+        "failover test: {} requests, {ok} answered 200, {rows} rows, all processed; lost {}, stored twice {}, {} of unknown outcome ({ambiguous_stored} of them stored)",
+        answers.len(),
+        lost.len(),
+        twice.len(),
+        ambiguous.len()
+    );
+    assert!(lost.is_empty(), "answered 200 but not stored: {lost:?}");
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    assert!(
+        stored_though_refused.is_empty(),
+        "answered as not stored, but stored: {stored_though_refused:?}"
+    );
+    let in_flight_bound = rounds.len() * LOAD_CONCURRENCY;
+    assert!(ambiguous.len() <= in_flight_bound);
+    assert_eq!(rows as usize, ok + ambiguous_stored, "rows beyond the answered ones");
+    Ok(())
+}
+
+/// The rollup ran across the failovers, at most once per interval over both workers (the
+/// claim row), and ran again on the last primary.
+async fn rollup_kept_its_promise(database: &str, metrics: &[u16], elapsed: Duration) -> anyhow::Result<()> {
+    let mut runs = 0;
+    for port in metrics {
+        runs += metric(
+            &format!("http://127.0.0.1:{port}/metrics"),
+            "pageviews_rollup_runs_total",
+        )
+        .await?;
+    }
+    let intervals = elapsed.as_secs() / ROLLUP_INTERVAL_SECS;
+    eprintln!("failover test: {runs} rollup runs over both workers in {intervals} intervals");
+    assert!(runs <= intervals + 2, "{runs} rollup runs in {intervals} intervals");
+    assert!(runs >= 2, "the rollup ran {runs} times");
+    // Ran on the primary that leads now: its claim is fresh.
+    wait_until("a rollup on the last primary", Duration::from_secs(30), || async {
+        use diesel_async::AsyncConnection;
+        let mut db = diesel_async::AsyncPgConnection::establish(database).await?;
+        let age = crate::support::count_on(
+            &mut db,
+            "SELECT extract(epoch FROM now() - last_run_at)::bigint AS n FROM scheduled_jobs WHERE name = 'rollup'",
+        )
+        .await?;
+        anyhow::ensure!(age <= 2 * ROLLUP_INTERVAL_SECS as i64, "last run {age} s ago");
+        Ok(())
+    })
+    .await
+}

@@ -2,7 +2,8 @@
 //! synchronous replication, the app and two workers given every node (multi-host
 //! `DATABASE_URL`, `target_session_attrs=read-write`), nginx in front, steady load through it
 //! over TLS. In turn: the primary's postmaster SIGKILLed, the leader's Patroni stopped, the
-//! primary cut off the network. After each the cluster is whole again before the next.
+//! primary cut off the network; then both standbys stopped (not strict: the primary goes on
+//! alone). After each the cluster is whole again before the next.
 //! Nothing answered 200 may be lost; nothing answered 503 may be stored; a request stored
 //! twice would be a bug (nginx and the app never resend); 500s (the commit's outcome unknown)
 //! are counted and bounded by the requests in flight.
@@ -26,6 +27,9 @@ enum Fault {
     KillPostmaster,
     StopPatroni,
     CutNetwork,
+    /// Not a failover: both standbys stopped, which `synchronous_mode_strict = false` survives
+    /// by committing on the primary alone.
+    StandbysGone,
 }
 
 impl Fault {
@@ -34,6 +38,7 @@ impl Fault {
             Fault::KillPostmaster => "SIGKILL the primary's postmaster",
             Fault::StopPatroni => "stop the leader's Patroni",
             Fault::CutNetwork => "cut the primary off the network",
+            Fault::StandbysGone => "stop both standbys",
         }
     }
 }
@@ -94,7 +99,12 @@ async fn a_patroni_cluster_loses_no_answered_page_view_when_the_primary_fails() 
     let load_started = Instant::now();
 
     let mut rounds = Vec::new();
-    for fault in [Fault::KillPostmaster, Fault::StopPatroni, Fault::CutNetwork] {
+    for fault in [
+        Fault::KillPostmaster,
+        Fault::StopPatroni,
+        Fault::CutNetwork,
+        Fault::StandbysGone,
+    ] {
         rounds.push(fail_and_recover(&mut cluster, fault, &results).await?);
     }
     stop.store(true, Ordering::Relaxed);
@@ -133,6 +143,11 @@ async fn fail_and_recover(cluster: &mut PatroniCluster, fault: Fault, results: &
             cluster.nodes[old_leader].stop().await;
         }
         Fault::CutNetwork => partition = Some(cluster.nodes[old_leader].cut_off()?),
+        Fault::StandbysGone => {
+            for i in (0..cluster.nodes.len()).filter(|&i| i != old_leader) {
+                cluster.nodes[i].stop().await;
+            }
+        }
     }
     // Flowing again: 100 answers in a row of 200, all sent after the fault.
     wait_until(
@@ -168,9 +183,14 @@ async fn fail_and_recover(cluster: &mut PatroniCluster, fault: Fault, results: &
         Fault::KillPostmaster => {}
         Fault::StopPatroni => cluster.start_node(old_leader)?,
         Fault::CutNetwork => drop(partition.take()),
+        Fault::StandbysGone => {
+            for i in (0..cluster.nodes.len()).filter(|&i| i != old_leader) {
+                cluster.start_node(i)?;
+            }
+        }
     }
     cluster.wait_until_replicated().await?;
-    if !matches!(fault, Fault::KillPostmaster) {
+    if matches!(fault, Fault::StopPatroni | Fault::CutNetwork) {
         anyhow::ensure!(
             new_leader != old_leader,
             "{}: node{old_leader} still leads",
@@ -259,4 +279,71 @@ async fn rollup_kept_its_promise(database: &str, metrics: &[u16], elapsed: Durat
         Ok(())
     })
     .await
+}
+
+/// `synchronous_mode_strict`: with the last standby gone, a commit waits for one to come
+/// back, and the app must not answer 200 for a page view that is on one host only. The
+/// COMMIT's own `statement_timeout` (the INSERT's budget, from the COMMIT's start) outlasts
+/// the request's deadline, so the app gives up first: 500, "may have been stored" (a
+/// cancelled wait would have reported the COMMIT as done). Once a standby is back the
+/// waiting commits complete, and those page views are stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_strict_synchronous_mode_no_page_view_is_answered_200_while_it_is_on_one_host() -> anyhow::Result<()> {
+    let dir = ScratchDir::new("strict")?;
+    let d = dir.path();
+    let options = Options {
+        durable: false,
+        strict: true,
+    };
+    let mut cluster = PatroniCluster::start(&d.join("patroni"), 2, options).await?;
+    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
+    let urls = Urls {
+        database: cluster.create_database("pageviews").await?,
+        amqp: rabbitmq.create_vhost("pageviews")?,
+    };
+    let deployment = Deployment::start(
+        d,
+        &binaries(),
+        &urls,
+        NginxOptions::new(free_port()?, free_port()?),
+        &[],
+        &[],
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let page = deployment.app_url("/");
+    assert_eq!(client.get(&page).send().await?.status(), 200);
+
+    let standby = 1 - cluster.leader().await?;
+    cluster.nodes[standby].stop().await;
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(client.get(&page).send().await?.status().as_u16());
+    }
+    let stored_meanwhile = count_rows(&urls.database).await?;
+    cluster.start_node(standby)?;
+    cluster.wait_until_replicated().await?;
+    eprintln!("strict mode, no standby: answers {answers:?}; rows visible meanwhile {stored_meanwhile}");
+    assert!(
+        answers.iter().all(|&s| s == 500 || s == 503),
+        "answered {answers:?} while no standby was there (200: stored on one host only)"
+    );
+    assert_eq!(stored_meanwhile, 1, "a commit waiting for a standby became visible");
+    // The waiting commits complete with the standby back (those answered 503 were never
+    // sent); the service answers 200 again.
+    let waiting = answers.iter().filter(|&&s| s == 500).count() as i64;
+    wait_until("the waiting commits done", Duration::from_secs(30), || async {
+        let rows = count_rows(&urls.database).await?;
+        anyhow::ensure!(rows == 1 + waiting, "{rows} rows");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(client.get(&page).send().await?.status(), 200);
+    Ok(())
+}
+
+async fn count_rows(database: &str) -> anyhow::Result<i64> {
+    use diesel_async::AsyncConnection;
+    let mut db = diesel_async::AsyncPgConnection::establish(database).await?;
+    crate::support::count_on(&mut db, "SELECT count(*) AS n FROM page_views").await
 }

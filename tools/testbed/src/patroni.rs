@@ -251,8 +251,8 @@ impl PatroniCluster {
             "unix_socket_directories": node.dir,
         });
         if !c.options.durable {
+            // full_page_writes stays on: pg_rewind, which brings an old primary back, needs it.
             parameters["fsync"] = json!("off");
-            parameters["full_page_writes"] = json!("off");
         }
         let hba = [
             "local all all scram-sha-256",
@@ -319,7 +319,8 @@ impl PatroniCluster {
         Ok(cluster["members"].as_array().cloned().unwrap_or_default())
     }
 
-    /// Waits until every running node is a running member and one is the synchronous standby.
+    /// Waits until every running node is a member, the leader running and the others
+    /// streaming from it, one of them as the synchronous standby.
     pub async fn wait_until_replicated(&mut self) -> anyhow::Result<()> {
         let running: Vec<String> = self
             .nodes
@@ -331,10 +332,13 @@ impl PatroniCluster {
             let members = this.members().await?;
             for name in &running {
                 let member = members.iter().find(|m| m["name"] == name.as_str());
-                anyhow::ensure!(
-                    member.is_some_and(|m| m["state"] == "running" || m["state"] == "streaming"),
-                    "{name}: {member:?}"
-                );
+                // Patroni 4: the leader is "running", a standby receiving WAL "streaming".
+                let state = if member.is_some_and(|m| m["role"] == "leader") {
+                    "running"
+                } else {
+                    "streaming"
+                };
+                anyhow::ensure!(member.is_some_and(|m| m["state"] == state), "{name}: {member:?}");
             }
             anyhow::ensure!(
                 members.iter().any(|m| m["role"] == "sync_standby"),

@@ -3,13 +3,15 @@
 //! INSERTs, RabbitMQ publishes and consumes, on quorum and classic queues, the disk's flush
 //! latency), then loads `GET /` with wrk through nginx + TLS
 //! and straight to the app, checks that every answered request is a stored row and how fast
-//! the worker drains the backlog, and samples memory. Every figure is reported with its ratio
+//! the worker drains the backlog, and samples memory; then the same page on a three-node
+//! Patroni cluster with synchronous replication, against the single primary. Every figure is reported with its ratio
 //! to a limit measured in the same run, because timings on a shared machine are noisy.
 
 mod broker;
 mod db;
 mod disk;
 mod pgbench;
+mod replication;
 mod report;
 mod wrk;
 
@@ -33,6 +35,8 @@ pub struct Settings {
     pub concurrency: Vec<u32>,
     /// Rows added for the large-table step (`PAGEVIEWS_BENCH_ROWS`).
     pub large_rows: i64,
+    /// Whether to run the synchronous replication step (`PAGEVIEWS_BENCH_REPLICATION`).
+    pub replication: bool,
     pub out: PathBuf,
 }
 
@@ -74,6 +78,10 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     let small = size_steps(&mut db, &page, settings.secs, "small").await?;
     let ceilings = static_ceilings(settings, &stack, &mut figures).await?;
     let peak = page_steps(settings, &stack, &mut db, &ceilings, pids, &broker, &mut figures).await?;
+    if settings.replication {
+        let replicated = replication::measure(settings, dir, &stack, &figures, broker.consume_ack).await?;
+        figures.extend(replicated);
+    }
     figures.push(deploy_under_load(settings, &mut stack).await?);
     large_table(settings, &mut db, &page, &small, &mut figures).await?;
     figures.extend(rss_figures(idle, peak, busiest(settings)));
@@ -87,16 +95,21 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     })
 }
 
-/// Starts the local stack with nginx's per-client limits raised: one load generator is one
-/// client address, and the default limits would answer most of the load with 429.
+/// Starts the local stack with nginx's per-client limits raised (see [`raised_nginx_limits`]).
 async fn start_stack(dir: &Path) -> anyhow::Result<Stack> {
     let binaries = Binaries::this_executable()?;
+    eprintln!("starting the stack under {}", dir.display());
+    Stack::start(dir, &binaries, raised_nginx_limits()?, &[]).await
+}
+
+/// nginx on fresh ports with its per-client limits raised: one load generator is one client
+/// address, and the default limits would answer most of the load with 429.
+fn raised_nginx_limits() -> anyhow::Result<NginxOptions> {
     let mut options = NginxOptions::new(free_port()?, free_port()?);
     options.rate = 1_000_000;
     options.burst = 1_000_000;
     options.conn_limit = 65_535;
-    eprintln!("starting the stack under {}", dir.display());
-    Stack::start(dir, &binaries, options, &[]).await
+    Ok(options)
 }
 
 /// The app's and the worker's RSS a second after the start, before any load: the idle figures.
@@ -300,7 +313,7 @@ async fn page_steps(
             let sampled = (c == busiest).then_some(pids);
             let s = step(db, url, c, settings.secs, sampled).await?;
             peak = [peak[0].max(s.peak_rss[0]), peak[1].max(s.peak_rss[1])];
-            figures.extend(s.figures(key, name, c, ceiling, broker.consume_ack));
+            figures.extend(s.figures(key, name, c, ("static file", ceiling), broker.consume_ack));
         }
     }
     Ok(peak)
@@ -483,17 +496,21 @@ async fn size_steps(
 }
 
 impl Step {
-    fn figures(&self, key: &str, name: &str, c: u32, ceiling: f64, consume_limit: f64) -> Vec<Figure> {
+    /// The step's figures under `key` and `name`, its rate against `rate_limit` (a name and a
+    /// rate of this run), its drain against the broker's `consume_limit`; the targets apply
+    /// to [`TARGET_STEP`] only.
+    fn figures(&self, key: &str, name: &str, c: u32, rate_limit: (&str, f64), consume_limit: f64) -> Vec<Figure> {
         let k = |what: &str| format!("{key}.c{c}.{what}");
         let l = |what: &str| format!("{name} c={c}: {what}");
         let targeted = (key, c) == TARGET_STEP;
         let w = &self.wrk;
-        let mut rps = Figure::new(k("requests_per_sec"), l("requests/s"), w.requests_per_sec, "/s")
-            .against("static file", ceiling);
+        let (limit_name, limit) = rate_limit;
+        let mut rps =
+            Figure::new(k("requests_per_sec"), l("requests/s"), w.requests_per_sec, "/s").against(limit_name, limit);
         let mut p99 = Figure::new(k("p99_ms"), l("p99 latency"), w.p99_ms, "ms");
         let mut errors = Figure::new(k("errors"), l("errors (non-2xx + socket)"), w.errors() as f64, "");
         if targeted {
-            let share = w.requests_per_sec / ceiling;
+            let share = w.requests_per_sec / limit;
             rps = rps.target(format!(">= {SHARE_OF_STATIC} × static file"), share >= SHARE_OF_STATIC);
             p99 = p99.target(format!("< {P99_MS} ms"), w.p99_ms < P99_MS);
             errors = errors.target("0", w.errors() == 0);

@@ -4,7 +4,9 @@
 //!
 //! Run with `cargo run --release -p pageviews-bench`. Settings (environment):
 //! `PAGEVIEWS_BENCH_SECS` (10) per step, `PAGEVIEWS_BENCH_CONCURRENCY` (`1,32,128`),
-//! `PAGEVIEWS_BENCH_ROWS` (10 000 000, the large-table step), `PAGEVIEWS_BENCH_OUT` (`tools/bench/results/latest.json` in the source tree).
+//! `PAGEVIEWS_BENCH_ROWS` (10 000 000, the large-table step), `PAGEVIEWS_BENCH_REPLICATION` (1; 0 skips
+//! the synchronous replication step, which needs Patroni 4 and etcd), `PAGEVIEWS_BENCH_OUT`
+//! (`tools/bench/results/latest.json` in the source tree).
 
 use pageviews::config::{ConfigError, Environment, parsed};
 use pageviews_bench::{self as bench, Settings};
@@ -50,11 +52,19 @@ fn settings() -> Result<Settings, ConfigError> {
     if large_rows < 0 {
         return Err(ConfigError::new("PAGEVIEWS_BENCH_ROWS", "must not be negative"));
     }
+    let replication = parsed(src, "PAGEVIEWS_BENCH_REPLICATION", 1u8, "0 or 1")?;
+    if replication > 1 {
+        return Err(ConfigError::new(
+            "PAGEVIEWS_BENCH_REPLICATION",
+            "must be 0 (skip the synchronous replication step) or 1",
+        ));
+    }
     let out = parsed(src, "PAGEVIEWS_BENCH_OUT", DEFAULT_OUT.to_owned(), "a path")?.into();
     Ok(Settings {
         secs,
         concurrency,
         large_rows,
+        replication: replication == 1,
         out,
     })
 }

@@ -121,9 +121,10 @@ in {
           Patroni's `synchronous_mode_strict`. Commits always wait for a synchronous standby
           while one is there (`synchronous_mode`). When the last standby is gone too, false
           (the default) lets the primary accept writes alone: the service stays up, and a
-          commit made then is on one host until a standby is back. true stops writes instead
-          (the app answers 503) until a standby is back: no answered page view is ever on one
-          host only. README "Scaling out" has the measured behaviour of both.
+          commit made then is on one host until a standby is back. true holds every commit
+          until a standby is back instead: the app answers 500 ("may have been stored") after
+          PAGEVIEWS_DB_TIMEOUT_MS, and no page view answered 200 is ever on one host only.
+          README "Scaling out" has the measured behaviour of both.
         '';
       };
 

@@ -106,6 +106,24 @@ fn build_pool(config: &DatabaseConfig, limits: Limits) -> Pool {
         .build_unchecked(manager)
 }
 
+/// A server that refuses writes as read-only (SQLSTATE 25006: a primary demoted without a
+/// restart, or set `default_transaction_read_only`) would do so on every connection the pool
+/// holds to it, for as long as they last. Ending the session closes the connection, the pool
+/// drops it at the next checkout, and the new one goes to the read-write node
+/// (`target_session_attrs=read-write` in a multi-host `DATABASE_URL`). Call it outside a
+/// transaction (after the rollback).
+pub async fn end_session_if_read_only(conn: &mut AsyncPgConnection, error: &diesel::result::Error) {
+    use diesel::result::{DatabaseErrorKind, Error};
+    if !matches!(error, Error::DatabaseError(DatabaseErrorKind::ReadOnlyTransaction, _)) {
+        return;
+    }
+    tracing::warn!("the database refused a write as read-only; closing this connection for one to the primary");
+    // The server ends the session, so this query itself fails.
+    let _ = diesel::sql_query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(conn)
+        .await;
+}
+
 /// Opens `connections` connections at once (checked out together, then returned to the
 /// pool). The app announces readiness only after this: a restarted app takes the whole
 /// backlog at once, and a cold pool made some of it wait past `PAGEVIEWS_DB_TIMEOUT_MS` (503).

@@ -70,6 +70,7 @@ pub async fn insert(
         Err(e) => {
             // Whether or not the rollback gets through, nothing is committed.
             let _ = tokio::time::timeout_at(give_up, AnsiTransactionManager::rollback_transaction(conn)).await;
+            let _ = tokio::time::timeout_at(give_up, super::end_session_if_read_only(conn, &e)).await;
             return Err(InsertError::NotStored(e));
         }
     };
@@ -185,45 +186,50 @@ pub async fn process(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<P
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    conn.transaction(async move |conn| {
-        // Rows another transaction holds are skipped rather than waited for: one held for
-        // long must not stop the rest. Locked in id order all the same (as waiting did, to
-        // avoid deadlocks between workers holding overlapping batches).
-        let locked: Vec<i64> = page_views::table
-            .select(page_views::id)
-            .filter(page_views::id.eq_any(&ids))
-            .order(page_views::id)
-            .for_update()
-            .skip_locked()
-            .load(conn)
-            .await?;
-        let done: Vec<Done> = ProcessBatch { ids: &locked }.load(conn).await?;
-        let (duplicates, rest): (Vec<i64>, Vec<i64>) = ids
-            .iter()
-            .copied()
-            .filter(|id| !done.iter().any(|d| d.id == *id))
-            .partition(|id| locked.binary_search(id).is_ok());
-        // Not locked here: held elsewhere, or no such row. Looked up only when there are any.
-        let busy: Vec<i64> = match rest.is_empty() {
-            true => Vec::new(),
-            false => {
-                page_views::table
-                    .select(page_views::id)
-                    .filter(page_views::id.eq_any(&rest))
-                    .order(page_views::id)
-                    .load(conn)
-                    .await?
-            }
-        };
-        let missing = rest.into_iter().filter(|id| busy.binary_search(id).is_err()).collect();
-        Ok(Processed {
-            done,
-            duplicates,
-            missing,
-            busy,
+    let processed = conn
+        .transaction(async move |conn| {
+            // Rows another transaction holds are skipped rather than waited for: one held for
+            // long must not stop the rest. Locked in id order all the same (as waiting did, to
+            // avoid deadlocks between workers holding overlapping batches).
+            let locked: Vec<i64> = page_views::table
+                .select(page_views::id)
+                .filter(page_views::id.eq_any(&ids))
+                .order(page_views::id)
+                .for_update()
+                .skip_locked()
+                .load(conn)
+                .await?;
+            let done: Vec<Done> = ProcessBatch { ids: &locked }.load(conn).await?;
+            let (duplicates, rest): (Vec<i64>, Vec<i64>) = ids
+                .iter()
+                .copied()
+                .filter(|id| !done.iter().any(|d| d.id == *id))
+                .partition(|id| locked.binary_search(id).is_ok());
+            // Not locked here: held elsewhere, or no such row. Looked up only when there are any.
+            let busy: Vec<i64> = match rest.is_empty() {
+                true => Vec::new(),
+                false => {
+                    page_views::table
+                        .select(page_views::id)
+                        .filter(page_views::id.eq_any(&rest))
+                        .order(page_views::id)
+                        .load(conn)
+                        .await?
+                }
+            };
+            let missing = rest.into_iter().filter(|id| busy.binary_search(id).is_err()).collect();
+            Ok(Processed {
+                done,
+                duplicates,
+                missing,
+                busy,
+            })
         })
-    })
-    .await
+        .await;
+    if let Err(e) = &processed {
+        super::end_session_if_read_only(conn, e).await;
+    }
+    processed
 }
 
 /// The figures the page shows.

@@ -15,7 +15,7 @@ use crate::support::binaries;
 use pageviews_testbed::nginx::NginxOptions;
 use pageviews_testbed::patroni::{Options, PatroniCluster};
 use pageviews_testbed::process::{Process, free_port, wait_until};
-use pageviews_testbed::{Deployment, RabbitMq, ScratchDir, Urls};
+use pageviews_testbed::{Deployment, Postgres, RabbitMq, ScratchDir, Urls};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -346,4 +346,78 @@ async fn count_rows(database: &str) -> anyhow::Result<i64> {
     use diesel_async::AsyncConnection;
     let mut db = diesel_async::AsyncPgConnection::establish(database).await?;
     crate::support::count_on(&mut db, "SELECT count(*) AS n FROM page_views").await
+}
+
+/// The pool's connections to a node that turns read-only (a primary demoted without a
+/// restart) are dropped as their writes fail, and the new ones go to the read-write node of
+/// the multi-host `DATABASE_URL`: the app answers 503 only until then, not for as long as the
+/// old connections last.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_a_node_turned_read_only_give_way_to_the_read_write_one() -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    const POOL: usize = 4;
+    let dir = ScratchDir::new("read-only")?;
+    let d = dir.path();
+    let (dir_a, dir_b) = (d.join("a"), d.join("b"));
+    let (a, b) = tokio::try_join!(Postgres::start(&dir_a, false), Postgres::start(&dir_b, false))?;
+    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
+    let amqp = rabbitmq.create_vhost("pageviews")?;
+    for pg in [&a, &b] {
+        let database = pg.create_database("pageviews").await?;
+        let urls = Urls {
+            database,
+            amqp: amqp.clone(),
+        };
+        pageviews_testbed::migrate(&binaries(), &urls, &d.join("migrate.log"))?;
+    }
+    // One password for both, as a multi-host URL has one.
+    let mut admin_b = AsyncPgConnection::establish(&b.admin_url()).await?;
+    diesel::sql_query(format!("ALTER ROLE postgres PASSWORD '{}'", a.password()))
+        .execute(&mut admin_b)
+        .await?;
+    let urls = Urls {
+        database: format!(
+            "postgres://postgres:{}@127.0.0.1:{},127.0.0.1:{}/pageviews?target_session_attrs=read-write",
+            a.password(),
+            a.port(),
+            b.port()
+        ),
+        amqp,
+    };
+    let socket = pageviews_testbed::activation::ListenSocket::loopback()?;
+    let env = [("PAGEVIEWS_DB_POOL_SIZE", POOL.to_string())];
+    let _app = pageviews_testbed::start_app(&binaries(), &urls, &socket, &env, &d.join("app.log")).await?;
+    let page = format!("http://127.0.0.1:{}/", socket.port());
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(&page).send().await?.status(), 200);
+
+    let mut admin_a = AsyncPgConnection::establish(&a.admin_url()).await?;
+    for statement in [
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        diesel::sql_query(statement).execute(&mut admin_a).await?;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..3 * POOL + 10 {
+        answers.push(client.get(&page).send().await?.status().as_u16());
+    }
+    let failed = answers.iter().filter(|&&s| s != 200).count();
+    eprintln!("after the node turned read-only: {answers:?}");
+    assert!(
+        answers.iter().rev().take(10).all(|&s| s == 200),
+        "still failing: {answers:?}"
+    );
+    assert!(failed <= POOL + 1, "{failed} failed with a pool of {POOL}: {answers:?}");
+    let on_b = crate::support::count_on(
+        &mut AsyncPgConnection::establish(&b.url("pageviews").replace(b.password(), a.password())).await?,
+        "SELECT count(*) AS n FROM page_views",
+    )
+    .await?;
+    assert_eq!(
+        on_b as usize,
+        answers.len() - failed,
+        "the page views answered 200 went to the read-write node"
+    );
+    Ok(())
 }

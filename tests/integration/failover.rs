@@ -58,16 +58,7 @@ async fn a_patroni_cluster_loses_no_answered_page_view_when_the_primary_fails() 
     let dir = ScratchDir::new("failover")?;
     let d = dir.path();
     let started = Instant::now();
-    let options = Options {
-        durable: false,
-        strict: false,
-    };
-    let mut cluster = PatroniCluster::start(&d.join("patroni"), 3, options).await?;
-    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
-    let urls = Urls {
-        database: cluster.create_database("pageviews").await?,
-        amqp: rabbitmq.create_vhost("pageviews")?,
-    };
+    let (mut cluster, _rabbitmq, urls) = data_tier(d, 3, false).await?;
     let mut nginx = NginxOptions::new(free_port()?, free_port()?);
     (nginx.rate, nginx.burst, nginx.conn_limit) = (100_000, 100_000, 1000);
     let metrics = [free_port()?, free_port()?];
@@ -291,16 +282,7 @@ async fn rollup_kept_its_promise(database: &str, metrics: &[u16], elapsed: Durat
 async fn with_strict_synchronous_mode_no_page_view_is_answered_200_while_it_is_on_one_host() -> anyhow::Result<()> {
     let dir = ScratchDir::new("strict")?;
     let d = dir.path();
-    let options = Options {
-        durable: false,
-        strict: true,
-    };
-    let mut cluster = PatroniCluster::start(&d.join("patroni"), 2, options).await?;
-    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
-    let urls = Urls {
-        database: cluster.create_database("pageviews").await?,
-        amqp: rabbitmq.create_vhost("pageviews")?,
-    };
+    let (mut cluster, _rabbitmq, urls) = data_tier(d, 2, true).await?;
     let deployment = Deployment::start(
         d,
         &binaries(),
@@ -340,6 +322,19 @@ async fn with_strict_synchronous_mode_no_page_view_is_answered_200_while_it_is_o
     .await?;
     assert_eq!(client.get(&page).send().await?.status(), 200);
     Ok(())
+}
+
+/// A Patroni cluster of `size` nodes (fsync off) and a broker under `d`, with the URLs of a
+/// new database and vhost on them.
+async fn data_tier(d: &std::path::Path, size: usize, strict: bool) -> anyhow::Result<(PatroniCluster, RabbitMq, Urls)> {
+    let options = Options { durable: false, strict };
+    let cluster = PatroniCluster::start(&d.join("patroni"), size, options).await?;
+    let rabbitmq = RabbitMq::start(&d.join("rabbitmq")).await?;
+    let urls = Urls {
+        database: cluster.create_database("pageviews").await?,
+        amqp: rabbitmq.create_vhost("pageviews")?,
+    };
+    Ok((cluster, rabbitmq, urls))
 }
 
 async fn count_rows(database: &str) -> anyhow::Result<i64> {

@@ -23,7 +23,7 @@ use pageviews::config::QueueType;
 use pageviews::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE_TYPE};
 use pageviews_testbed::nginx::NginxOptions;
 use pageviews_testbed::process::free_port;
-use pageviews_testbed::{Binaries, Stack};
+use pageviews_testbed::{Binaries, Stack, Topology};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
     let idle = idle_rss(pids).await?;
     let (mut figures, broker) = machine_limits(settings, dir, &stack).await?;
 
-    let db_url = stack.services.postgres.url("pageviews");
+    let db_url = stack.database.url("pageviews");
     let mut db = AsyncPgConnection::establish(&db_url).await?;
     let page = stack.deployment.https_url("/");
     warm_up(&mut db, &page).await?;
@@ -99,7 +99,7 @@ pub async fn run(settings: &Settings, dir: &Path) -> anyhow::Result<Report> {
 async fn start_stack(dir: &Path) -> anyhow::Result<Stack> {
     let binaries = Binaries::this_executable()?;
     eprintln!("starting the stack under {}", dir.display());
-    Stack::start(dir, &binaries, raised_nginx_limits()?, &[]).await
+    Stack::start(dir, &binaries, raised_nginx_limits()?, &[], Topology::default()).await
 }
 
 /// nginx on fresh ports with its per-client limits raised: one load generator is one client
@@ -135,7 +135,11 @@ async fn machine_limits(
         "limits: pgbench INSERT with {INSERT_CLIENTS:?} clients, {} s each",
         settings.secs
     );
-    let inserts = pgbench::insert_rates(&stack.services.postgres, dir, &INSERT_CLIENTS, settings.secs).await?;
+    let postgres = stack
+        .database
+        .single()
+        .context("the benchmark runs on one PostgreSQL")?;
+    let inserts = pgbench::insert_rates(postgres, dir, &INSERT_CLIENTS, settings.secs).await?;
     eprintln!("limits: disk flushes (8 KB + fdatasync), {} s", settings.secs);
     let flush = {
         let (dir, secs) = (dir.to_owned(), settings.secs as f64);
@@ -193,7 +197,7 @@ async fn broker_limits(
         for (queue_type, best) in &mut by_type {
             let queue_type = *queue_type;
             let vhost = format!("bench-{}-{round}", queue_type.as_str());
-            let amqp = stack.services.rabbitmq.create_vhost(&vhost)?;
+            let amqp = stack.brokers.create_vhost(&vhost)?;
             let measured =
                 tokio::task::spawn_blocking(move || broker::measure(&amqp, secs, DEFAULT_PREFETCH, queue_type))
                     .await??;

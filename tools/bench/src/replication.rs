@@ -71,7 +71,7 @@ async fn start(dir: &Path, stack: &Stack) -> anyhow::Result<Replicated> {
         .with_context(|| format!("cannot start the Patroni cluster ({SKIP})"))?;
     let urls = Urls {
         database: cluster.create_database("pageviews").await?,
-        amqp: stack.services.rabbitmq.create_vhost("replication")?,
+        amqp: stack.brokers.create_vhost("replication")?,
     };
     eprintln!("synchronous replication: starting app, worker and nginx on the cluster");
     let binaries = Binaries::this_executable()?;

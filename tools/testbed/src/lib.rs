@@ -26,7 +26,7 @@ pub use patroni::PatroniCluster;
 pub use pgbackrest::Repository as BackupRepository;
 pub use postgres::{Archiving, Postgres};
 pub use rabbitmq::RabbitMq;
-pub use rabbitmq_cluster::{ClusterStack, RabbitMqCluster};
+pub use rabbitmq_cluster::RabbitMqCluster;
 
 /// A directory under the system temp dir, removed on drop: a fresh random name made with
 /// mode 0700 in one step (mkdtemp), so nobody else on the machine can read or pre-create it.
@@ -375,24 +375,140 @@ impl Deployment {
     }
 }
 
-/// Everything, on throwaway PostgreSQL and RabbitMQ: what `pageviews-stack` runs.
+/// Which servers a [`Stack`] runs: `postgres` database nodes (1 is one server; more are a
+/// Patroni cluster with etcd and synchronous replication) and `brokers` RabbitMQ nodes (1 is
+/// one broker; more are a cluster).
+#[derive(Clone, Copy, Debug)]
+pub struct Topology {
+    pub postgres: usize,
+    pub brokers: usize,
+}
+
+impl Default for Topology {
+    /// One server of each.
+    fn default() -> Self {
+        Topology {
+            postgres: 1,
+            brokers: 1,
+        }
+    }
+}
+
+/// The stack's database: one durable PostgreSQL, or a durable Patroni cluster (not strict:
+/// the primary goes on alone when every standby is gone).
+pub enum Database {
+    Single(Postgres),
+    Patroni(PatroniCluster),
+}
+
+impl Database {
+    /// Starts `nodes` of them under `dir`, in `postgres/` or `patroni/`.
+    pub async fn start(dir: &Path, nodes: usize) -> anyhow::Result<Database> {
+        Ok(match nodes {
+            0 => anyhow::bail!("the database needs at least one node"),
+            1 => Database::Single(Postgres::start(&dir.join("postgres"), true).await?),
+            n => {
+                let options = patroni::Options {
+                    durable: true,
+                    strict: false,
+                };
+                Database::Patroni(PatroniCluster::start(&dir.join("patroni"), n, options).await?)
+            }
+        })
+    }
+
+    /// Creates a database and returns its URL (every node's, for a cluster).
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        match self {
+            Database::Single(postgres) => postgres.create_database(name).await,
+            Database::Patroni(cluster) => cluster.create_database(name).await,
+        }
+    }
+
+    /// The URL of `database` as the superuser (every node's, for a cluster).
+    pub fn url(&self, database: &str) -> String {
+        match self {
+            Database::Single(postgres) => postgres.url(database),
+            Database::Patroni(cluster) => cluster.url(database),
+        }
+    }
+
+    /// The server, unless this is a cluster.
+    pub fn single(&self) -> Option<&Postgres> {
+        match self {
+            Database::Single(postgres) => Some(postgres),
+            Database::Patroni(_) => None,
+        }
+    }
+
+    pub fn single_mut(&mut self) -> Option<&mut Postgres> {
+        match self {
+            Database::Single(postgres) => Some(postgres),
+            Database::Patroni(_) => None,
+        }
+    }
+}
+
+/// The stack's broker side: one RabbitMQ, or a cluster of them.
+pub enum Brokers {
+    Single(RabbitMq),
+    Cluster(RabbitMqCluster),
+}
+
+impl Brokers {
+    /// Starts `nodes` of them under `dir`, in `rabbitmq/`.
+    pub async fn start(dir: &Path, nodes: usize) -> anyhow::Result<Brokers> {
+        let dir = dir.join("rabbitmq");
+        Ok(match nodes {
+            0 => anyhow::bail!("RabbitMQ needs at least one node"),
+            1 => Brokers::Single(RabbitMq::start(&dir).await?),
+            n => Brokers::Cluster(RabbitMqCluster::start(&dir, n).await?),
+        })
+    }
+
+    /// Creates a vhost and returns its URL (every node's, for a cluster).
+    pub fn create_vhost(&self, vhost: &str) -> anyhow::Result<String> {
+        match self {
+            Brokers::Single(rabbitmq) => rabbitmq.create_vhost(vhost),
+            Brokers::Cluster(cluster) => cluster.create_vhost(vhost),
+        }
+    }
+}
+
+/// Everything, on throwaway servers: what `pageviews-stack` runs (and the benchmark, on one
+/// server of each).
 pub struct Stack {
+    // Field order is drop order: the edge first, the data last.
     pub deployment: Deployment,
-    pub services: Services,
+    pub brokers: Brokers,
+    pub database: Database,
 }
 
 impl Stack {
+    /// Starts the servers of `topology` under `dir/services` (in parallel), then the
+    /// deployment on a `pageviews` database and vhost; logs go to `dir`.
     pub async fn start(
         dir: &Path,
         binaries: &Binaries,
         options: nginx::NginxOptions,
         app_env: &[(&str, String)],
+        topology: Topology,
     ) -> anyhow::Result<Stack> {
-        let services = Services::start(&dir.join("services"), true).await?;
-        let database = services.postgres.create_database("pageviews").await?;
-        let amqp = services.rabbitmq.create_vhost("pageviews")?;
-        let urls = Urls { database, amqp };
+        let services = dir.join("services");
+        private_dir(&services)?;
+        let (database, brokers) = tokio::try_join!(
+            Database::start(&services, topology.postgres),
+            Brokers::start(&services, topology.brokers)
+        )?;
+        let urls = Urls {
+            database: database.create_database("pageviews").await?,
+            amqp: brokers.create_vhost("pageviews")?,
+        };
         let deployment = Deployment::start(dir, binaries, &urls, options, app_env, &[]).await?;
-        Ok(Stack { deployment, services })
+        Ok(Stack {
+            deployment,
+            brokers,
+            database,
+        })
     }
 }

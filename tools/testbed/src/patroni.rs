@@ -92,9 +92,11 @@ pub struct Node {
     dir: PathBuf,
     pub postgres_port: u16,
     pub rest_port: u16,
+    // Field order is drop order: Patroni stops before its way to etcd closes (it gives its
+    // keys up on the way out, and would retry until killed).
+    process: Option<Process>,
     /// This node's way to etcd.
     pub etcd_link: Link,
-    process: Option<Process>,
 }
 
 impl Node {

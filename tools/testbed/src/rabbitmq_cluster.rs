@@ -3,8 +3,8 @@
 //! each node's `$HOME/.erlang.cookie` before it starts), joined with
 //! `rabbitmqctl join_cluster` to the first node.
 
+use super::RabbitMq;
 use super::process::wait_until;
-use super::{Binaries, Deployment, Postgres, RabbitMq, Urls, nginx};
 use anyhow::{Context, bail};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -147,43 +147,6 @@ impl RabbitMqCluster {
             .position(|n| n.node_name() == leader.trim())
             .with_context(|| format!("leader {leader:?} is no node of this cluster"))?;
         Ok((index, members.matches('@').count()))
-    }
-}
-
-/// The whole stack on a broker cluster: what `pageviews-stack` runs with
-/// `PAGEVIEWS_STACK_BROKERS` above 1.
-pub struct ClusterStack {
-    // Field order is drop order: the edge first, the data last.
-    pub deployment: Deployment,
-    pub postgres: Postgres,
-    pub cluster: RabbitMqCluster,
-}
-
-impl ClusterStack {
-    pub async fn start(
-        dir: &Path,
-        binaries: &Binaries,
-        options: nginx::NginxOptions,
-        app_env: &[(&str, String)],
-        brokers: usize,
-    ) -> anyhow::Result<ClusterStack> {
-        // The layout of `Stack` (services/ beside the deployment's logs). Made here: both
-        // servers below create only their own directory.
-        let services = dir.join("services");
-        crate::private_dir(&services)?;
-        let (pg_dir, mq_dir) = (services.join("postgres"), services.join("rabbitmq"));
-        let (postgres, cluster) =
-            tokio::try_join!(Postgres::start(&pg_dir, true), RabbitMqCluster::start(&mq_dir, brokers))?;
-        let urls = Urls {
-            database: postgres.create_database("pageviews").await?,
-            amqp: cluster.create_vhost("pageviews")?,
-        };
-        let deployment = Deployment::start(dir, binaries, &urls, options, app_env, &[]).await?;
-        Ok(ClusterStack {
-            deployment,
-            postgres,
-            cluster,
-        })
     }
 }
 

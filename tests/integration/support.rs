@@ -305,6 +305,12 @@ pub async fn wait_for_log(path: &std::path::Path, needle: &str, timeout: Duratio
         Ok(text)
     })
     .await
+    .map_err(|e| {
+        e.context(format!(
+            "its last lines:\n{}",
+            pageviews_testbed::process::tail(path, 20)
+        ))
+    })
 }
 
 /// A TCP port on 127.0.0.1 whose listen queue is full: the kernel drops further SYNs, as a

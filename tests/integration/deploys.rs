@@ -41,7 +41,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(clients: [reqwest::Client; 4], url: String) -> Load {
+    fn start(clients: [Client; 4], url: String) -> Load {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let started = Instant::now();
         let outcomes = Arc::new(Mutex::new(Vec::new()));
@@ -92,17 +92,31 @@ impl Load {
     }
 }
 
+/// A load client: `pooled` keeps its connections; `fresh` opens a new one for every request
+/// (a resend on `pooled` could take another idle connection the same nginx worker is closing).
+#[derive(Clone)]
+struct Client {
+    pooled: reqwest::Client,
+    fresh: reqwest::Client,
+}
+
 /// One GET. An HTTP/1.1 connection that nginx closes while idle can cross a request sent on
 /// it (HTTP/1.1 has no way to announce the close; HTTP/2 has GOAWAY): then, and only then,
 /// the request is sent again on a new connection, as RFC 9112 section 9.3.1 allows for
 /// idempotent requests and as browsers do. nginx closes idle client connections when its old
 /// workers exit after a reload; the test checks that retries happen only then.
-async fn send(client: &reqwest::Client, url: &str) -> (Result<u16, String>, bool) {
+async fn send(client: &Client, url: &str) -> (Result<u16, String>, bool) {
     let status = |r: reqwest::Response| r.status().as_u16();
-    match client.get(url).send().await {
+    match client.pooled.get(url).send().await {
         Ok(response) => (Ok(status(response)), false),
         Err(e) if closed_before_answer(&e) => (
-            client.get(url).send().await.map(status).map_err(|e| format!("{e:?}")),
+            client
+                .fresh
+                .get(url)
+                .send()
+                .await
+                .map(status)
+                .map_err(|e| format!("{e:?}")),
             true,
         ),
         Err(e) => (Err(format!("{e:?}")), false),
@@ -123,17 +137,23 @@ fn closed_before_answer(error: &reqwest::Error) -> bool {
     false
 }
 
-fn https_client(d: &Deployment, http1: bool) -> anyhow::Result<reqwest::Client> {
+fn https_client(d: &Deployment, http1: bool) -> anyhow::Result<Client> {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&d.certificates.ca)?)?;
-    let builder = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .timeout(Duration::from_secs(20));
-    Ok(if http1 {
-        builder.http1_only()
-    } else {
-        builder.http2_prior_knowledge()
-    }
-    .build()?)
+    let build = |idle_per_host: usize| {
+        let builder = reqwest::Client::builder()
+            .add_root_certificate(ca.clone())
+            .timeout(Duration::from_secs(20))
+            .pool_max_idle_per_host(idle_per_host);
+        match http1 {
+            true => builder.http1_only(),
+            false => builder.http2_prior_knowledge(),
+        }
+        .build()
+    };
+    Ok(Client {
+        pooled: build(usize::MAX)?,
+        fresh: build(0)?,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
